@@ -1,0 +1,38 @@
+"""Small shared helpers: broadcasting per-sample values against tensors of any rank."""
+
+from __future__ import annotations
+
+import torch
+
+
+def bcast(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """View a per-sample value ``v`` (a scalar or shape ``(B,)``) so that it broadcasts against ``x``.
+
+    ``x`` has shape ``(B, ...)`` of any rank: 2-D points ``(B, D)``, images ``(B, C, H, W)`` and videos
+    ``(B, C, F, H, W)`` share every code path through this one helper. The result keeps ``v``'s dtype.
+    """
+    if not torch.is_tensor(v):
+        return torch.as_tensor(v, device=x.device)
+    if v.ndim == 0:
+        return v
+    if v.ndim != 1:
+        raise ValueError(f"bcast expects a scalar or a (B,) tensor, got shape {tuple(v.shape)}")
+    return v.reshape(v.shape[0], *([1] * (x.ndim - 1)))
+
+
+def sum_except_batch(x: torch.Tensor) -> torch.Tensor:
+    """Sum over every axis but the first: ``(B, ...) -> (B,)``."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def mean_except_batch(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every axis but the first: ``(B, ...) -> (B,)``."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def per_sample_dim(x: torch.Tensor) -> int:
+    """Number of scalar entries in one sample of a batch ``(B, ...)``."""
+    n = 1
+    for s in x.shape[1:]:
+        n *= s
+    return n

@@ -1,15 +1,225 @@
-"""Subcommands of the CLI. Each ``register_*`` adds one parser; its handler returns an exit status."""
+"""Subcommands of the CLI: ``train``, ``sample``, ``evaluate``, ``demo``.
+
+Each handler returns an exit status; user errors raise :class:`DiffusionLabError` (one line, exit 2).
+Outputs are written through a temporary file and renamed, so a failed command leaves nothing half-written.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
 from diffusionlab.errors import DiffusionLabError
 
+SAMPLE_SUFFIXES = (".npz", ".png", ".npy")
 
+
+def packaged_config(name: str) -> Path:
+    """Path of a config shipped with the package (``digits``, ``toy2d``, ...)."""
+    p = resources.files("diffusionlab") / "configs" / f"{name}.yaml"
+    return Path(str(p))
+
+
+def _config_path(arg: str) -> Path:
+    """A config file path, or the name of a packaged config (``digits`` -> configs/digits.yaml)."""
+    p = Path(arg)
+    if p.is_file():
+        return p
+    if not p.suffix and packaged_config(arg).is_file():
+        return packaged_config(arg)
+    raise DiffusionLabError(f"config file not found: {arg}")
+
+
+# -- train --------------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from diffusionlab.training.config import load_config
+    from diffusionlab.training.trainer import train
+
+    cfg = load_config(_config_path(args.config), args.set)
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, log=_stderr)
+    _stderr(f"diffusionlab: trained {summary['steps']} steps in {summary['seconds']} s; weights: {Path(args.out) / 'model.safetensors'}")
+    return 0
+
+
+# -- sample -------------------------------------------------------------------------------------------------
+def _write_samples(x_display, kind: str, out: Path) -> None:
+    """Write samples (display space) to ``.npz`` (key ``x``), ``.npy`` or a ``.png`` grid/scatter, atomically."""
+    from diffusionlab.training.checkpoint import atomic_write_bytes
+
+    if out.suffix not in SAMPLE_SUFFIXES:
+        raise DiffusionLabError(f"--out must end in one of {', '.join(SAMPLE_SUFFIXES)}, got {out}")
+    arr = np.asarray(x_display, dtype=np.float32)
+    if out.suffix == ".npz":
+        buf = io.BytesIO()
+        np.savez_compressed(buf, x=arr)
+        atomic_write_bytes(out, buf.getvalue())
+    elif out.suffix == ".npy":
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        atomic_write_bytes(out, buf.getvalue())
+    else:
+        from diffusionlab.plotting import save_samples
+
+        tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+        save_samples(arr, kind, tmp)
+        os.replace(tmp, out)
+
+
+def _check_out_dir(out: Path) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise DiffusionLabError(f"cannot write {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise DiffusionLabError(f"cannot write {out}: directory {parent} is not writable")
+
+
+def cmd_sample(args) -> int:
+    from diffusionlab.samplers import get_sampler
+    from diffusionlab.training.sampling import generate, load_run
+
+    out = Path(args.out)
+    if out.suffix not in SAMPLE_SUFFIXES:
+        raise DiffusionLabError(f"--out must end in one of {', '.join(SAMPLE_SUFFIXES)}, got {out}")
+    _check_out_dir(out)
+    get_sampler(args.sampler)  # validate the name before any work
+    cfg, ds, model = load_run(args.run, device=args.device)
+    scfg = dict(cfg["sample"], sampler=args.sampler)
+    if args.steps is not None:
+        scfg["steps"] = args.steps
+    if args.eta is not None:
+        scfg["eta"] = args.eta
+    t0 = time.time()
+    x = generate(model, scfg, num=args.num, seed=args.seed, device=next(model.parameters()).device,
+                 shape=ds.sample_shape, progress=not args.quiet)
+    _write_samples(ds.to_display(x), ds.kind, out)
+    print(json.dumps({"out": str(out), "num": args.num, "sampler": args.sampler, "steps": scfg["steps"],
+                      "nfe_per_sample": model.nfe // max(1, -(-args.num // 1000)), "seconds": round(time.time() - t0, 2)}))
+    return 0
+
+
+# -- evaluate -----------------------------------------------------------------------------------------------
+def evaluate_run(run: str, num: int = 1000, seed: int = 0, sampler: str | None = None, steps: int | None = None,
+                 device: str = "auto", progress: bool = False) -> dict:
+    """Sample ``num`` items from a run and score them with the digits metric (digits runs only)."""
+    from diffusionlab.metrics import evaluate_digits
+    from diffusionlab.training.sampling import generate, load_run
+
+    cfg, ds, model = load_run(run, device=device)
+    if ds.name != "digits":
+        raise DiffusionLabError(f"the digits metric needs a run trained on digits; {run} was trained on {ds.name!r}")
+    scfg = dict(cfg["sample"])
+    if sampler:
+        scfg["sampler"] = sampler
+    if steps:
+        scfg["steps"] = steps
+    t0 = time.time()
+    x = generate(model, scfg, num=num, seed=seed, device=next(model.parameters()).device, shape=ds.sample_shape,
+                 progress=progress)
+    seconds = time.time() - t0
+    metrics = evaluate_digits(ds.to_display(x))
+    metrics.update({"sampler": scfg["sampler"], "steps": scfg["steps"], "sampling_seconds": round(seconds, 2),
+                    "seed": seed})
+    return metrics, ds.to_display(x)
+
+
+def cmd_evaluate(args) -> int:
+    if args.metric != "digits":
+        raise DiffusionLabError(f"--metric {args.metric!r} is not available yet; allowed now: digits")
+    metrics, _ = evaluate_run(args.run, num=args.num, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                              device=args.device, progress=not args.quiet)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    raise DiffusionLabError("`diffusionlab demo` arrives with the training issue (#3); it is not implemented yet")
+    """The main job: train a U-Net on the bundled digits, sample 1000 digits, score and plot them."""
+    import torch
+
+    from diffusionlab.metrics import evaluate_digits
+    from diffusionlab.plotting import save_image_grid
+    from diffusionlab.training.checkpoint import atomic_write_bytes
+    from diffusionlab.training.config import load_config
+    from diffusionlab.training.sampling import generate, load_run
+    from diffusionlab.training.trainer import train
+
+    out = Path(args.out)
+    cfg = load_config(packaged_config("digits"), args.set)
+    t0 = time.time()
+    _stderr(f"diffusionlab demo: training a U-Net on the bundled 8x8 digits ({cfg['train']['steps']} steps) -> {out}")
+    summary = train(cfg, out, resume=args.resume, progress=not args.quiet, log=_stderr)
+    cfg, ds, model = load_run(out)
+    _stderr(f"diffusionlab demo: sampling {args.num} digits with {cfg['sample']['sampler']} ({cfg['sample']['steps']} steps)")
+    t1 = time.time()
+    x = generate(model, cfg["sample"], num=args.num, seed=cfg["train"]["seed"], device=next(model.parameters()).device,
+                 shape=ds.sample_shape, progress=not args.quiet)
+    x01 = ds.to_display(x).float().clamp(0, 1)
+    sample_seconds = time.time() - t1
+    _write_samples(x01.numpy(), ds.kind, out / "samples.npz")
+    save_image_grid(x01[:100], out / "samples.png", nrow=10, scale=4)
+    metrics = evaluate_digits(x01)
+    metrics.update({"train_seconds": summary["seconds"], "sample_seconds": round(sample_seconds, 2),
+                    "total_seconds": round(time.time() - t0, 2), "steps": summary["steps"],
+                    "parameters": summary["parameters"], "sampler": cfg["sample"]["sampler"],
+                    "sampler_steps": cfg["sample"]["steps"], "threads": torch.get_num_threads()})
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    print(f"diffusionlab demo finished in {metrics['total_seconds']:.0f} s")
+    print(f"  samples (npz, key x, {args.num}x1x8x8 in [0,1]): {out / 'samples.npz'}")
+    print(f"  sample grid:     {out / 'samples.png'}")
+    print(f"  training curve:  {out / 'loss.png'}")
+    print(f"  metrics:         {out / 'metrics.json'}  (FD {metrics['fd']:.2f}, class coverage {metrics['class_coverage']:.2f})")
+    print(f"  weights:         {out / 'model.safetensors'}")
+    print(f"  more samples:    diffusionlab sample --run {out} --sampler ddim --steps 50 --num 64 --seed 1 --out more.png")
+    return 0
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="YAML config file, or the name of a packaged one (digits, toy2d)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=100")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last intact checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw samples from a trained run")
+    p.add_argument("--run", required=True, help="run directory (from train or demo)")
+    p.add_argument("--sampler", default="ddim", help="sampler name (see diffusionlab.samplers.SAMPLERS)")
+    p.add_argument("--steps", type=int, default=None, help="number of sampler steps")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
+    p.add_argument("--num", type=int, default=64, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .npz (key x), .npy or .png")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="score a trained run (JSON on stdout)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--metric", default="digits", help="digits (FD in a digit classifier's features, class coverage)")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("demo", help="train a U-Net on the bundled digits and sample from it (the main job)")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--num", type=int, default=1000, help="number of digits to sample (default 1000)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the digits config")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -23,19 +23,31 @@ from diffusionlab.noise.covariance import Covariance, Identity
 LOG_2PI = math.log(2 * math.pi)
 
 
+def _as_tensors(*values):
+    """Tensors from a mix of tensors and Python numbers; the numbers take the tensors' floating dtype and device,
+    so a Python ``2.0`` next to float64 tensors is not computed (e.g. logged) in float32 first."""
+    tensors = [v for v in values if torch.is_tensor(v)]
+    floats = [v.dtype for v in tensors if v.dtype.is_floating_point]
+    dtype = floats[0] if floats else torch.get_default_dtype()
+    for dt in floats[1:]:
+        dtype = torch.promote_types(dtype, dt)
+    device = tensors[0].device if tensors else None
+    return tuple(v if torch.is_tensor(v) else torch.as_tensor(v, dtype=dtype, device=device) for v in values)
+
+
 def normal_kl(mean_p, var_p, mean_q, var_q) -> torch.Tensor:
     """Elementwise KL(N(mean_p, var_p) || N(mean_q, var_q)) for scalar or diagonal variances (broadcasting).
 
     Seed 002 eq. (28): ``1/2 (log(var_q / var_p) + var_p / var_q - 1) + (mean_p - mean_q)^2 / (2 var_q)``.
     Sum the result over the dimensions you need.
     """
-    mean_p, var_p, mean_q, var_q = (torch.as_tensor(v) for v in (mean_p, var_p, mean_q, var_q))
+    mean_p, var_p, mean_q, var_q = _as_tensors(mean_p, var_p, mean_q, var_q)
     return 0.5 * (torch.log(var_q) - torch.log(var_p) + var_p / var_q - 1.0 + (mean_p - mean_q) ** 2 / var_q)
 
 
 def normal_log_prob(x, mean, var) -> torch.Tensor:
     """Elementwise ``log N(x; mean, var)`` (scalar or diagonal variance)."""
-    x, mean, var = (torch.as_tensor(v) for v in (x, mean, var))
+    x, mean, var = _as_tensors(x, mean, var)
     return -0.5 * (LOG_2PI + torch.log(var) + (x - mean) ** 2 / var)
 
 

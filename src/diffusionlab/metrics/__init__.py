@@ -1,0 +1,42 @@
+"""Sample-quality metrics that need no download.
+
+- :mod:`diffusionlab.metrics.frechet` -- Frechet distance between Gaussians fitted to feature sets (float64);
+- :mod:`diffusionlab.metrics.digits` -- :func:`evaluate_digits` for 8x8 digits, using a tiny CNN shipped as
+  safetensors and trained on scikit-learn's bundled digits (docs/digits_metric.md).
+
+Names are imported lazily, so ``python -m diffusionlab.metrics.digits`` runs the module only once.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "frechet": ("feature_statistics", "frechet_distance", "frechet_distance_features"),
+    "digits": (
+        "COVERAGE_SHARE",
+        "FEATURE_DIM",
+        "NUM_TEST",
+        "NUM_TRAIN",
+        "STATED_TEST_ACCURACY",
+        "DigitsClassifier",
+        "classifier_accuracy",
+        "evaluate_digits",
+        "load_classifier",
+        "load_digits_split",
+        "reference_statistics",
+        "train_classifier",
+    ),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"diffusionlab.metrics.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'diffusionlab.metrics' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -16,38 +16,24 @@ from diffusionlab.training.config import load_config
 _SAMPLER_OPTIONS = ("eta", "clip_x0", "variance")
 
 
-def _time_grid(name: str, process, steps: int):
-    """The time grid a discrete sampler walks: all steps for ancestral DDPM, VE and Langevin (unless fewer are
-    asked for), a DDIM sub-sequence otherwise."""
-    from diffusionlab.samplers import make_timesteps
-
-    steps = min(int(steps), process.T)
-    return make_timesteps(process.T, steps)
-
-
 def generate(model, scfg: dict, num: int, seed: int, device, shape, chunk: int = 1000, progress: bool = False,
              noise=None) -> torch.Tensor:
-    """Draw ``num`` samples (model space) with the sampler named in ``scfg`` in chunks of ``chunk``.
+    """Draw ``num`` samples (model space, on the CPU) with the sampler and step count of ``scfg``, in chunks.
 
     Deterministic given ``seed``: one generator on ``device`` supplies the prior noise and every injected noise.
     """
-    from diffusionlab.samplers import NoiseSource, get_sampler
+    from diffusionlab.samplers import get_sampler, sample_in_chunks
 
     fn = get_sampler(scfg["sampler"])
     accepted = inspect.signature(fn).parameters
     options = {k: scfg[k] for k in _SAMPLER_OPTIONS if k in scfg and k in accepted}
-    process = model.process
-    ts = _time_grid(scfg["sampler"], process, scfg["steps"])
+    if noise is not None:
+        options["noise"] = noise
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    src = noise if noise is not None else NoiseSource(process.cov, generator=gen)
     model.eval()
-    out = []
     with torch.no_grad():
-        for start in range(0, num, chunk):
-            b = min(chunk, num - start)
-            x = process.prior_sample((b, *shape), generator=gen, device=device, dtype=torch.float32)
-            out.append(fn(model, x, ts, noise=src, progress=progress, **options).cpu())
-    return torch.cat(out)
+        return sample_in_chunks(fn, model, shape, int(num), chunk=chunk, generator=gen, device=device,
+                                store_device="cpu", timesteps=int(scfg["steps"]), progress=progress, **options)
 
 
 def load_run(run_dir: str | Path, device: str = "auto", weights: str = "ema"):

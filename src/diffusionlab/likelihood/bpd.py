@@ -1,0 +1,71 @@
+"""Bits per dimension for 8-bit data with uniform dequantization, in the model space ``[-1, 1]``.
+
+Conventions (stated, not left implicit). A pixel value ``k in {0, ..., 255}`` is stored in model space as
+``x = 2 k / 255 - 1`` (the usual ``k / 255`` in ``[0, 1]``, then ``2 y - 1``). Uniform dequantization, as in
+score_sde's likelihood evaluation (``(255 y + u) / 256``, Song et al. 2021) and Theis et al. 2016 / Ho et al. 2020:
+
+    y = (k + u) / 256 in [0, 1),   u ~ U[0, 1)^D,        x_deq = 2 y - 1 = (2 k + 2 u) / 256 - 1 in [-1, 1)
+
+so the cell of ``k`` in model space is ``[2k/256 - 1, (2k + 2)/256 - 1)``, of side ``2 / 256`` per dimension.
+For a continuous density ``p_x`` on model space, the discrete model ``P(k) = int_cell p_x`` satisfies
+
+    P(k) = (2/256)^D E_u[p_x(x_deq)] >= (2/256)^D exp(E_u[log p_x(x_deq)])          (Jensen)
+
+hence ``-log2 P(k) <= E_u[-log p_x(x_deq)] / ln 2 + D log2(256 / 2)`` and, per dimension,
+
+    bpd = nll_model_space / (D ln 2) + log2(128) = nll_model_space / (D ln 2) + 7
+
+``7 = 8 - 1``: 8 bits for the 256 levels, minus 1 bit because model space is twice as wide as ``[0, 1]``. This
+is score_sde's ``+ 7`` (written there without the derivation); a model evaluated on ``[0, 1]`` data would add 8,
+one on ``[0, 255]`` would add 0. The dequantized bound is an upper bound on the discrete model's bpd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from diffusionlab.errors import DiffusionLabError
+
+LEVELS = 256
+#: ``log2(LEVELS / 2)``: bits per dimension added to ``nll / (D ln 2)`` for model space ``[-1, 1]``
+MODEL_SPACE_OFFSET_BITS = math.log2(LEVELS / 2)
+
+
+def nats_to_bpd(nll_nats, dim: int):
+    """``nll / (D ln 2)``: nats per sample to bits per dimension, no offset."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise DiffusionLabError(f"dimension D must be an integer >= 1, got {dim!r}")
+    return nll_nats / (dim * math.log(2.0))
+
+
+def bpd_from_model_space_nll(nll_nats, dim: int):
+    """Bits per dimension of 8-bit data from the continuous NLL (nats per sample) of uniformly dequantized
+    points in model space ``[-1, 1]``: ``nll / (D ln 2) + 7`` (module docstring)."""
+    return nats_to_bpd(nll_nats, dim) + MODEL_SPACE_OFFSET_BITS
+
+
+def to_levels(x_model: torch.Tensor, atol: float = 1e-3) -> torch.Tensor:
+    """The 8-bit levels ``k = 255 (x + 1) / 2`` (int64) of model-space data ``x = 2 k / 255 - 1``; refuses
+    values off that grid by more than ``atol`` levels."""
+    k_float = (x_model.to(torch.float64) + 1.0) * ((LEVELS - 1) / 2.0)
+    k = torch.round(k_float)
+    off = (k_float - k).abs()
+    bad = (k < 0) | (k > LEVELS - 1) | (off > atol)
+    if bool(bad.any()):
+        v = x_model.reshape(-1)[int(torch.nonzero(bad.reshape(-1))[0])].item()
+        raise DiffusionLabError(
+            f"dequantize expects 8-bit data in model space, x = 2k/255 - 1 with k in 0..255; got the value {v!r}"
+        )
+    return k.long()
+
+
+def dequantize(x_model: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform dequantization of model-space 8-bit data: ``x = 2k/255 - 1  ->  2 (k + u) / 256 - 1``,
+    ``u ~ U[0, 1)`` per entry (drawn from ``generator`` on its device), in ``x_model``'s dtype and device."""
+    k = to_levels(x_model)
+    dev = generator.device if generator is not None else x_model.device
+    u = torch.rand(x_model.shape, generator=generator, device=dev, dtype=torch.float64).to(x_model.device)
+    x = 2.0 * (k.to(torch.float64) + u) / LEVELS - 1.0
+    return x.to(x_model.dtype)

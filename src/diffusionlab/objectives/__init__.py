@@ -1,0 +1,54 @@
+"""Training objectives: callables ``obj(model, x0, generator=None) -> (B,)`` per-sample losses (the caller reduces).
+
+Every objective takes the process's noise covariance C (``process.cov``), uses ``cov.mahalanobis`` for every
+``C^{-1}`` norm (never an explicit inverse) and reduces to the usual loss for ``C = I``:
+
+- ``simple`` -- :class:`SimpleLoss`, ``L_simple`` (Ho et al. 2020), weightings ``simple | elbo | mse | min_snr``;
+- ``vlb`` -- :class:`VLBLoss`, DDPM's variational bound in nats (:func:`vlb_terms`, :func:`full_vlb`);
+- ``hybrid`` -- :class:`HybridLoss`, Nichol & Dhariwal 2021;
+- ``ncsn`` -- :class:`NCSNLoss`, Song & Ermon 2019;
+- ``dsm`` -- :class:`ContinuousDSM`, continuous-time denoising score matching for the SDEs (Song et al. 2021).
+
+Build one from a config dict with :func:`make_objective`, e.g. ``{"name": "simple", "weighting": "min_snr",
+"gamma": 5}``.
+"""
+
+from __future__ import annotations
+
+from diffusionlab.errors import DiffusionLabError
+from diffusionlab.objectives.continuous import ContinuousDSM
+from diffusionlab.objectives.ncsn import NCSNLoss
+from diffusionlab.objectives.simple import WEIGHTINGS, SimpleLoss, elbo_weights
+from diffusionlab.objectives.vlb import (
+    DECODERS,
+    VARIANCES,
+    HybridLoss,
+    VLBLoss,
+    discretized_gaussian_log_prob,
+    full_vlb,
+    reverse_log_variance,
+    vlb_from_prediction,
+    vlb_terms,
+)
+
+OBJECTIVES = {"simple": SimpleLoss, "vlb": VLBLoss, "hybrid": HybridLoss, "ncsn": NCSNLoss, "dsm": ContinuousDSM}
+
+
+def make_objective(cfg: dict | str, process):
+    """An objective from ``{"name": ..., **options}`` (or just its name); unknown names/options raise
+    :class:`DiffusionLabError` listing what is allowed."""
+    if isinstance(cfg, str):
+        cfg = {"name": cfg}
+    if not isinstance(cfg, dict):
+        raise DiffusionLabError(f"objective config must be a mapping with a 'name', got {cfg!r}")
+    name = cfg.get("name")
+    if name not in OBJECTIVES:
+        raise DiffusionLabError(f"unknown objective {name!r}; allowed: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name].from_config(dict(cfg), process)
+
+
+__all__ = [
+    "OBJECTIVES", "make_objective", "ContinuousDSM", "SimpleLoss", "VLBLoss", "HybridLoss", "NCSNLoss", "WEIGHTINGS", "VARIANCES",
+    "DECODERS", "elbo_weights", "vlb_terms", "vlb_from_prediction", "full_vlb", "discretized_gaussian_log_prob",
+    "reverse_log_variance",
+]

@@ -1,0 +1,65 @@
+"""What every objective shares: drawing ``t`` and the noise, and the ``x_0`` error of a prediction."""
+
+from __future__ import annotations
+
+import torch
+
+from diffusionlab.errors import DiffusionLabError
+from diffusionlab.parametrization import Prediction, batch_t, coeffs_like, output_from_eps_x0
+from diffusionlab.processes.discrete import GaussianChain
+
+
+def require_chain(process, what: str) -> GaussianChain:
+    if not isinstance(process, GaussianChain):
+        raise DiffusionLabError(f"{what} needs a discrete chain (VPChain, VEChain, GaussianChain), got {process!r}")
+    return process
+
+
+def draw_t(process, x0: torch.Tensor, generator: torch.Generator | None = None, t_min: float = 1e-5) -> torch.Tensor:
+    """``t ~ U{1..T}`` for a chain (int64), ``t ~ U(t_min, T)`` for an SDE (float64); ``(B,)`` on ``x0``'s device.
+
+    Drawn on the generator's device, then moved (a CPU generator works for accelerator data)."""
+    dev = generator.device if generator is not None else x0.device
+    b = x0.shape[0]
+    if isinstance(process, GaussianChain):
+        t = torch.randint(1, process.T + 1, (b,), generator=generator, device=dev)
+    else:
+        T = float(process.T)
+        t = t_min + (T - t_min) * torch.rand(b, generator=generator, device=dev, dtype=torch.float64)
+    return t.to(x0.device)
+
+
+def draw_noise(process, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``eps ~ N(0, C)`` shaped like ``x0`` (``L z``; drawn on the generator's device, then moved)."""
+    dev = generator.device if generator is not None else x0.device
+    return process.cov.sample(x0.shape, generator=generator, device=dev, dtype=x0.dtype).to(x0.device)
+
+
+def noisy_inputs(process, x0: torch.Tensor, generator=None, t=None, noise=None, t_min: float = 1e-5):
+    """``(t, eps, x_t, s, sigma)`` with ``x_t = s_t x0 + sigma_t eps``; ``t`` and ``noise`` are drawn unless given."""
+    process.cov.check(x0)
+    tb = draw_t(process, x0, generator, t_min) if t is None else batch_t(t, x0)
+    eps = draw_noise(process, x0, generator) if noise is None else noise
+    s, sigma = coeffs_like(process, tb, x0)
+    return tb, eps, s * x0 + sigma * eps, s, sigma
+
+
+def x0_error(prediction: str, pred: Prediction, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``x_theta - x_0``, computed in the model's own parametrization so no cancellation is introduced:
+    ``-(sigma / s)(eps_theta - eps)`` for eps/score, ``-(sigma / r)(v_theta - v)`` for v, ``x_theta - x_0`` for x0."""
+    s, sigma = pred.s, pred.sigma
+    if prediction in ("eps", "score"):
+        return -(sigma / s) * (pred.eps - eps)
+    if prediction == "v":
+        v = output_from_eps_x0("v", eps, x0, s, sigma)
+        return -(sigma / (s * s + sigma * sigma).sqrt()) * (pred.out - v)
+    return pred.x0 - x0
+
+
+def check_keys(name: str, cfg: dict, allowed: tuple) -> None:
+    bad = sorted(set(cfg) - set(allowed) - {"name"})
+    if bad:
+        raise DiffusionLabError(
+            f"unknown option(s) {', '.join(map(repr, bad))} for objective {name!r}; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )

@@ -1,0 +1,245 @@
+"""The one model interface every sampler and objective sees: :class:`DiffusionModel`.
+
+A raw network ``net(x, c_noise)`` (``c_noise`` a ``(B,)`` float, output channels on dim 1) is wrapped, as
+k-diffusion's ``Denoiser`` / EDM's ``Precond`` wrap theirs, together with the forward process whose marginal is
+``q(x_t | x_0) = N(s_t x_0, sigma_t^2 C)``, i.e. ``x_t = s_t x_0 + sigma_t eps`` with ``eps ~ N(0, C)``
+(``C (x) I`` per sample; ``C = process.cov``).
+
+Network conditioning
+    ``c_noise(t) = 1000 t / T`` as a float (chains' integer ``t`` in ``1..T`` and SDEs' float ``t`` in
+    ``[0, 1]`` both map to ``[0, 1000]``); with ``scale_input`` the net sees ``c_in x_t``,
+    ``c_in = 1 / sqrt(s_t^2 + sigma_t^2)`` (``x_t``'s scale without C's correlations; this matters for VE,
+    where ``sigma_t`` reaches 50).
+
+What the network output means (``prediction``), all rank-agnostic (via :func:`~diffusionlab.utils.bcast`)
+    - ``"eps"`` -- ``eps_theta``, the noise (Ho et al. 2020): ``x0 = (x_t - sigma eps) / s``;
+    - ``"x0"`` -- ``x_theta``, the clean data: ``eps = (x_t - s x0) / sigma``;
+    - ``"v"`` -- ``v = (s eps - sigma x0) / r``, ``r = sqrt(s^2 + sigma^2)`` (Salimans & Ho 2022 for VP, where
+      ``r = 1``): ``x0 = (s x_t - sigma r v) / r^2``, ``eps = (sigma x_t + s r v) / r^2``;
+    - ``"score"`` -- NCSN's "divide by sigma" parametrization (Song & Ermon 2020, technique 3): the net outputs
+      ``sigma_t C grad log p_t(x_t)``, an O(1) quantity, so the C-score is ``out / sigma`` and
+      ``eps = -out``. Its training target is ``-eps`` (:meth:`DiffusionModel.target`).
+
+    From ``eps`` (the posterior mean ``E[eps | x_t]`` for an optimal net), Tweedie's formula gives the score
+    ``grad log p_t(x_t) = -C^{-1} eps / sigma`` (:meth:`DiffusionModel.score`, one ``cov.solve``) and the
+    "C-score" ``C grad log p_t(x_t) = -eps / sigma`` (:meth:`DiffusionModel.c_score`, no solve) -- what the
+    reverse SDE, the probability-flow ODE and Langevin dynamics with noise ``L z`` need (ERRATA 8).
+
+Learned variance (Nichol & Dhariwal 2021)
+    With ``learn_variance`` the net outputs twice the channels (``out_mult = 2``); the second half is
+    ``v_var``, nominally in ``[-1, 1]`` (not clamped, as in improved-diffusion: the log-space interpolation
+    still gives a positive variance when it extrapolates), and
+    ``log var = frac log beta_t + (1 - frac) log beta-tilde_t``, ``frac = (v_var + 1) / 2``
+    (:func:`learned_log_variance`). With a correlated C the learned variance is diagonal in the *whitened*
+    coordinates: ``Sigma_theta = L diag(var) L^T`` (for ``C = I`` exactly Nichol & Dhariwal's), so that KLs
+    and log-densities stay elementwise after ``cov.whiten``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffusionlab.errors import DiffusionLabError
+from diffusionlab.processes.discrete import GaussianChain
+from diffusionlab.utils import bcast
+
+PREDICTIONS = ("eps", "x0", "v", "score")
+
+
+def batch_t(t, x: torch.Tensor) -> torch.Tensor:
+    """``t`` (an int/float, a 0-d tensor or a ``(B,)`` tensor) as a ``(B,)`` tensor on ``x``'s device."""
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.ndim != 1 or t.shape[0] != x.shape[0]:
+        raise DiffusionLabError(
+            f"time t must be a scalar or a ({x.shape[0]},) tensor for a batch of {x.shape[0]}, "
+            f"got shape {tuple(t.shape)}"
+        )
+    return t
+
+
+def coeffs_like(process, t: torch.Tensor, x: torch.Tensor):
+    """``(s_t, sigma_t)`` of ``process`` at ``t`` (``(B,)``), shaped to broadcast against ``x``, in ``x``'s
+    dtype and device. Chains gather their float64 arrays (``process.at``); SDEs evaluate ``coeffs``."""
+    if isinstance(process, GaussianChain):
+        return process.at("mean_scale", t, x), process.at("sigma", t, x)
+    s, sigma = process.coeffs(t)
+    return bcast(s.to(device=x.device, dtype=x.dtype), x), bcast(sigma.to(device=x.device, dtype=x.dtype), x)
+
+
+def learned_log_variance(v_var: torch.Tensor, log_beta, log_beta_tilde) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 15: ``frac log beta + (1 - frac) log beta-tilde``, ``frac = (v_var + 1) / 2``."""
+    frac = (v_var + 1.0) / 2.0
+    return frac * log_beta + (1.0 - frac) * log_beta_tilde
+
+
+@dataclass
+class Prediction:
+    """One network evaluation, decoded: ``eps`` (``E[eps | x_t]``), ``x0`` (``E[x_0 | x_t]``), ``out`` (the raw
+    output in the model's parametrization, first ``out_mult`` chunk), ``v_var`` (learned-variance output or
+    None), and the marginal coefficients ``s``, ``sigma`` broadcast against ``x_t``."""
+
+    eps: torch.Tensor
+    x0: torch.Tensor
+    out: torch.Tensor
+    s: torch.Tensor
+    sigma: torch.Tensor
+    v_var: torch.Tensor | None = None
+
+    @property
+    def c_score(self) -> torch.Tensor:
+        """``C grad log p_t(x_t) = -eps / sigma``."""
+        return -self.eps / self.sigma
+
+
+def eps_x0_from_output(prediction: str, out: torch.Tensor, x_t: torch.Tensor, s, sigma):
+    """Decode a raw output of parametrization ``prediction`` into ``(eps, x0)`` (module docstring)."""
+    if prediction == "eps":
+        return out, (x_t - sigma * out) / s
+    if prediction == "x0":
+        return (x_t - s * out) / sigma, out
+    if prediction == "v":
+        r2 = s * s + sigma * sigma
+        r = r2.sqrt()
+        return (sigma * x_t + s * r * out) / r2, (s * x_t - sigma * r * out) / r2
+    if prediction == "score":
+        eps = -out
+        return eps, (x_t - sigma * eps) / s
+    raise DiffusionLabError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+
+def output_from_eps_x0(prediction: str, eps: torch.Tensor, x0: torch.Tensor, s, sigma) -> torch.Tensor:
+    """The raw output (training target) of parametrization ``prediction`` for given ``eps`` and ``x0``."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return (s * eps - sigma * x0) / (s * s + sigma * sigma).sqrt()
+    if prediction == "score":
+        return -eps
+    raise DiffusionLabError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+
+class DiffusionModel(nn.Module):
+    """A raw network plus its process and parametrization: the interface samplers and objectives use.
+
+    Args:
+        net: ``net(x, c_noise) -> out`` with ``out`` shaped like ``x`` except dim 1 times ``out_mult``.
+        process: a :class:`~diffusionlab.processes.GaussianProcess` (chain or SDE).
+        prediction: ``"eps" | "x0" | "v" | "score"`` (module docstring).
+        learn_variance: the net also outputs ``v_var`` (Nichol & Dhariwal 2021).
+        scale_input: feed the net ``c_in x_t``, ``c_in = 1 / sqrt(s_t^2 + sigma_t^2)``.
+
+    ``nfe`` counts network evaluations (every :meth:`forward`); samplers never count themselves.
+    ``t`` may be an int/float, a 0-d tensor or a ``(B,)`` tensor.
+    """
+
+    def __init__(self, net: nn.Module | None, process, prediction: str = "eps", learn_variance: bool = False,
+                 scale_input: bool = True):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise DiffusionLabError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+        self.net = net
+        self.process = process
+        self.prediction = prediction
+        self.learn_variance = bool(learn_variance)
+        self.scale_input = bool(scale_input)
+        self.nfe = 0
+
+    @property
+    def out_mult(self) -> int:
+        """Output channels per input channel the net must produce: 2 with a learned variance, else 1."""
+        return 2 if self.learn_variance else 1
+
+    @property
+    def cov(self):
+        return self.process.cov
+
+    # -- conditioning ---------------------------------------------------------------------------------------
+    def c_noise(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """``1000 t / T`` as a float ``(B,)`` tensor."""
+        return t.to(dtype) * (1000.0 / float(self.process.T))
+
+    def coeffs(self, t, x: torch.Tensor):
+        """``(t_batch, s_t, sigma_t)``: ``t`` as ``(B,)`` and the coefficients broadcast against ``x``."""
+        tb = batch_t(t, x)
+        s, sigma = coeffs_like(self.process, tb, x)
+        return tb, s, sigma
+
+    def _raw(self, x_t: torch.Tensor, tb: torch.Tensor, s, sigma) -> torch.Tensor:
+        """The network evaluation proper (what subclasses such as the Gaussian oracle replace)."""
+        x_in = x_t / (s * s + sigma * sigma).sqrt() if self.scale_input else x_t
+        return self.net(x_in, self.c_noise(tb, x_t.dtype))
+
+    def forward(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """The raw network output (both halves when ``learn_variance``); counts one evaluation."""
+        tb, s, sigma = self.coeffs(t, x_t)
+        out = self._raw(x_t, tb, s, sigma)
+        self.nfe += 1
+        return out
+
+    def split(self, out: torch.Tensor):
+        """``(mean_part, v_var)``: the output's two halves along dim 1 (``v_var`` None without a learned variance)."""
+        if not self.learn_variance:
+            return out, None
+        if out.shape[1] % 2:
+            raise DiffusionLabError(
+                f"a learned-variance net must output an even number of channels on dim 1, got shape {tuple(out.shape)}"
+            )
+        mean, v_var = out.chunk(2, dim=1)
+        return mean, v_var
+
+    # -- decoded predictions --------------------------------------------------------------------------------
+    def predict(self, x_t: torch.Tensor, t) -> Prediction:
+        """One network evaluation decoded into ``eps``, ``x0`` (and ``v_var``)."""
+        tb, s, sigma = self.coeffs(t, x_t)
+        out = self._raw(x_t, tb, s, sigma)
+        self.nfe += 1
+        mean, v_var = self.split(out)
+        eps, x0 = eps_x0_from_output(self.prediction, mean, x_t, s, sigma)
+        return Prediction(eps=eps, x0=x0, out=mean, s=s, sigma=sigma, v_var=v_var)
+
+    def target(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+        """What the raw (mean) output should be for ``x_t = s_t x0 + sigma_t eps``: eps, x0, v or ``-eps``."""
+        _, s, sigma = self.coeffs(t, x0)
+        return output_from_eps_x0(self.prediction, eps, x0, s, sigma)
+
+    def eps(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """``E[eps | x_t]`` as predicted."""
+        return self.predict(x_t, t).eps
+
+    def x0(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """``E[x_0 | x_t]`` as predicted."""
+        return self.predict(x_t, t).x0
+
+    def c_score(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """``C grad log p_t(x_t) = -eps / sigma_t`` (no solve)."""
+        return self.predict(x_t, t).c_score
+
+    def score(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """``grad log p_t(x_t) = -C^{-1} eps / sigma_t`` (one ``cov.solve``)."""
+        p = self.predict(x_t, t)
+        return -self.process.cov.solve(p.eps) / p.sigma
+
+    def extra_repr(self) -> str:
+        return f"prediction={self.prediction!r}, learn_variance={self.learn_variance}, process={self.process!r}"
+
+
+def reverse_variances(b2: torch.Tensor, post_var: torch.Tensor):
+    """The two fixed reverse-process variances of a chain, index ``t = 0..T`` (float64): ``upper = b_t^2``
+    (``beta_t`` for VP, ``g^2(t)`` for VE -- Ho et al.'s ``sigma_t^2 = beta_t``) and ``lower`` =
+    ``beta-tilde_t`` (``post_var``) with ``beta-tilde_1 = 0`` replaced by ``beta-tilde_2`` (improved-diffusion's
+    ``posterior_log_variance_clipped``; for ``T = 1``, by ``b_1^2``), so that its log is finite. Learned
+    variances interpolate between their logs."""
+    lower = post_var.clone()
+    if lower.numel() > 2:
+        lower[1] = post_var[2]
+    elif lower.numel() == 2:
+        lower[1] = b2[1]
+    lower[0] = lower[1]
+    return b2.clone(), lower

@@ -1,0 +1,164 @@
+"""The in-memory dataset every loader returns, and the loader for user arrays (``.npy`` / ``.npz``).
+
+:class:`ArrayDataset` holds the whole set as one float32 tensor in model space (images and videos in
+``[-1, 1]``, points as generated). User arrays are read with ``np.load(..., allow_pickle=False)``: nothing is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffusionlab.data.scaling import from_uint8, to_model, to_unit
+from diffusionlab.errors import DiffusionLabError
+from diffusionlab.models.checks import choice
+
+KINDS = ("points", "images", "videos")
+_KIND_BY_NDIM = {2: "points", 4: "images", 5: "videos"}
+
+
+@dataclass
+class ArrayDataset:
+    """A dataset in memory: ``data`` (N, *sample_shape) float32 in model space, optional ``labels`` (N,)."""
+
+    data: torch.Tensor
+    kind: str
+    name: str
+    labels: torch.Tensor | None = None
+
+    def __post_init__(self):
+        choice("dataset kind", self.kind, KINDS)
+        if self.data.dtype != torch.float32:
+            raise DiffusionLabError(f"dataset {self.name!r}: data must be float32, got {self.data.dtype}")
+        want = {"points": 2, "images": 4, "videos": 5}[self.kind]
+        if self.data.ndim != want:
+            raise DiffusionLabError(
+                f"dataset {self.name!r}: {self.kind} need a {want}-D tensor, got shape {tuple(self.data.shape)}"
+            )
+        if len(self.data) == 0:
+            raise DiffusionLabError(f"dataset {self.name!r} is empty")
+        if self.labels is not None and (self.labels.dtype != torch.long or self.labels.shape != (len(self.data),)):
+            raise DiffusionLabError(
+                f"dataset {self.name!r}: labels must be a LongTensor of shape ({len(self.data)},), "
+                f"got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[1:])
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def to_display(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space to display space: images and videos to ``[0, 1]``; points unchanged."""
+        return x if self.kind == "points" else to_unit(x)
+
+    def to(self, device: torch.device | str) -> "ArrayDataset":
+        """A copy with ``data`` and ``labels`` on ``device``."""
+        labels = None if self.labels is None else self.labels.to(device)
+        return ArrayDataset(self.data.to(device), self.kind, self.name, labels)
+
+
+def _np_load(path: str, key: str | None, labels_key: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The array at ``path`` (the ``key`` member of an ``.npz``, default its first) and the ``labels_key``
+    member if asked; pickles refused, the archive closed on return."""
+    if not os.path.isfile(path):
+        raise DiffusionLabError(f"array file {path!r} does not exist (expected a .npy or .npz file)")
+    try:
+        obj = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DiffusionLabError(f"cannot read array file {path!r} (malformed .npy/.npz or pickled data): {e}") from None
+    if isinstance(obj, np.ndarray):
+        for opt, val in (("key", key), ("labels", labels_key)):
+            if val is not None:
+                raise DiffusionLabError(f"option {opt}={val!r} needs an .npz archive; {path!r} holds one array")
+        return obj, None
+    with obj:
+        if not obj.files:
+            raise DiffusionLabError(f"array archive {path!r} holds no arrays")
+        key = obj.files[0] if key is None else key
+        return _npz_member(obj, key, path), None if labels_key is None else _npz_member(obj, labels_key, path)
+
+
+def _npz_member(npz, key: str, path: str) -> np.ndarray:
+    if key not in npz.files:
+        raise DiffusionLabError(f"array archive {path!r} has no array {key!r}; it holds: {', '.join(npz.files)}")
+    try:
+        return npz[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DiffusionLabError(f"cannot read array {key!r} of {path!r}: {e}") from None
+
+
+def _to_model_space(arr: np.ndarray, kind: str, value_range: str | None, path: str) -> torch.Tensor:
+    """Float32 model-space tensor from a numeric array, following ``range`` (see :func:`load_array`)."""
+    if arr.dtype == np.uint8 and value_range in (None, "unit"):
+        return from_uint8(arr)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise DiffusionLabError(f"array in {path!r} has dtype {arr.dtype}; expected a numeric (float or integer) array")
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if not torch.isfinite(t).all():
+        raise DiffusionLabError(f"array in {path!r} contains NaN or infinite values")
+    if value_range is None:
+        if kind != "points":
+            raise DiffusionLabError(
+                f"array in {path!r} holds {kind} as {arr.dtype}: set range to unit (values in [0, 1]), "
+                f"model (values in [-1, 1]) or raw (used as they are)"
+            )
+        value_range = "raw"
+    lo, hi = float(t.min()), float(t.max())
+    tol = 1e-4
+    if value_range == "unit":
+        if lo < -tol or hi > 1 + tol:
+            raise DiffusionLabError(f"array in {path!r} has values in [{lo:.4g}, {hi:.4g}], outside [0, 1] (range: unit)")
+        return to_model(t.clamp(0, 1))
+    if value_range == "model":
+        if lo < -1 - tol or hi > 1 + tol:
+            raise DiffusionLabError(
+                f"array in {path!r} has values in [{lo:.4g}, {hi:.4g}], outside [-1, 1] (range: model)")
+        return t.clamp(-1, 1)
+    return t
+
+
+def load_array(path: str, key: str | None = None, range: str | None = None,  # noqa: A002 (config key)
+               labels: str | None = None) -> ArrayDataset:
+    """Load a user array: ``.npy``, or one array of an ``.npz`` (``key``, default the first).
+
+    The rank sets the kind: 2-D points ``(N, D)``, 4-D images ``(N, C, H, W)``, 5-D videos ``(N, C, F, H, W)``.
+    ``range`` says where the values lie: ``unit`` ``[0, 1]`` (mapped by :func:`~diffusionlab.data.scaling.to_model`),
+    ``model`` ``[-1, 1]`` (kept), ``raw`` (kept as they are). Unset, points are ``raw``, ``uint8`` arrays are bytes
+    ``0..255``, and float images/videos must say. ``labels`` names an integer array of the same ``.npz``.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise DiffusionLabError(f"array path must be a file path, got {path!r}")
+    path = os.path.expanduser(os.fspath(path))
+    if range is not None:
+        choice("array option range", range, ("unit", "model", "raw"))
+    arr, lab = _np_load(path, key, labels)
+    kind = _KIND_BY_NDIM.get(arr.ndim)
+    if kind is None:
+        raise DiffusionLabError(
+            f"array in {path!r} has shape {arr.shape}; expected 2-D points (N, D), 4-D images (N, C, H, W) "
+            f"or 5-D videos (N, C, F, H, W)"
+        )
+    if arr.shape[0] == 0:
+        raise DiffusionLabError(f"array in {path!r} is empty (shape {arr.shape})")
+    if arr.dtype == np.uint8 and range == "model":
+        raise DiffusionLabError(f"array in {path!r} is uint8 (bytes 0..255), which cannot be in range model [-1, 1]")
+    data = _to_model_space(arr, kind, range, path)
+    return ArrayDataset(data, kind, os.path.basename(path), _labels(lab, labels, len(data), path))
+
+
+def _labels(lab: np.ndarray | None, key: str | None, n: int, path: str) -> torch.Tensor | None:
+    if lab is None:
+        return None
+    if not np.issubdtype(lab.dtype, np.integer) or lab.shape != (n,):
+        raise DiffusionLabError(
+            f"labels {key!r} in {path!r} must be an integer array of shape ({n},), got {lab.dtype} {lab.shape}"
+        )
+    return torch.from_numpy(lab.astype(np.int64))

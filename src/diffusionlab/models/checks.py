@@ -1,0 +1,67 @@
+"""Validation of user options (network and dataset configs), each failure a :class:`DiffusionLabError`.
+
+Shared by :mod:`diffusionlab.models` and :mod:`diffusionlab.data`: every message names the option, the bad
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from diffusionlab.errors import DiffusionLabError
+
+
+def check_keys(cfg: Mapping, allowed: Iterable[str], what: str) -> None:
+    """Raise if ``cfg`` has a key outside ``allowed``; the message lists the allowed keys."""
+    allowed = list(allowed)
+    unknown = [k for k in cfg if k not in allowed]
+    if unknown:
+        raise DiffusionLabError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for {what}; allowed: "
+            f"{', '.join(allowed) if allowed else '(none)'}"
+        )
+
+
+def positive_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum`` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DiffusionLabError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def real(name: str, value, low: float | None = None, high: float | None = None, *, open_low: bool = False,
+         open_high: bool = False) -> float:
+    """``value`` as a finite float inside ``[low, high]`` (ends open when asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+            float("inf"), float("-inf")):
+        raise DiffusionLabError(f"{name} must be a finite number, got {value!r}")
+    v = float(value)
+    lo_bad = low is not None and (v <= low if open_low else v < low)
+    hi_bad = high is not None and (v >= high if open_high else v > high)
+    if lo_bad or hi_bad:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        raise DiffusionLabError(
+            f"{name} must lie in {'(' if open_low else '['}{lo}, {hi}{')' if open_high else ']'}, got {value!r}"
+        )
+    return v
+
+
+def int_tuple(name: str, value, *, allow_empty: bool = False) -> tuple[int, ...]:
+    """A list/tuple of positive ints as a tuple (YAML gives lists)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise DiffusionLabError(f"{name} must be a list of positive integers, got {value!r}")
+    if not value and not allow_empty:
+        raise DiffusionLabError(f"{name} must be a non-empty list of positive integers, got {value!r}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DiffusionLabError(f"{name} must be a list of positive integers, got {value!r}")
+    return tuple(value)
+
+
+def choice(name: str, value, allowed: Iterable[str]):
+    """``value`` if it is one of ``allowed``."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise DiffusionLabError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+    return value

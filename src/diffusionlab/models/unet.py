@@ -1,0 +1,262 @@
+"""The DDPM / improved-diffusion U-Net (Ho et al. 2020; Nichol & Dhariwal 2021) for images ``(B, C, H, W)``.
+
+Layout (improved-diffusion ``UNetModel``):
+
+- noise embedding: sinusoids of width ``base_channels`` -> ``Linear, SiLU, Linear`` to ``4 * base_channels``;
+- a 3x3 input conv, then per level ``num_res_blocks`` residual blocks (self-attention after each block at the
+  listed resolutions) and a stride-2 conv down-sampling between levels;
+- a middle of ResBlock, attention, ResBlock;
+- the mirrored up path with ``num_res_blocks + 1`` blocks per level, each taking the concatenated skip from the
+  down path, nearest-neighbour x2 up-sampling followed by a 3x3 conv between levels;
+- ``GroupNorm, SiLU`` and a zero-initialised 3x3 output conv to ``out_mult * in_channels`` channels.
+
+A residual block is ``GroupNorm, SiLU, conv3x3, + embedding (or scale-shift: GroupNorm(h) (1 + s) + b),
+SiLU, dropout, conv3x3 (zero-init)`` plus a 1x1 skip conv when the channel count changes. Attention uses
+:func:`torch.nn.functional.scaled_dot_product_attention` and a zero-initialised output projection, so each
+block starts as the identity. GroupNorm uses at most ``groups`` groups, the largest count that divides the
+channels. Inputs in ``torch.channels_last`` memory format work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from diffusionlab.errors import DiffusionLabError
+from diffusionlab.models.checks import int_tuple, positive_int, real
+from diffusionlab.models.embedding import TimeEmbedding, check_c_noise, zero_init
+
+
+def group_count(channels: int, groups: int) -> int:
+    """The largest number of GroupNorm groups ``<= groups`` that divides ``channels``."""
+    g = min(groups, channels)
+    while channels % g:
+        g -= 1
+    return g
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(group_count(channels, groups), channels)
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+
+
+class ResBlock(nn.Module):
+    """DDPM residual block conditioned on the (already SiLU-activated) noise embedding ``emb``."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, groups: int, scale_shift: bool):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = group_norm(cin, groups)
+        self.conv1 = conv3x3(cin, cout)
+        self.emb = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
+        self.norm2 = group_norm(cout, groups)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = zero_init(conv3x3(cout, cout))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb(emb)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.drop(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the ``H * W`` positions, residual, zero-initialised projection."""
+
+    def __init__(self, channels: int, num_heads: int, groups: int):
+        super().__init__()
+        self.heads = num_heads
+        self.norm = group_norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, hgt * wid)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, C / heads)
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(h.transpose(-1, -2).reshape(b, c, hgt, wid))
+
+
+class Downsample(nn.Module):
+    """Halve H and W: a stride-2 3x3 conv, or 2x2 average pooling (DDPM ``downsample``, ``with_conv``)."""
+
+    def __init__(self, channels: int, with_conv: bool = True):
+        super().__init__()
+        self.conv = conv3x3(channels, channels, stride=2) if with_conv else nn.AvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest neighbour, then a 3x3 conv when ``with_conv`` (DDPM ``upsample``)."""
+
+    def __init__(self, channels: int, with_conv: bool = True):
+        super().__init__()
+        self.conv = conv3x3(channels, channels) if with_conv else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class EmbSequential(nn.Sequential):
+    """A sequence of layers; :class:`ResBlock` s also receive the noise embedding."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+def _image_hw(image_size) -> tuple[int, int]:
+    if isinstance(image_size, (list, tuple)):
+        if len(image_size) != 2:
+            raise DiffusionLabError(f"image_size must be an int or (H, W), got {image_size!r}")
+        return positive_int("image_size[0]", image_size[0]), positive_int("image_size[1]", image_size[1])
+    s = positive_int("image_size", image_size)
+    return s, s
+
+
+class UNet(nn.Module):
+    """Noise-conditioned U-Net: ``net(x (B, C, H, W), c_noise (B,)) -> (B, out_mult * C, H, W)``.
+
+    ``attn_resolutions`` lists the spatial sizes (the height) at which a self-attention block follows each
+    residual block; ``None`` means DDPM's choice, 16 when the network visits it. The middle always has one.
+    ``scale_shift`` selects improved-diffusion's ``use_scale_shift_norm`` conditioning; ``conv_resample=False``
+    (DDPM's ``resamp_with_conv``) resamples by average pooling / nearest neighbour without the 3x3 convs,
+    which at 8x8 saves the most expensive conv of the network (the up-sampling conv at full resolution).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base_channels: int = 64,
+        channel_mults: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] | None = None,
+        dropout: float = 0.0,
+        groups: int = 8,
+        num_heads: int = 1,
+        out_mult: int = 1,
+        image_size: int | Sequence[int] = 32,
+        scale_shift: bool = True,
+        conv_resample: bool = True,
+    ):
+        super().__init__()
+        self.in_channels = positive_int("in_channels", in_channels)
+        positive_int("base_channels", base_channels)
+        mults = int_tuple("channel_mults", channel_mults)
+        positive_int("num_res_blocks", num_res_blocks)
+        real("dropout", dropout, 0.0, 1.0, open_high=True)
+        positive_int("groups", groups)
+        positive_int("num_heads", num_heads)
+        self.out_mult = positive_int("out_mult", out_mult)
+        for flag, value in (("scale_shift", scale_shift), ("conv_resample", conv_resample)):
+            if not isinstance(value, bool):
+                raise DiffusionLabError(f"{flag} must be true or false, got {value!r}")
+        self.image_hw = _image_hw(image_size)
+        resolutions = self._resolutions(self.image_hw, len(mults))
+        attn = self._attention_at(attn_resolutions, resolutions)
+        self._check_heads(num_heads, base_channels, mults, resolutions, attn)
+
+        emb_dim = 4 * base_channels
+        self.time = TimeEmbedding(base_channels, emb_dim)
+        block = dict(emb_dim=emb_dim, dropout=dropout, groups=groups, scale_shift=scale_shift)
+
+        self.inp = conv3x3(in_channels, base_channels)
+        self.down = nn.ModuleList()
+        skips, ch = [base_channels], base_channels
+        for level, mult in enumerate(mults):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, mult * base_channels, **block)]
+                ch = mult * base_channels
+                if resolutions[level] in attn:
+                    layers.append(AttentionBlock(ch, num_heads, groups))
+                self.down.append(EmbSequential(*layers))
+                skips.append(ch)
+            if level != len(mults) - 1:
+                self.down.append(EmbSequential(Downsample(ch, conv_resample)))
+                skips.append(ch)
+
+        self.mid = EmbSequential(ResBlock(ch, ch, **block), AttentionBlock(ch, num_heads, groups),
+                                 ResBlock(ch, ch, **block))
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(mults))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + skips.pop(), mults[level] * base_channels, **block)]
+                ch = mults[level] * base_channels
+                if resolutions[level] in attn:
+                    layers.append(AttentionBlock(ch, num_heads, groups))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch, conv_resample))
+                self.up.append(EmbSequential(*layers))
+
+        self.out_norm = group_norm(ch, groups)
+        self.out = zero_init(conv3x3(ch, out_mult * in_channels))
+
+    @staticmethod
+    def _resolutions(hw: tuple[int, int], levels: int) -> list[int]:
+        """Heights visited per level; each down-sampling must halve both sides exactly."""
+        factor = 2 ** (levels - 1)
+        for side, name in zip(hw, ("height", "width")):
+            if side % factor:
+                raise DiffusionLabError(
+                    f"image {name} {side} is not divisible by 2**(levels-1) = {factor} for {levels} levels "
+                    f"(channel_mults has {levels} entries); use fewer levels or an image size divisible by {factor}"
+                )
+        return [hw[0] // 2**i for i in range(levels)]
+
+    @staticmethod
+    def _attention_at(attn_resolutions, resolutions: list[int]) -> set[int]:
+        if attn_resolutions is None:
+            return {16} & set(resolutions)
+        attn = set(int_tuple("attn_resolutions", attn_resolutions, allow_empty=True))
+        bad = sorted(attn - set(resolutions))
+        if bad:
+            raise DiffusionLabError(
+                f"attn_resolutions {list(attn_resolutions)} contains {bad}, which this U-Net never visits; "
+                f"allowed: {resolutions} (the height at each level)"
+            )
+        return attn
+
+    @staticmethod
+    def _check_heads(num_heads: int, base: int, mults: tuple[int, ...], resolutions: list[int],
+                     attn: set[int]) -> None:
+        """Every attention block (the listed levels and the middle) splits its channels into heads."""
+        for level, m in enumerate(mults):
+            if (resolutions[level] in attn or level == len(mults) - 1) and (m * base) % num_heads:
+                raise DiffusionLabError(
+                    f"num_heads {num_heads} must divide the channels of every attention block; "
+                    f"{m} * base_channels = {m * base} is not divisible by it"
+                )
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.image_hw:
+            raise DiffusionLabError(
+                f"UNet expects images of shape (B, {self.in_channels}, {self.image_hw[0]}, {self.image_hw[1]}), "
+                f"got {tuple(x.shape)}"
+            )
+        emb = F.silu(self.time(check_c_noise(c_noise, x)))
+        h = self.inp(x)
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, emb)
+            skips.append(h)
+        h = self.mid(h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(F.silu(self.out_norm(h)))

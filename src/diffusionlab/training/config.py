@@ -64,6 +64,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",
         "max_bad_steps": 10,
         "threads": 0,
+        "precision": "fp32",
     },
     "sample": {"sampler": "ddim", "steps": 50, "num": 64, "eta": 0.0, "clip_x0": True},
 }
@@ -99,6 +100,7 @@ TRAIN_SCHEMA = {
     "device": (str, lambda v: v == "auto" or v == "cpu" or v.startswith("cuda") or v == "mps", "auto, cpu, cuda[:N] or mps"),
     "max_bad_steps": _POS_INT,
     "threads": _NONNEG_INT,
+    "precision": (str, lambda v: v in ("fp32", "bf16"), "fp32 or bf16 (bf16 autocast, for GPUs)"),
 }
 SAMPLE_SCHEMA = {
     "sampler": (str, lambda v: True, "a sampler name"),

@@ -95,67 +95,117 @@ def _rewrite_log(path: Path, upto: int) -> None:
         w.writerows(rows)
 
 
+class _LossModule(torch.nn.Module):
+    """The objective as one module call, so DistributedDataParallel sees the whole forward pass
+    (objectives call ``model.predict``, which DDP's own forward would not wrap)."""
+
+    def __init__(self, model: torch.nn.Module, objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.objective(self.model, x0, t=t, noise=noise)
+
+
+def draw_inputs(objective, process, x0: torch.Tensor, generator: torch.Generator):
+    """``(t, eps)`` for a whole (global) batch, drawn the way ``objective`` would draw them itself.
+
+    The trainer draws them for the global batch and every rank takes its slice, so N processes follow the very
+    trajectory of one process with the same global batch."""
+    from diffusionlab.objectives.common import draw_noise, draw_t
+
+    if hasattr(objective, "sample_t"):
+        t = objective.sample_t(x0.shape[0], generator, x0.device)
+    else:
+        t = draw_t(process, x0, generator, getattr(objective, "t_min", 1e-5))
+    return t, draw_noise(process, x0, generator)
+
+
 def train(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train the run described by the validated config ``cfg`` into ``out_dir``; return a summary dict."""
+    """Train the run described by the validated config ``cfg`` into ``out_dir``; return a summary dict.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) this is DistributedDataParallel training: gloo on CPU, NCCL on GPU;
+    each rank takes its slice of the same global batch (``train.batch_size``, which must divide by the number of
+    processes); rank 0 alone logs, checkpoints and writes the final weights.
+    """
     from tqdm.auto import tqdm
 
     from diffusionlab.objectives import make_objective
+    from diffusionlab.training.distributed import Distributed
 
     out = Path(out_dir)
     tcfg = cfg["train"]
-    _check_writable(out)
-    if not resume:
-        _refuse_existing(out)
-    device = resolve_device(tcfg["device"])
+    dist = Distributed.from_env(tcfg["device"])
+    if dist.is_main:
+        _check_writable(out)
+        if not resume:
+            _refuse_existing(out)
+    dist.barrier()
+    device = dist.device
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
     torch.manual_seed(tcfg["seed"])
+    bsz = tcfg["batch_size"]
+    local = dist.local_batch(bsz)
 
     ds = build_dataset(cfg)
     process = build_process(cfg["process"], ds.sample_shape)
     process.cov.check(ds.data[:1])
     model = build_model(cfg, ds.sample_shape, process, device)
     objective = make_objective(dict(cfg["objective"]), process)
+    step_module = dist.wrap(_LossModule(model, objective))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     ema = EMA(model, tcfg["ema_decay"])
+    # every rank holds the same generators: they draw the global batch, each rank uses its slice
     gen_data = torch.Generator().manual_seed(tcfg["seed"])
     gen_noise = torch.Generator(device=device).manual_seed(tcfg["seed"] + 1)
     generators = {"data": gen_data, "noise": gen_noise}
+    autocast = _autocast(tcfg.get("precision", "fp32"), device)
 
     start = 0
     log_path = out / "log.csv"
     if resume:
-        ck = load_latest_checkpoint(out, device=device, warn=log)
+        ck = load_latest_checkpoint(out, device=device, warn=log if dist.is_main else (lambda m: None))
         if ck is not None:
             model.load_state_dict(ck["model"])
             ema.load_state_dict(ck["ema"])
             opt.load_state_dict(ck["optimizer"])
             restore_rng(ck["state"], generators)
             start = ck["step"]
-            log(f"diffusionlab: resuming {out} from step {start}")
-        else:
+            if dist.is_main:
+                log(f"diffusionlab: resuming {out} from step {start}")
+        elif dist.is_main:
             log(f"diffusionlab: no intact checkpoint in {out}; starting from step 0")
-    _rewrite_log(log_path, start)
-    atomic_write_bytes(out / "config.yaml", dump(cfg).encode())
+    if dist.is_main:
+        _rewrite_log(log_path, start)
+        atomic_write_bytes(out / "config.yaml", dump(cfg).encode())
 
     data = ds.data.to(device)
-    n, bsz, steps = data.shape[0], tcfg["batch_size"], tcfg["steps"]
+    n, steps = data.shape[0], tcfg["steps"]
+    mine = slice(dist.rank * local, (dist.rank + 1) * local)
     clip = tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf")
     bad_in_row, bad_total, last_ckpt = 0, 0, start
     window, t0 = [], time.time()
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not (progress and dist.is_main), desc="train",
+               dynamic_ncols=True)
     model.train()
-    with open(log_path, "a", newline="") as logf:
-        writer = csv.DictWriter(logf, fieldnames=LOG_FIELDS)
+    logf = open(log_path, "a", newline="") if dist.is_main else None
+    writer = csv.DictWriter(logf, fieldnames=LOG_FIELDS) if logf else None
+    try:
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, tcfg)
             idx = torch.randint(n, (bsz,), generator=gen_data).to(device)
-            loss = objective(model, data[idx], generator=gen_noise).mean()
+            x0 = data[idx]
+            t, noise = draw_inputs(objective, process, x0, gen_noise)
+            with autocast:
+                loss = step_module(x0[mine], t[mine], noise[mine]).float().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            loss = dist.mean(loss.detach())  # the global batch's loss: every rank takes the same decision below
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 bad_in_row += 1
                 bad_total += 1
@@ -170,33 +220,51 @@ def train(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool =
                 opt.step()
                 ema.update(model, step)
                 window.append(loss.item())
-            if (step + 1) % tcfg["log_every"] == 0 or step + 1 == steps:
+            if writer and ((step + 1) % tcfg["log_every"] == 0 or step + 1 == steps):
                 mean_loss = sum(window) / len(window) if window else float("nan")
                 writer.writerow({"step": step + 1, "loss": f"{mean_loss:.6g}", "lr": f"{lr_at(step, tcfg):.6g}",
                                  "grad_norm": f"{float(grad_norm):.6g}", "seconds": f"{time.time() - t0:.2f}",
                                  "bad_steps": bad_total})
                 logf.flush()
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if (step + 1) % tcfg["log_every"] == 0:
                 window = []
             if (step + 1) % tcfg["checkpoint_every"] == 0 or step + 1 == steps:
-                save_checkpoint(out, step + 1, model.state_dict(), ema.state_dict(), opt, generators,
-                                extra={"bad_steps": bad_total}, keep=tcfg["keep_checkpoints"])
+                if dist.is_main:
+                    save_checkpoint(out, step + 1, model.state_dict(), ema.state_dict(), opt, generators,
+                                    extra={"bad_steps": bad_total, "world_size": dist.world_size},
+                                    keep=tcfg["keep_checkpoints"])
                 last_ckpt = step + 1
-            if tcfg["sample_every"] and (step + 1) % tcfg["sample_every"] == 0:
+            if dist.is_main and tcfg["sample_every"] and (step + 1) % tcfg["sample_every"] == 0:
                 _periodic_samples(cfg, ds, model, ema, out, step + 1, device)
-    bar.close()
-    save_safetensors_atomic(ema.state_dict(), out / "model.safetensors", metadata={"weights": "ema"})
-    save_safetensors_atomic(model.state_dict(), out / "model_raw.safetensors", metadata={"weights": "raw"})
+    finally:
+        bar.close()
+        if logf:
+            logf.close()
     summary = {"steps": steps, "resumed_from": start, "seconds": round(time.time() - t0, 2), "bad_steps": bad_total,
-               "device": str(device), "parameters": sum(p.numel() for p in params)}
-    atomic_write_bytes(out / "train_summary.json", json.dumps(summary, indent=2).encode())
-    try:
-        from diffusionlab.plotting import plot_loss
+               "device": str(device), "world_size": dist.world_size, "parameters": sum(p.numel() for p in params)}
+    if dist.is_main:
+        save_safetensors_atomic(ema.state_dict(), out / "model.safetensors", metadata={"weights": "ema"})
+        save_safetensors_atomic(model.state_dict(), out / "model_raw.safetensors", metadata={"weights": "raw"})
+        atomic_write_bytes(out / "train_summary.json", json.dumps(summary, indent=2).encode())
+        try:
+            from diffusionlab.plotting import plot_loss
 
-        plot_loss(log_path, out / "loss.png")
-    except Exception as e:  # a plot must never lose a finished run
-        log(f"diffusionlab: warning: could not plot the loss curve: {e}")
+            plot_loss(log_path, out / "loss.png")
+        except Exception as e:  # a plot must never lose a finished run
+            log(f"diffusionlab: warning: could not plot the loss curve: {e}")
+    dist.barrier()
     return summary
+
+
+def _autocast(precision: str, device: torch.device):
+    """``bf16``: autocast the forward pass to bfloat16 (GPU; on CPU it is allowed but rarely faster);
+    ``fp32``: a no-op context."""
+    import contextlib
+
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _periodic_samples(cfg, ds, model, ema, out: Path, step: int, device) -> None:

@@ -73,6 +73,23 @@ def _refuse_existing(out: Path) -> None:
         raise DiffusionLabError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
 
 
+def _check_model_takes(model, objective, ds, device) -> None:
+    """One forward pass of the objective on two training samples, so a shape the model cannot take is a clear
+    error before anything is written."""
+    x0 = ds.data[:2].to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    try:
+        with torch.no_grad():
+            objective(model, x0, generator=gen)
+    except DiffusionLabError:
+        raise
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiffusionLabError(
+            f"the model cannot take samples of shape {tuple(ds.sample_shape)} from {ds.name!r}: {first}"
+        ) from None
+
+
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -137,11 +154,6 @@ def train(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool =
     out = Path(out_dir)
     tcfg = cfg["train"]
     dist = Distributed.from_env(tcfg["device"])
-    if dist.is_main:
-        _check_writable(out)
-        if not resume:
-            _refuse_existing(out)
-    dist.barrier()
     device = dist.device
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
@@ -149,11 +161,18 @@ def train(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool =
     bsz = tcfg["batch_size"]
     local = dist.local_batch(bsz)
 
+    # build (and so validate) everything before the run directory is touched: bad input writes nothing
     ds = build_dataset(cfg)
     process = build_process(cfg["process"], ds.sample_shape)
     process.cov.check(ds.data[:1])
     model = build_model(cfg, ds.sample_shape, process, device)
     objective = make_objective(dict(cfg["objective"]), process)
+    _check_model_takes(model, objective, ds, device)
+    if dist.is_main:
+        if not resume:
+            _refuse_existing(out)
+        _check_writable(out)
+    dist.barrier()
     step_module = dist.wrap(_LossModule(model, objective))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])

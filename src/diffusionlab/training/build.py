@@ -10,7 +10,7 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.covariance import make_covariance
-from diffusionlab.processes import VEChain, VPChain
+from diffusionlab.processes import SubVPSDE, VEChain, VESDE, VPChain, VPSDE
 from diffusionlab.schedules import cosine_betas, geometric_sigmas, linear_betas
 
 
@@ -41,7 +41,8 @@ def noise_covariance(pcfg: dict, sample_shape: tuple):
 
 
 def build_process(pcfg: dict, sample_shape: tuple):
-    """The forward chain named by ``process.name`` with its schedule and noise covariance."""
+    """The forward process named by ``process.name`` (chains ``vp``, ``ve``; SDEs ``vp-sde``, ``subvp-sde``,
+    ``ve-sde``) with its schedule and noise covariance."""
     cov = noise_covariance(pcfg, sample_shape)
     name = pcfg["name"]
     if name == "vp":
@@ -55,7 +56,12 @@ def build_process(pcfg: dict, sample_shape: tuple):
         return VPChain(betas, cov=cov)
     if name == "ve":
         return VEChain(geometric_sigmas(pcfg.get("L", 232), pcfg.get("sigma_min", 0.01), pcfg.get("sigma_max", 1.0)), cov=cov)
-    raise DiffusionLabError(f"unknown process.name {name!r}; allowed: vp, ve")
+    if name in ("vp-sde", "subvp-sde"):
+        cls = VPSDE if name == "vp-sde" else SubVPSDE
+        return cls(pcfg.get("beta_min", 0.1), pcfg.get("beta_max", 20.0), cov=cov)
+    if name == "ve-sde":
+        return VESDE(pcfg.get("sigma_min", 0.01), pcfg.get("sigma_max", 50.0), cov=cov)
+    raise DiffusionLabError(f"unknown process.name {name!r}; allowed: vp, ve, vp-sde, subvp-sde, ve-sde")
 
 
 def build_model(cfg: dict, sample_shape: tuple, process, device) -> "torch.nn.Module":

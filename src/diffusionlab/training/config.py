@@ -73,10 +73,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 PROCESS_KEYS = {
     "vp": {"name", "T", "schedule", "beta_start", "beta_end", "cosine_s", "noise", "noise_axis"},
     "ve": {"name", "L", "sigma_min", "sigma_max", "noise", "noise_axis"},
+    "vp-sde": {"name", "beta_min", "beta_max", "noise", "noise_axis"},
+    "subvp-sde": {"name", "beta_min", "beta_max", "noise", "noise_axis"},
+    "ve-sde": {"name", "sigma_min", "sigma_max", "noise", "noise_axis"},
 }
 PROCESS_DEFAULTS = {
     "vp": DEFAULTS["process"],
     "ve": {"name": "ve", "L": 232, "sigma_min": 0.01, "sigma_max": 1.0, "noise": "iid"},
+    "vp-sde": {"name": "vp-sde", "beta_min": 0.1, "beta_max": 20.0, "noise": "iid"},
+    "subvp-sde": {"name": "subvp-sde", "beta_min": 0.1, "beta_max": 20.0, "noise": "iid"},
+    "ve-sde": {"name": "ve-sde", "sigma_min": 0.01, "sigma_max": 50.0, "noise": "iid"},
 }
 
 # (type, check, description) per train key

@@ -16,14 +16,6 @@ from diffusionlab.errors import DiffusionLabError
 TOYS = ("ring", "moons", "swissroll", "checkerboard")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU each parallel op otherwise waits ~10 ms for a
-    descheduled worker, which makes these tiny networks 50x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---- scaling ----------------------------------------------------------------------------------------------

@@ -42,13 +42,6 @@ F64 = torch.float64
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batched linear algebra: one thread avoids oversubscribing the shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_oracle(kind, correlated, seed=1, **proc_kw):

@@ -16,13 +16,6 @@ from diffusionlab.metrics import digits as dg
 from diffusionlab.metrics.frechet import feature_statistics, frechet_distance, frechet_distance_features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one intra-op thread is ~5x faster than two on a shared 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 # ---- Frechet distance ----------------------------------------------------------------------------------

@@ -25,14 +25,6 @@ from diffusionlab.models import (
 TINY_UNET = {"name": "unet", "base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "groups": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU each parallel op otherwise waits ~10 ms for a
-    descheduled worker, which makes these tiny networks 50x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _perturb(net: torch.nn.Module, seed: int = 1) -> torch.nn.Module:

@@ -30,13 +30,6 @@ from diffusionlab.schedules import geometric_sigmas, linear_betas
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on 2 shared cores: intra-op threads only contend (50x slower under load); use one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class ChannelNet(nn.Module):

@@ -32,12 +32,6 @@ SHAPE = (3, 2)
 PROCESSES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class LinearNet(nn.Module):

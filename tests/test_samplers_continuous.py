@@ -41,13 +41,6 @@ SHAPE = (3, 2)  # F = 3 correlated frames, d = 2 entries each: D = 6
 PROCESSES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batched linear algebra: one thread avoids oversubscribing the shared cores (a 30x difference)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_oracle(name, correlated=True, seed=1):

@@ -43,8 +43,6 @@ import torch
 from torch import nn
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.processes.discrete import GaussianChain
-from diffusionlab.utils import bcast
 
 PREDICTIONS = ("eps", "x0", "v", "score")
 
@@ -64,11 +62,8 @@ def batch_t(t, x: torch.Tensor) -> torch.Tensor:
 
 def coeffs_like(process, t: torch.Tensor, x: torch.Tensor):
     """``(s_t, sigma_t)`` of ``process`` at ``t`` (``(B,)``), shaped to broadcast against ``x``, in ``x``'s
-    dtype and device. Chains gather their float64 arrays (``process.at``); SDEs evaluate ``coeffs``."""
-    if isinstance(process, GaussianChain):
-        return process.at("mean_scale", t, x), process.at("sigma", t, x)
-    s, sigma = process.coeffs(t)
-    return bcast(s.to(device=x.device, dtype=x.dtype), x), bcast(sigma.to(device=x.device, dtype=x.dtype), x)
+    dtype and device (chains gather their float64 arrays, SDEs evaluate theirs): ``process.coeffs_like``."""
+    return process.coeffs_like(t, x)
 
 
 def learned_log_variance(v_var: torch.Tensor, log_beta, log_beta_tilde) -> torch.Tensor:

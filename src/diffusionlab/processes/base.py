@@ -30,7 +30,8 @@ class GaussianProcess:
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------------------
-    def _coeffs_like(self, t, x: torch.Tensor):
+    def coeffs_like(self, t, x: torch.Tensor):
+        """``(s_t, sigma_t)`` in ``x``'s dtype and device, shaped to broadcast against ``x``."""
         s, sigma = self.coeffs(t)
         return (bcast(s.to(device=x.device, dtype=x.dtype), x), bcast(sigma.to(device=x.device, dtype=x.dtype), x))
 
@@ -41,7 +42,7 @@ class GaussianProcess:
 
     def marginal(self, x0: torch.Tensor, t):
         """``q(x_t | x_0) = N(mean, std^2 C)``: returns ``(mean, std)``, ``std`` broadcastable against ``x0``."""
-        s, sigma = self._coeffs_like(t, x0)
+        s, sigma = self.coeffs_like(t, x0)
         return s * x0, sigma
 
     def sample_marginal(self, x0: torch.Tensor, t, noise: torch.Tensor | None = None, generator=None):

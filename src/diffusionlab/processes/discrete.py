@@ -103,7 +103,7 @@ class GaussianChain(GaussianProcess):
         t = self._index(t)
         return self.mean_scale[t], self.sigma[t]
 
-    def _coeffs_like(self, t, x):
+    def coeffs_like(self, t, x):
         return self.at("mean_scale", t, x), self.at("sigma", t, x)
 
     # -- the chain ------------------------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def test_respace_full_grid_is_the_chain_and_subgrid_betas_come_from_alpha_bar():
 def test_registry():
     assert set(SAMPLERS) >= {"ddpm", "ddim", "ve_reverse", "ve_ancestral", "annealed_langevin"}
     assert get_sampler("ddim") is ddim
-    with pytest.raises(DiffusionLabError, match="unknown sampler 'euler'; allowed: .*ddim.*ddpm"):
+    with pytest.raises(DiffusionLabError, match="unknown sampler 'no-such-sampler'; allowed: .*ddim.*ddpm"):
         get_sampler("no-such-sampler")
 
 

@@ -130,10 +130,24 @@ def evaluate_run(run: str, num: int = 1000, seed: int = 0, sampler: str | None =
 
 
 def cmd_evaluate(args) -> int:
-    if args.metric != "digits":
-        raise DiffusionLabError(f"--metric {args.metric!r} is not available yet; allowed now: digits")
-    metrics, _ = evaluate_run(args.run, num=args.num, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                              device=args.device, progress=not args.quiet)
+    """``--metric digits``: sample and score digits; ``nll`` / ``elbo``: likelihood reports
+    (:mod:`diffusionlab.likelihood.evaluate`). One JSON object on stdout."""
+    if args.metric == "digits":
+        for flag, value, default in (("--divergence", args.divergence, "exact"), ("--probes", args.probes, 1),
+                                     ("--batch-size", args.batch_size, None), ("--variance", args.variance, None)):
+            if value != default:
+                raise DiffusionLabError(f"{flag} applies to --metric nll or elbo, not to --metric digits")
+        metrics, _ = evaluate_run(args.run, num=args.num, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                                  device=args.device, progress=not args.quiet)
+    else:
+        from diffusionlab.likelihood.evaluate import evaluate_likelihood
+
+        if args.sampler is not None or args.steps is not None:
+            raise DiffusionLabError(f"--sampler and --steps apply to --metric digits, not to --metric {args.metric}")
+        metrics = evaluate_likelihood(args.run, args.metric, num=args.num, seed=args.seed,
+                                      batch_size=args.batch_size, divergence=args.divergence, probes=args.probes,
+                                      rtol=args.rtol, atol=args.atol, variance=args.variance, device=args.device,
+                                      progress=not args.quiet, log=_stderr)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -185,6 +199,9 @@ def _stderr(msg: str) -> None:
 
 
 def register(sub) -> None:
+    from diffusionlab.experiments import register as register_experiments
+    from diffusionlab.oracles.cli import register as register_oracles
+
     p = sub.add_parser("train", help="train a model from a YAML config")
     p.add_argument("config", help="YAML config file, or the name of a packaged one (digits, toy2d)")
     p.add_argument("--out", required=True, help="run directory")
@@ -205,15 +222,28 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("evaluate", help="score a trained run (JSON on stdout)")
+    p = sub.add_parser("evaluate", help="score a trained run (JSON on stdout)",
+                       description="digits: sample --num digits and score them (FD in a digit classifier's features, "
+                                   "class coverage). nll: probability-flow ODE log-likelihood of --num held-out "
+                                   "points (SDE runs). elbo: DDPM's full variational bound, all T terms (chain runs). "
+                                   "nll and elbo are in nats per point and bits per dimension (see docs/likelihood.md).")
     p.add_argument("--run", required=True)
-    p.add_argument("--metric", default="digits", help="digits (FD in a digit classifier's features, class coverage)")
-    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--metric", default="digits", choices=("digits", "nll", "elbo"),
+                   help="digits (default), nll (SDE runs) or elbo (chain runs)")
+    p.add_argument("--num", type=int, default=1000, help="samples (digits) or evaluation points (nll, elbo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--sampler", default=None, help="digits: sampler (default: the run's)")
+    p.add_argument("--steps", type=int, default=None, help="digits: sampler steps (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None, help="nll, elbo: points per batch (default 128)")
+    p.add_argument("--divergence", default="exact", choices=("exact", "hutchinson"),
+                   help="nll: exact divergence (D backward passes per evaluation) or Hutchinson's estimator")
+    p.add_argument("--probes", type=int, default=1, help="nll: Rademacher probes per point for Hutchinson (default 1)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="nll: dopri5 relative tolerance (default 1e-5)")
+    p.add_argument("--atol", type=float, default=1e-5, help="nll: dopri5 absolute tolerance (default 1e-5)")
+    p.add_argument("--variance", default=None, choices=("beta", "beta_tilde", "learned"),
+                   help="elbo: reverse variance (default: learned if the model learns it, else beta)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="train a U-Net on the bundled digits and sample from it (the main job)")
@@ -223,3 +253,6 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    register_oracles(sub)  # oracle sample | oracle nll, bench samplers
+    register_experiments(sub)  # experiment noise-prior

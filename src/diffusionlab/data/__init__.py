@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Mapping
 
-from diffusionlab.data import images, toy2d
+from diffusionlab.data import images, toy2d, video
 from diffusionlab.data.arrays import ArrayDataset, load_array
 from diffusionlab.data.images import DIGITS_TEST_SIZE, digits_split
 from diffusionlab.data.scaling import from_uint8, to_model, to_uint8, to_unit
@@ -44,6 +44,7 @@ _LOADERS: dict[str, Callable[..., ArrayDataset]] = {
     "mnist": images.mnist,
     "cifar10": images.cifar10,
     "array": load_array,
+    **video.VIDEO_LOADERS,  # moving_digits, moving_mnist, video_folder
 }
 DATASETS = tuple(_LOADERS)
 

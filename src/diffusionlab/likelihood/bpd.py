@@ -1,4 +1,4 @@
-"""Bits per dimension for 8-bit data with uniform dequantization, in the model space ``[-1, 1]``.
+"""Bits per dimension for quantized (8-bit, or any ``L``-level) data with uniform dequantization, in the model space ``[-1, 1]``.
 
 Conventions (stated, not left implicit). A pixel value ``k in {0, ..., 255}`` is stored in model space as
 ``x = 2 k / 255 - 1`` (the usual ``k / 255`` in ``[0, 1]``, then ``2 y - 1``). Uniform dequantization, as in
@@ -18,6 +18,15 @@ hence ``-log2 P(k) <= E_u[-log p_x(x_deq)] / ln 2 + D log2(256 / 2)`` and, per d
 ``7 = 8 - 1``: 8 bits for the 256 levels, minus 1 bit because model space is twice as wide as ``[0, 1]``. This
 is score_sde's ``+ 7`` (written there without the derivation); a model evaluated on ``[0, 1]`` data would add 8,
 one on ``[0, 255]`` would add 0. The dequantized bound is an upper bound on the discrete model's bpd.
+
+**Any number of levels ``L``** (every helper takes ``levels``, default 256). Data ``k / (L - 1)`` in ``[0, 1]``,
+``k in {0, ..., L - 1}``, is ``x = 2 k / (L - 1) - 1`` in model space; it is dequantized to
+``x_deq = 2 (k + u) / L - 1``, cells of side ``2 / L``, and
+
+    bpd = nll_model_space / (D ln 2) + log2(L / 2)
+
+(``7`` for ``L = 256``; ``log2(8.5) = 3.087`` for the 17 grey levels of the 8x8 digits). A density uniform on
+``[-1, 1]^D`` (``nll = D ln 2``) gives each cell probability ``L^-D``: exactly ``log2 L`` bits per dimension.
 """
 
 from __future__ import annotations
@@ -33,6 +42,19 @@ LEVELS = 256
 MODEL_SPACE_OFFSET_BITS = math.log2(LEVELS / 2)
 
 
+def check_levels(levels) -> int:
+    """``levels`` if it is an integer >= 2, else :class:`DiffusionLabError`."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise DiffusionLabError(f"the number of quantization levels must be an integer >= 2, got {levels!r}")
+    return levels
+
+
+def offset_bits(levels: int = LEVELS) -> float:
+    """``log2(L / 2)``: bits per dimension that turn the model-space NLL of ``L``-level data, dequantized
+    into cells of side ``2 / L``, into a bound on the discrete bpd (``7`` for ``L = 256``)."""
+    return math.log2(check_levels(levels) / 2)
+
+
 def nats_to_bpd(nll_nats, dim: int):
     """``nll / (D ln 2)``: nats per sample to bits per dimension, no offset."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -40,32 +62,49 @@ def nats_to_bpd(nll_nats, dim: int):
     return nll_nats / (dim * math.log(2.0))
 
 
-def bpd_from_model_space_nll(nll_nats, dim: int):
-    """Bits per dimension of 8-bit data from the continuous NLL (nats per sample) of uniformly dequantized
-    points in model space ``[-1, 1]``: ``nll / (D ln 2) + 7`` (module docstring)."""
-    return nats_to_bpd(nll_nats, dim) + MODEL_SPACE_OFFSET_BITS
+def bpd_from_model_space_nll(nll_nats, dim: int, levels: int = LEVELS):
+    """Bits per dimension of ``L``-level data from the continuous NLL (nats per sample) of uniformly dequantized
+    points in model space ``[-1, 1]``: ``nll / (D ln 2) + log2(L / 2)`` (``+ 7`` for 8-bit data; module
+    docstring)."""
+    return nats_to_bpd(nll_nats, dim) + offset_bits(levels)
 
 
-def to_levels(x_model: torch.Tensor, atol: float = 1e-3) -> torch.Tensor:
-    """The 8-bit levels ``k = 255 (x + 1) / 2`` (int64) of model-space data ``x = 2 k / 255 - 1``; refuses
+def _levels_name(levels: int) -> str:
+    return "8-bit" if levels == 256 else f"{levels}-level"
+
+
+def to_levels(x_model: torch.Tensor, atol: float = 1e-3, levels: int = LEVELS) -> torch.Tensor:
+    """The levels ``k = (L - 1) (x + 1) / 2`` (int64) of model-space data ``x = 2 k / (L - 1) - 1``; refuses
     values off that grid by more than ``atol`` levels."""
-    k_float = (x_model.to(torch.float64) + 1.0) * ((LEVELS - 1) / 2.0)
+    check_levels(levels)
+    k_float = (x_model.to(torch.float64) + 1.0) * ((levels - 1) / 2.0)
     k = torch.round(k_float)
     off = (k_float - k).abs()
-    bad = (k < 0) | (k > LEVELS - 1) | (off > atol)
+    bad = (k < 0) | (k > levels - 1) | (off > atol)
     if bool(bad.any()):
         v = x_model.reshape(-1)[int(torch.nonzero(bad.reshape(-1))[0])].item()
         raise DiffusionLabError(
-            f"dequantize expects 8-bit data in model space, x = 2k/255 - 1 with k in 0..255; got the value {v!r}"
+            f"dequantize expects {_levels_name(levels)} data in model space, x = 2k/{levels - 1} - 1 with k in "
+            f"0..{levels - 1}; got the value {v!r}"
         )
     return k.long()
 
 
-def dequantize(x_model: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform dequantization of model-space 8-bit data: ``x = 2k/255 - 1  ->  2 (k + u) / 256 - 1``,
+def on_grid(x_model: torch.Tensor, levels: int = LEVELS, atol: float = 1e-3) -> bool:
+    """Whether every entry of ``x_model`` is ``2 k / (L - 1) - 1`` for an integer ``k in 0..L-1`` (within
+    ``atol`` levels)."""
+    try:
+        to_levels(x_model, atol, levels)
+    except DiffusionLabError:
+        return False
+    return True
+
+
+def dequantize(x_model: torch.Tensor, generator: torch.Generator | None = None, levels: int = LEVELS) -> torch.Tensor:
+    """Uniform dequantization of model-space ``L``-level data: ``x = 2k/(L-1) - 1  ->  2 (k + u) / L - 1``,
     ``u ~ U[0, 1)`` per entry (drawn from ``generator`` on its device), in ``x_model``'s dtype and device."""
-    k = to_levels(x_model)
+    k = to_levels(x_model, levels=levels)
     dev = generator.device if generator is not None else x_model.device
     u = torch.rand(x_model.shape, generator=generator, device=dev, dtype=torch.float64).to(x_model.device)
-    x = 2.0 * (k.to(torch.float64) + u) / LEVELS - 1.0
+    x = 2.0 * (k.to(torch.float64) + u) / levels - 1.0
     return x.to(x_model.dtype)

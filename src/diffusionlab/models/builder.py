@@ -24,13 +24,15 @@ from diffusionlab.errors import DiffusionLabError
 from diffusionlab.models.checks import check_keys, positive_int
 from diffusionlab.models.mlp import MLP
 from diffusionlab.models.unet import UNet
+from diffusionlab.models.video_unet import VIDEO_UNET_OPTIONS, build_video_unet
 
-NETWORKS = ("mlp", "unet")
+NETWORKS = ("mlp", "unet", "video_unet")
 
 _OPTIONS = {
     "mlp": ("hidden", "depth", "emb_dim"),
     "unet": ("base_channels", "channel_mults", "num_res_blocks", "attn_resolutions", "dropout", "groups",
              "num_heads", "scale_shift", "conv_resample"),
+    "video_unet": VIDEO_UNET_OPTIONS,
 }
 _INFERRED = ("dim", "in_channels", "image_size", "out_mult")
 
@@ -115,7 +117,7 @@ def build_network(cfg: Mapping, sample_shape: Sequence[int], out_mult: int = 1,
             opts[key] = tuple(opts[key])
     shape = _sample_shape(sample_shape)
     positive_int("out_mult", out_mult)
-    net = (_build_mlp if name == "mlp" else _build_unet)(opts, shape, out_mult)
+    net = {"mlp": _build_mlp, "unet": _build_unet, "video_unet": build_video_unet}[name](opts, shape, out_mult)
     return net.to(device) if device is not None else net
 
 

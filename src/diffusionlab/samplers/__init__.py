@@ -15,6 +15,7 @@ import torch
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.samplers.continuous import CONTINUOUS_SAMPLERS
 from diffusionlab.samplers.discrete import annealed_langevin, ddim, ddpm, ve_ancestral, ve_reverse
+from diffusionlab.samplers.fewstep import FEWSTEP_SAMPLERS
 from diffusionlab.samplers.noise import NoiseSource
 from diffusionlab.samplers.timesteps import check_timesteps, make_timesteps, respace
 
@@ -25,6 +26,7 @@ SAMPLERS: dict[str, Callable] = {
     "ve_ancestral": ve_ancestral,
     "annealed_langevin": annealed_langevin,
     **CONTINUOUS_SAMPLERS,  # euler_maruyama, pc, ode_euler, ode_heun, ode_adaptive (SDE processes)
+    **FEWSTEP_SAMPLERS,  # euler, heun, dpmpp-2m, dpmpp-3m, unipc, ddim_continuous (SDEs and chains)
 }
 
 

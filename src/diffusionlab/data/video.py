@@ -1,0 +1,224 @@
+"""Video datasets, all returned as float32 ``(N, C, F, H, W)`` in model space ``[-1, 1]`` (kind ``videos``).
+
+- ``moving_digits`` -- built in, no download: scikit-learn's bundled 8x8 digits (pixel values 0..16, scaled by
+  1/16) moving in straight lines on a dark ``size x size`` canvas and bouncing off its walls, the synthetic
+  analogue of Moving MNIST (Srivastava et al. 2015, "Unsupervised learning of video representations using
+  LSTMs"). Deterministic given ``seed``. Labels: the class of the (first) digit.
+- ``moving_mnist`` -- Srivastava et al.'s ``mnist_test_seq.npy`` (uint8, ``(20, 10000, 64, 64)``: frames first)
+  from local disk, transposed to ``(N, 1, F, 64, 64)``; optionally fewer frames / videos and resized frames.
+- ``video_folder`` -- every ``.gif``, ``.mp4`` (needs an imageio ffmpeg/pyav plugin) or ``.npy`` video under a
+  folder (recursively, sorted); frames cropped to a square and resized as
+  :func:`~diffusionlab.data.images.image_folder` does.
+
+Nothing is downloaded: a missing path is a :class:`DiffusionLabError` naming it. The loaders share the signature
+style of :mod:`diffusionlab.data.images` (keyword options with defaults; ``seed`` where generated), so they are
+registered in ``diffusionlab.data._LOADERS`` as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from diffusionlab.data.arrays import ArrayDataset
+from diffusionlab.data.images import _digits_arrays, _folder, _square_resize, digits_split
+from diffusionlab.data.scaling import from_uint8, to_model
+from diffusionlab.errors import DiffusionLabError
+from diffusionlab.models.checks import choice, positive_int, real
+
+DIGIT = 8  #: side of sklearn's digits
+VIDEO_EXTENSIONS = (".gif", ".mp4", ".npy")
+
+
+# ---- moving digits ------------------------------------------------------------------------------------------
+def bounce(start: np.ndarray, velocity: np.ndarray, frames: int, limit: float) -> np.ndarray:
+    """Positions ``(frames, 2)`` of a point moving at ``velocity`` per frame from ``start`` inside ``[0, limit]``,
+    reflected at both walls (the motion of Moving MNIST): ``p_f`` folded into ``[0, limit]`` by the triangle wave."""
+    raw = start[None, :] + np.arange(frames)[:, None] * velocity[None, :]
+    if limit <= 0:
+        return np.zeros_like(raw)
+    period = 2.0 * limit
+    m = np.mod(raw, period)
+    return np.where(m > limit, period - m, m)
+
+
+def render(glyphs: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
+    """Paste ``K`` glyphs ``(K, 8, 8)`` in ``[0, 1]`` at integer top-left ``positions`` ``(F, K, 2)`` (row, col)
+    on a black ``size x size`` canvas per frame; overlapping digits combine by maximum. Returns ``(F, size, size)``."""
+    n_frames, k = positions.shape[:2]
+    out = np.zeros((n_frames, size, size), dtype=np.float32)
+    for f in range(n_frames):
+        for j in range(k):
+            r, c = positions[f, j]
+            win = out[f, r:r + DIGIT, c:c + DIGIT]
+            np.maximum(win, glyphs[j], out=win)
+    return out
+
+
+def moving_digits(num: int = 2000, frames: int = 8, size: int = 16, speed: float = 1.0, num_digits: int = 1,
+                  split: str = "train", seed: int = 0) -> ArrayDataset:
+    """Synthetic videos of 8x8 digits bouncing in a ``size x size`` canvas: ``(num, 1, frames, size, size)``.
+
+    Per video (numpy ``default_rng(seed)``, so the set is a function of its options): ``num_digits`` (1 or 2)
+    digit images drawn uniformly from the ``split`` of sklearn's digits (``train``: the first 1500, ``test``: the
+    last 297, ``all``; the same fixed split as the ``digits`` image set and the digits classifier), each from a
+    uniform start in ``[0, size - 8]^2`` with a uniform direction and ``speed`` pixels per frame, reflected at
+    the walls (:func:`bounce`) and rounded to whole pixels (digits stay crisp, values stay on the 17 levels
+    ``k / 16``). Labels: the class of the first digit.
+    """
+    positive_int("moving_digits option num", num)
+    positive_int("moving_digits option frames", frames)
+    positive_int("moving_digits option size", size, minimum=DIGIT)
+    real("moving_digits option speed", speed, 0.0)
+    choice("moving_digits option num_digits", num_digits, (1, 2))
+    images, target = _digits_arrays()
+    sl = digits_split(split, len(images))
+    pool = images[sl].astype(np.float32) / 16.0
+    pool_labels = target[sl]
+    rng = np.random.default_rng(int(seed))
+    limit = float(size - DIGIT)
+    videos = np.empty((num, 1, frames, size, size), dtype=np.float32)
+    labels = np.empty(num, dtype=np.int64)
+    for n in range(num):
+        idx = rng.integers(0, len(pool), size=num_digits)
+        start = rng.uniform(0.0, limit, size=(num_digits, 2))
+        angle = rng.uniform(0.0, 2.0 * math.pi, size=num_digits)
+        vel = speed * np.stack([np.sin(angle), np.cos(angle)], axis=1)
+        pos = np.stack([bounce(start[j], vel[j], frames, limit) for j in range(num_digits)], axis=1)
+        pos = np.clip(np.rint(pos), 0, limit).astype(np.int64)
+        videos[n, 0] = render(pool[idx], pos, size)
+        labels[n] = pool_labels[idx[0]]
+    return ArrayDataset(to_model(torch.from_numpy(videos)), "videos", "moving_digits", torch.from_numpy(labels))
+
+
+# ---- shared frame handling ----------------------------------------------------------------------------------
+def resize_frames(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre-crop and resize every frame of ``(C, F, H, W)`` in ``[0, 1]`` to ``size x size`` (bilinear,
+    antialiased; :func:`~diffusionlab.data.images._square_resize` per frame)."""
+    c, f = x.shape[:2]
+    frames = [_square_resize(x[:, k], size) for k in range(f)]
+    return torch.stack(frames, dim=1).reshape(c, f, size, size)
+
+
+def _take_frames(x: torch.Tensor, frames: int | None, what: str) -> torch.Tensor:
+    """The first ``frames`` frames of ``(C, F, H, W)``; fewer available is an error naming ``what``."""
+    if frames is None:
+        return x
+    if x.shape[1] < frames:
+        raise DiffusionLabError(f"{what} has {x.shape[1]} frames, fewer than the {frames} asked for (option frames)")
+    return x[:, :frames]
+
+
+# ---- Moving MNIST -------------------------------------------------------------------------------------------
+def moving_mnist(path: str, frames: int = 20, size: int = 64, num: int | None = None) -> ArrayDataset:
+    """Moving MNIST's ``mnist_test_seq.npy`` (``(20, 10000, 64, 64)`` uint8, frames first) as
+    ``(N, 1, frames, size, size)``: the first ``num`` videos (all by default), their first ``frames`` frames,
+    frames resized to ``size`` when it is not 64 (bilinear, antialiased). ``path`` is the ``.npy`` file or a
+    folder holding ``mnist_test_seq.npy``. The array is memory-mapped, so a few videos load quickly."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise DiffusionLabError(f"moving_mnist option path must be a file path, got {path!r}")
+    p = os.path.expanduser(os.fspath(path))
+    if os.path.isdir(p):
+        p = os.path.join(p, "mnist_test_seq.npy")
+    if not os.path.isfile(p):
+        raise DiffusionLabError(f"moving_mnist file {p!r} does not exist; diffusionlab never downloads: place "
+                                f"mnist_test_seq.npy there")
+    positive_int("moving_mnist option frames", frames)
+    positive_int("moving_mnist option size", size)
+    if num is not None:
+        positive_int("moving_mnist option num", num)
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DiffusionLabError(f"cannot read moving_mnist file {p!r}: {e}") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 4 or arr.dtype != np.uint8:
+        raise DiffusionLabError(f"moving_mnist file {p!r} must hold a uint8 array (frames, videos, H, W), got "
+                                f"{getattr(arr, 'dtype', type(arr))} {getattr(arr, 'shape', '')}")
+    if arr.shape[0] < frames:
+        raise DiffusionLabError(f"moving_mnist file {p!r} has {arr.shape[0]} frames, fewer than frames={frames}")
+    n = arr.shape[1] if num is None else min(num, arr.shape[1])
+    sub = np.ascontiguousarray(arr[:frames, :n]).transpose(1, 0, 2, 3)[:, None]  # (N, 1, F, H, W)
+    x = from_uint8(sub)
+    if size != x.shape[-1] or size != x.shape[-2]:
+        b, c, f, h, w = x.shape
+        y = F.interpolate((x.reshape(b * c * f, 1, h, w) + 1) / 2, size=(size, size), mode="bilinear",
+                          antialias=True, align_corners=False)
+        x = to_model(y.clamp(0, 1)).reshape(b, c, f, size, size)
+    return ArrayDataset(x.contiguous(), "videos", "moving_mnist")
+
+
+# ---- folders of videos --------------------------------------------------------------------------------------
+def _video_files(folder: str) -> list[str]:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(VIDEO_EXTENSIONS)]
+    return files
+
+
+def _to_unit(arr: np.ndarray, path: str) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if np.issubdtype(arr.dtype, np.floating):
+        a = arr.astype(np.float32)
+        if not np.isfinite(a).all() or a.min() < -1e-4 or a.max() > 1 + 1e-4:
+            raise DiffusionLabError(f"video {path!r} holds floats outside [0, 1]; store uint8 or values in [0, 1]")
+        return np.clip(a, 0, 1)
+    raise DiffusionLabError(f"video {path!r} has dtype {arr.dtype}; expected uint8 or float in [0, 1]")
+
+
+def read_video(path: str, channels: int = 1) -> torch.Tensor:
+    """One video file as float32 ``(channels, F, H, W)`` in ``[0, 1]``.
+
+    ``.gif`` / ``.mp4`` via imageio (frames ``(F, H, W[, C])``; alpha dropped; MP4 needs the ffmpeg or pyav
+    plugin); ``.npy`` (never unpickled) holding ``(F, H, W)`` or ``(F, H, W, C)``, uint8 or floats in [0, 1].
+    Grey <-> RGB converted as for images (ITU-R BT.601 luma)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise DiffusionLabError(f"cannot read video {path!r}: {e}") from None
+    else:
+        import imageio.v3 as iio
+
+        try:
+            arr = np.asarray(iio.imread(path, index=None))
+        except Exception as e:  # imageio raises many types for bad files or a missing plugin
+            hint = " (MP4 needs an imageio plugin: pip install imageio[ffmpeg])" if ext == ".mp4" else ""
+            raise DiffusionLabError(f"cannot read video {path!r}{hint}: {e}") from None
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 2, 3, 4) or arr.shape[0] < 1:
+        raise DiffusionLabError(f"video {path!r} has shape {arr.shape}; expected frames (F, H, W) or (F, H, W, C)")
+    x = _to_unit(arr, path)
+    x = x[..., :3] if x.shape[-1] >= 3 else x[..., :1]
+    if channels == 1 and x.shape[-1] == 3:
+        x = x @ np.array([[0.299], [0.587], [0.114]], dtype=np.float32)
+    elif channels == 3 and x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 0, 1, 2)))
+
+
+def video_folder(path: str, frames: int = 16, size: int = 64, channels: int = 1) -> ArrayDataset:
+    """Every ``.gif`` / ``.mp4`` / ``.npy`` video under ``path`` (recursively, sorted) as
+    ``(N, channels, frames, size, size)``: the first ``frames`` frames of each (a shorter video is an error
+    naming it), each frame centre-cropped to a square and resized to ``size``."""
+    folder = _folder(path, "video_folder")
+    positive_int("video_folder option frames", frames)
+    positive_int("video_folder option size", size)
+    choice("video_folder option channels", channels, (1, 3))
+    files = _video_files(folder)
+    if not files:
+        raise DiffusionLabError(f"video_folder {folder!r} holds no videos (looked for {', '.join(VIDEO_EXTENSIONS)})")
+    vids = [resize_frames(_take_frames(read_video(f, channels), frames, f"video {f!r}"), size) for f in files]
+    x = torch.stack(vids)
+    return ArrayDataset(to_model(x).contiguous(), "videos", os.path.basename(os.path.normpath(folder)) or "video_folder")
+
+
+#: what to add to ``diffusionlab.data._LOADERS``
+VIDEO_LOADERS = {"moving_digits": moving_digits, "moving_mnist": moving_mnist, "video_folder": video_folder}

@@ -1,0 +1,348 @@
+"""Likelihood reports of a trained run: ``evaluate --metric nll`` and ``evaluate --metric elbo``.
+
+- ``nll`` -- continuous-time runs (``vp-sde``, ``subvp-sde``, ``ve-sde``): the exact log-likelihood of the
+  probability-flow ODE (:func:`~diffusionlab.likelihood.dataset_log_likelihood`, float64), with the exact or
+  Hutchinson divergence;
+- ``elbo`` -- discrete chains (``vp``, ``ve``): DDPM's negative ELBO with every one of the ``T`` terms evaluated
+  (:func:`~diffusionlab.objectives.full_vlb`, float64): prior ``L_T``, decoder ``L_0`` and ``sum_{t=2}^T L_{t-1}``.
+
+Both are reported in nats per point and bits per dimension with the standard error over points (and, for
+Hutchinson's estimator, the part of it due to the probes). What the bits measure depends on the data:
+
+- **quantized data** (``L`` levels: the digits' 17 grey levels ``k / 16``, 8-bit images): an upper bound on the
+  *discrete* model's bits per dimension. The points ``x = 2 k / (L - 1) - 1`` are dequantized to
+  ``2 (k + u) / L - 1``, ``u ~ U[0, 1)^D``, and ``bpd = nll / (D ln 2) + log2(L / 2)``
+  (:mod:`diffusionlab.likelihood.bpd`). Exception: the ELBO of 8-bit data with independent noise uses Ho et al.'s
+  discretized decoder, already a discrete probability, so there is neither dequantization nor offset;
+- **continuous data** (2-D points, images off any grid): the continuous density, ``nll`` nats per point and
+  ``nll / (D ln 2)`` bits per dimension (negative when the density exceeds 1).
+
+The evaluation points are held out where the run allows: the digits test split for a run trained on
+``split: train``; a fresh draw (seed ``train.seed + 1``) for the generated 2-D sets; otherwise the training data.
+``--num`` of them are chosen by a seeded permutation. Simple baselines are reported on the same points in the
+same units: a Gaussian fitted by maximum likelihood to the (dequantized) training data, and for quantized data
+the uniform density (exactly ``log2 L`` bits) and independent per-dimension histograms (exact discrete bits).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from diffusionlab.errors import DiffusionLabError
+from diffusionlab.likelihood.bpd import dequantize, nats_to_bpd, offset_bits, on_grid, to_levels
+
+_F64 = torch.float64
+METRICS = ("digits", "nll", "elbo")
+LIKELIHOOD_METRICS = ("nll", "elbo")
+#: names of the 2-D sets generated from a seed (a fresh seed gives held-out points)
+GENERATED_SETS = ("ring", "moons", "swissroll", "checkerboard")
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+def data_levels(ds) -> int | None:
+    """The number of quantization levels of a dataset's values in model space, or None for continuous data:
+    17 for the digits (``k / 16``) when they are on that grid, 256 for other images and videos on the 8-bit grid,
+    None for points and for data off both grids."""
+    if ds.kind == "points":
+        return None
+    levels = 17 if "digits" in ds.name else 256
+    return levels if on_grid(ds.data, levels) else None
+
+
+def convention(levels: int | None, decoder: str | None = None) -> str:
+    """The one-line statement, put in the JSON, of what ``bits_per_dim`` means for these data."""
+    if levels is None:
+        return "continuous data, no dequantization: bits_per_dim = nll / (D ln 2) of the density"
+    if decoder == "discretized":
+        return ("8-bit data: Ho et al.'s discretized decoder gives a discrete probability; "
+                "bits_per_dim = nll / (D ln 2), no dequantization, no offset")
+    return (f"{levels}-level data x = 2k/{levels - 1} - 1 (k = 0..{levels - 1}) dequantized to 2(k + u)/{levels} - 1, "
+            f"u ~ U[0,1)^D (cells of side 2/{levels}); bits_per_dim = nll / (D ln 2) + log2({levels}/2) "
+            f"= nll / (D ln 2) + {offset_bits(levels):.4f}, an upper bound on the discrete bits per dimension")
+
+
+def heldout_points(cfg: dict, ds):
+    """``(data, description, heldout)``: the points a likelihood is measured on (module docstring)."""
+    from diffusionlab.data import load_dataset
+
+    dcfg = dict(cfg["data"])
+    name = dcfg.get("name")
+    if name == "digits" and dcfg.get("split", "all") == "train":
+        return load_dataset(dict(dcfg, split="test")).data, "digits test split (the last 297 images, not trained on)", True
+    if name in GENERATED_SETS:
+        seed = int(cfg["train"]["seed"]) + 1
+        return load_dataset(dcfg, seed=seed).data, f"a fresh draw of {name!r} (seed {seed}; trained on seed {seed - 1})", True
+    return ds.data, f"the training data of {name!r} (the run has no held-out split)", False
+
+
+def choose(data: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
+    """``min(num, N)`` points of ``data``, by a permutation drawn from ``generator`` (CPU)."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise DiffusionLabError(f"--num must be an integer >= 1, got {num!r}")
+    idx = torch.randperm(data.shape[0], generator=generator)[:num]
+    return data[idx.to(data.device)]
+
+
+def prepare(x: torch.Tensor, levels: int | None, generator: torch.Generator, dtype=_F64) -> torch.Tensor:
+    """``x`` in ``dtype``, uniformly dequantized when it has ``levels`` levels (drawn from ``generator``)."""
+    x = x.to(dtype)
+    return x if levels is None else dequantize(x, generator, levels)
+
+
+# ---- summaries ----------------------------------------------------------------------------------------------
+def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error over points (sample standard deviation / sqrt(N); NaN for one point)."""
+    values = values.to(_F64).reshape(-1)
+    n = values.numel()
+    se = (values.std() / math.sqrt(n)).item() if n > 1 else float("nan")
+    return values.mean().item(), se
+
+
+def bits(nats: float, dim: int, levels: int | None, decoder: str | None = None) -> float:
+    """Bits per dimension from nats per point, with the dequantization offset where it applies."""
+    b = nats_to_bpd(nats, dim)
+    return b + offset_bits(levels) if levels is not None and decoder != "discretized" else b
+
+
+def nll_summary(nll: torch.Tensor, dim: int, levels: int | None, decoder: str | None = None) -> dict:
+    """``nll_nats_per_point``, ``bits_per_dim`` and their standard errors over points from per-point NLLs."""
+    m, se = mean_and_stderr(nll)
+    return {"nll_nats_per_point": m, "nll_nats_per_point_stderr": se, "bits_per_dim": bits(m, dim, levels, decoder),
+            "bits_per_dim_stderr": nats_to_bpd(se, dim)}
+
+
+# ---- baselines ----------------------------------------------------------------------------------------------
+def gaussian_baseline(train: torch.Tensor, x_eval: torch.Tensor, levels: int | None,
+                      generator: torch.Generator) -> dict:
+    """A Gaussian (full covariance, maximum likelihood) fitted to the training data -- dequantized like the
+    evaluation points when ``levels`` is set -- and its exact NLL at ``x_eval`` (already prepared)."""
+    tr = prepare(train.cpu(), levels, generator).reshape(train.shape[0], -1)
+    mean = tr.mean(0)
+    cov = (tr - mean).T @ (tr - mean) / tr.shape[0]
+    dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
+    nll = -dist.log_prob(x_eval.cpu().to(_F64).reshape(x_eval.shape[0], -1))
+    out = {"name": "gaussian fitted to the training data (full covariance, maximum likelihood)"}
+    out.update(nll_summary(nll, tr.shape[1], levels))
+    return out
+
+
+def histogram_baseline(train: torch.Tensor, x_eval: torch.Tensor, levels: int) -> dict:
+    """Independent per-dimension histograms over the ``levels`` values (add-one smoothing) fitted to the
+    training data: the exact discrete NLL of the (not dequantized) evaluation points."""
+    k_tr = to_levels(train.cpu(), levels=levels).reshape(train.shape[0], -1)
+    k_ev = to_levels(x_eval.cpu(), levels=levels).reshape(x_eval.shape[0], -1)
+    d = k_tr.shape[1]
+    counts = torch.ones(d, levels, dtype=_F64)
+    counts.scatter_add_(1, k_tr.T, torch.ones_like(k_tr.T, dtype=_F64))
+    logp = torch.log(counts / counts.sum(1, keepdim=True))
+    nll = -logp.gather(1, k_ev.T).sum(0)
+    out = {"name": f"independent {levels}-bin histogram per dimension (add-one smoothing), exact discrete NLL"}
+    out.update(nll_summary(nll, d, None))
+    return out
+
+
+def baselines(train: torch.Tensor, x_eval_raw: torch.Tensor, x_eval: torch.Tensor, levels: int | None,
+              generator: torch.Generator) -> dict:
+    """The baselines of the module docstring, keyed by name: ``x_eval_raw`` are the evaluation points as
+    stored, ``x_eval`` the same points dequantized when ``levels`` is set (bits then bound the discrete bits)."""
+    out = {"gaussian": gaussian_baseline(train, x_eval, levels, generator)}
+    if levels is not None:
+        d = x_eval[0].numel()
+        out["uniform"] = {"name": "uniform density on [-1, 1]^D", "nll_nats_per_point": d * math.log(2.0),
+                          "bits_per_dim": bits(d * math.log(2.0), d, levels)}
+        out["histogram"] = histogram_baseline(train, x_eval_raw, levels)
+    return out
+
+
+# ---- the two metrics ------------------------------------------------------------------------------------------
+def _batches(x: torch.Tensor, batch_size: int, desc: str, progress: bool):
+    """``x`` split into batches of ``batch_size`` points, behind a tqdm bar (stderr) when ``progress``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DiffusionLabError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    batches = torch.split(x, batch_size)
+    if not progress:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=desc, leave=False)
+
+
+def nll_metrics(model, x: torch.Tensor, levels: int | None = None, batch_size: int = 128, divergence: str = "exact",
+                num_probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
+                generator: torch.Generator | None = None, progress: bool = False) -> dict:
+    """The probability-flow ODE's NLL of prepared (already dequantized) points ``x`` in float64.
+
+    ``model`` is converted to float64 in place. Returns :func:`nll_summary`'s keys, plus the probe part of the
+    standard errors (Hutchinson with ``num_probes > 1``), ``nfe``, ``num``, ``dim`` and the options."""
+    from diffusionlab.likelihood.ode import dataset_log_likelihood
+
+    model.to(_F64).eval()
+    res = dataset_log_likelihood(model, _batches(x, batch_size, "nll", progress), batch_size=batch_size, eps=eps,
+                                 rtol=rtol, atol=atol, divergence=divergence, num_probes=num_probes,
+                                 generator=generator, dtype=_F64)
+    dim = res["dim"]
+    out = nll_summary(res["nll"], dim, levels)
+    sp = res["stderr_probes"]
+    out["nll_nats_per_point_stderr_probes"] = sp
+    out["bits_per_dim_stderr_probes"] = None if sp is None else nats_to_bpd(sp, dim)
+    out.update({"nfe": res["nfe"], "num": res["num_points"], "dim": dim, "divergence": divergence,
+                "probes": num_probes if divergence == "hutchinson" else None,
+                "probe": "rademacher" if divergence == "hutchinson" else None, "rtol": rtol, "atol": atol,
+                "eps": eps, "solver": "dopri5"})
+    return out
+
+
+def elbo_decoder(levels: int | None, process) -> str:
+    """``discretized`` for 8-bit data with independent noise, ``gaussian`` otherwise."""
+    return "discretized" if levels == 256 and process.cov.is_identity else "gaussian"
+
+
+def elbo_per_point(model, x: torch.Tensor, batch_size: int = 128, variance: str | None = None,
+                   decoder: str = "gaussian", generator: torch.Generator | None = None, progress: bool = False) -> dict:
+    """DDPM's negative ELBO of prepared points ``x`` per point (nats, float64; ``model`` converted in place),
+    every term evaluated once per point by :func:`~diffusionlab.objectives.full_vlb`: ``total``, ``prior``
+    (``L_T``), ``decoder`` (``L_0``) and ``middle`` (``sum_{t=2}^T L_{t-1}``), each ``(N,)`` on the CPU, plus the
+    resolved ``variance`` and ``nfe`` (network calls)."""
+    from diffusionlab.objectives.vlb import full_vlb, resolve_variance
+
+    model.to(_F64).eval()
+    variance = resolve_variance(variance, model)
+    parts = {"total": [], "prior": [], "decoder": [], "middle": []}
+    start = model.nfe
+    for xb in _batches(x.to(_F64), batch_size, "elbo", progress):
+        total, terms, prior = full_vlb(model, xb, variance=variance, decoder=decoder, generator=generator,
+                                       return_terms=True)
+        for key, val in (("total", total), ("prior", prior), ("decoder", terms[:, 0]), ("middle", terms[:, 1:].sum(1))):
+            parts[key].append(val.cpu())
+    out = {key: torch.cat(v) for key, v in parts.items()}
+    out.update({"variance": variance, "nfe": model.nfe - start})
+    return out
+
+
+def elbo_metrics(model, x: torch.Tensor, levels: int | None = None, batch_size: int = 128, variance: str | None = None,
+                 decoder: str = "gaussian", generator: torch.Generator | None = None, progress: bool = False) -> dict:
+    """DDPM's negative ELBO of prepared points ``x`` (dequantized unless ``decoder="discretized"``) summarised
+    (:func:`elbo_per_point`): :func:`nll_summary`'s keys for the total and, under ``terms``, the prior ``L_T``,
+    the decoder ``L_0`` and ``sum_{t=2}^T L_{t-1}`` in nats per point and bits per dimension (no offset: the
+    offset belongs to the total)."""
+    per = elbo_per_point(model, x, batch_size, variance, decoder, generator, progress)
+    dim = x[0].numel()
+    out = nll_summary(per["total"], dim, levels, decoder)
+    out["terms"] = {"prior_L_T": _term(per["prior"], dim), "decoder_L_0": _term(per["decoder"], dim),
+                    "sum_L_1_to_L_T-1": _term(per["middle"], dim)}
+    out.update({"nfe": per["nfe"], "num": x.shape[0], "dim": dim, "T": int(model.process.T),
+                "network_evaluations_per_point": int(model.process.T), "decoder": decoder,
+                "variance": per["variance"]})
+    return out
+
+
+def _term(values: torch.Tensor, dim: int) -> dict:
+    m, se = mean_and_stderr(values)
+    return {"nats_per_point": m, "nats_per_point_stderr": se, "bits_per_dim": nats_to_bpd(m, dim),
+            "bits_per_dim_stderr": nats_to_bpd(se, dim)}
+
+
+# ---- a run ----------------------------------------------------------------------------------------------------
+def is_continuous(process) -> bool:
+    """Whether ``process`` is a continuous-time SDE (else a discrete chain)."""
+    from diffusionlab.processes.sde import LinearSDE
+
+    return isinstance(process, LinearSDE)
+
+
+def check_metric(metric: str, process, process_name: str, run) -> None:
+    """Refuse ``nll`` on a chain and ``elbo`` on an SDE, naming the metric to use instead."""
+    if metric not in LIKELIHOOD_METRICS:
+        raise DiffusionLabError(f"unknown likelihood metric {metric!r}; allowed: {', '.join(LIKELIHOOD_METRICS)}")
+    if metric == "nll" and not is_continuous(process):
+        raise DiffusionLabError(
+            f"--metric nll needs a continuous-time run (process vp-sde, subvp-sde or ve-sde); {run} uses the discrete "
+            f"chain {process_name!r}: use --metric elbo"
+        )
+    if metric == "elbo" and is_continuous(process):
+        raise DiffusionLabError(
+            f"--metric elbo needs a discrete-chain run (process vp or ve); {run} uses the SDE {process_name!r}: "
+            "use --metric nll"
+        )
+
+
+def _seeds(seed: int, n: int = 4) -> list[int]:
+    """``n`` independent seeds derived from ``seed`` (point choice, dequantization, estimator, baselines)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DiffusionLabError(f"--seed must be an integer >= 0, got {seed!r}")
+    g = torch.Generator().manual_seed(seed)
+    return [int(v) for v in torch.randint(0, 2**62, (n,), generator=g)]
+
+
+def check_options(metric: str, num, batch_size, divergence: str, probes, rtol, atol, variance) -> None:
+    """Refuse options that do not apply to ``metric`` or are out of range, before any work."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise DiffusionLabError(f"--num must be an integer >= 1, got {num!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise DiffusionLabError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if metric == "nll":
+        if variance is not None:
+            raise DiffusionLabError(f"--variance {variance} applies to --metric elbo, not to --metric nll")
+        if divergence not in ("exact", "hutchinson"):
+            raise DiffusionLabError(f"unknown --divergence {divergence!r}; allowed: exact, hutchinson")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise DiffusionLabError(f"--probes must be an integer >= 1, got {probes!r}")
+        if divergence == "exact" and probes != 1:
+            raise DiffusionLabError(f"--probes {probes} needs --divergence hutchinson")
+        for flag, tol in (("--rtol", rtol), ("--atol", atol)):
+            if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+                raise DiffusionLabError(f"{flag} must be a number in (0, 1), got {tol!r}")
+    elif divergence != "exact" or probes != 1:
+        raise DiffusionLabError("--divergence and --probes apply to --metric nll, not to --metric elbo")
+
+
+def _device_of(model) -> torch.device:
+    """The device of the model's parameters or buffers (CPU for a model with neither)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def evaluate_likelihood(run, metric: str, num: int = 1000, seed: int = 0, batch_size: int | None = None,
+                        divergence: str = "exact", probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5,
+                        variance: str | None = None, device: str = "auto", progress: bool = False, log=None) -> dict:
+    """The ``nll`` or ``elbo`` report of a run directory (module docstring), as a JSON-ready dict.
+
+    Deterministic given ``seed`` (CPU generators for the choice of points, the dequantization, the probes or the
+    ELBO's noise, and the baselines' dequantization), on any ``device``."""
+    from diffusionlab.training.sampling import load_run
+
+    t0 = time.time()
+    check_options(metric, num, batch_size, divergence, probes, rtol, atol, variance)
+    s_choose, s_deq, s_est, s_base = _seeds(seed)
+    cfg, ds, model = load_run(run, device=device)
+    pname = cfg["process"]["name"]
+    check_metric(metric, model.process, pname, run)
+    levels = data_levels(ds)
+    pool, description, heldout = heldout_points(cfg, ds)
+    raw = choose(pool, num, torch.Generator().manual_seed(s_choose))
+    if raw.shape[0] < num and log is not None:
+        log(f"diffusionlab: --num {num} asked for, {raw.shape[0]} points available: using {raw.shape[0]}")
+    decoder = elbo_decoder(levels, model.process) if metric == "elbo" else None
+    deq_levels = None if decoder == "discretized" else levels  # the discretized decoder takes the grid values
+    x_deq = prepare(raw, levels, torch.Generator().manual_seed(s_deq))  # what the baselines see
+    x = x_deq if deq_levels == levels else prepare(raw, None, torch.Generator())
+    x = x.to(_device_of(model))
+    bs = batch_size if batch_size is not None else 128
+    est_gen = torch.Generator().manual_seed(s_est)
+    if metric == "nll":
+        body = nll_metrics(model, x, levels, batch_size=bs, divergence=divergence, num_probes=probes, rtol=rtol,
+                           atol=atol, generator=est_gen, progress=progress)
+    else:
+        body = elbo_metrics(model, x, levels, batch_size=bs, variance=variance, decoder=decoder, generator=est_gen,
+                            progress=progress)
+    out = {"metric": metric, "run": str(run), "process": pname, "data": description, "heldout": heldout,
+           "num_available": int(pool.shape[0]), "seed": seed, "batch_size": bs, "levels": levels,
+           "dequantized": deq_levels is not None, "convention": convention(levels, decoder)}
+    out.update(body)
+    out["baselines"] = baselines(ds.data, raw, x_deq, levels, torch.Generator().manual_seed(s_base))
+    out["seconds"] = round(time.time() - t0, 2)
+    return out

@@ -1,0 +1,266 @@
+"""Evaluating video models without pretrained video networks: likelihoods and temporal statistics.
+
+Likelihoods (model space ``[-1, 1]``, data on a grid of ``levels`` values, e.g. the 17 levels ``k / 16`` of the
+moving digits): data are dequantized uniformly within their cell (:func:`dequantize_levels`, Theis et al. 2016;
+cells of width ``2 / (levels - 1)`` centred on the levels), so that a continuous NLL bounds the discrete one::
+
+    bits/dim <= E_u[-log p(x + u)] / (D ln 2) + log2((levels - 1) / 2)          (cell volume (2 / (levels - 1))^D)
+
+(:func:`discrete_bpd`; ``log2 levels`` is what a uniform model would score). The cells are centred on the levels,
+so dequantized points stay around the values the model was trained on; :func:`diffusionlab.likelihood.dequantize`
+uses score_sde's cells ``[2k/L - 1, 2(k+1)/L - 1)`` instead (offset ``log2(L / 2)``), which for 8-bit data is the
+same up to a 1/256 contraction but for 17 levels shrinks the data by 6 %. Two continuous NLLs:
+
+- :func:`elbo_bpd` -- DDPM's bound ``-ELBO`` with noise covariance C (:func:`~diffusionlab.objectives.full_vlb`,
+  every term of the chain, Gaussian decoder with ``v_1 C``; thesis seed 003 with ERRATA 9);
+- :func:`ode_bpd` -- the probability-flow ODE with C (:func:`~diffusionlab.likelihood.dataset_log_likelihood`,
+  Song et al. 2021), for a network trained on a VP chain: the same network is evaluated as a model of the VP-SDE,
+  conditioned by matching log-SNR (:func:`sde_view`), from the SDE time of the chain's first step (the least
+  noisy level the network was trained on).
+
+Temporal statistics, computed the same way on real and generated videos (display space ``[0, 1]``):
+
+- :func:`lag_correlations` -- the Pearson correlation between frame ``f`` and frame ``f + k`` of the same video
+  over its pixels (and channels), averaged over ``f`` and the videos, for ``k = 1..max_lag``;
+- :func:`consecutive_difference` -- the mean absolute difference between consecutive frames;
+- :func:`digit_consistency` -- per-frame digit-classifier predictions (the shipped 8x8 classifier,
+  :mod:`diffusionlab.metrics.digits`) and how often a video keeps the same digit. Frames larger than 8x8 are
+  **cropped** to the 8x8 window holding the most ink (largest sum of intensities, first in raster order on ties;
+  a sliding 8x8 box sum): a moving digit is 8x8 and unscaled, so for single-digit videos this window contains the
+  whole digit, exactly as the classifier saw it in training (possibly shifted by the digit's blank border columns).
+  Frames smaller than 8x8 are refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from diffusionlab.errors import DiffusionLabError
+from diffusionlab.parametrization import DiffusionModel
+
+_F64 = torch.float64
+DIGIT = 8
+
+
+# ---- likelihoods --------------------------------------------------------------------------------------------
+def _check_levels(levels) -> int:
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise DiffusionLabError(f"levels must be an integer >= 2, got {levels!r}")
+    return levels
+
+
+def dequantize_levels(x: torch.Tensor, levels: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x + u``, ``u ~ U(-h, h)`` per entry, ``h = 1 / (levels - 1)`` (half the spacing of ``levels`` values
+    spanning ``[-1, 1]``); drawn from ``generator`` on its device, in ``x``'s dtype and device."""
+    half = 1.0 / (_check_levels(levels) - 1)
+    dev = generator.device if generator is not None else x.device
+    u = torch.rand(x.shape, generator=generator, device=dev, dtype=torch.float64).to(x.device)
+    return x + ((2.0 * u - 1.0) * half).to(x.dtype)
+
+
+def discrete_bpd(nll_nats, dim: int, levels: int):
+    """Bits per dimension of ``levels``-level data from the continuous NLL (nats per sample) of dequantized
+    points: ``nll / (D ln 2) + log2((levels - 1) / 2)`` (module docstring)."""
+    from diffusionlab.likelihood.bpd import nats_to_bpd
+
+    return nats_to_bpd(nll_nats, dim) + math.log2((_check_levels(levels) - 1) / 2.0)
+
+
+def _summary(values: torch.Tensor, dim: int, levels: int) -> dict:
+    bpd = discrete_bpd(values.to(_F64), dim, levels)
+    n = bpd.numel()
+    se = (bpd.std() / math.sqrt(n)).item() if n > 1 else float("nan")
+    return {"bpd": bpd.mean().item(), "stderr": se, "num": n, "dim": dim, "levels": levels}
+
+
+@torch.no_grad()
+def elbo_bpd(model, x0: torch.Tensor, levels: int = 17, batch: int = 16, t_chunk: int = 4,
+             generator: torch.Generator | None = None, variance: str | None = None) -> dict:
+    """``-ELBO`` in bits/dim (:func:`discrete_bpd`) of model-space data ``x0`` on ``levels`` levels, dequantized;
+    every chain term evaluated once per video (:func:`~diffusionlab.objectives.full_vlb`, Gaussian decoder).
+    Returns ``{"bpd", "stderr" (over videos), "num", "dim", "levels"}``."""
+    from diffusionlab.objectives import full_vlb
+
+    model.eval()
+    out = []
+    for xb in torch.split(x0, batch):
+        xd = dequantize_levels(xb, levels, generator)
+        out.append(full_vlb(model, xd, variance=variance, decoder="gaussian", generator=generator,
+                            t_chunk=t_chunk).cpu())
+    return _summary(torch.cat(out), x0[0].numel(), levels)
+
+
+class ChainAsSDE(DiffusionModel):
+    """The network of a model trained on a VP chain, seen as a model of a VP-SDE with the same covariance C.
+
+    At SDE time ``t`` the network is conditioned on the chain step with the same log-SNR: ``lambda(t) =
+    log(s_t^2 / sigma_t^2)`` of the SDE is located among the chain's ``lambda_i = log(abar_i / (1 - abar_i))``
+    (linear interpolation in ``lambda``, a fractional step ``i``), and ``c_noise = 1000 i / T`` as the chain
+    model had. Both processes are variance preserving (``s^2 + sigma^2 = 1``), so equal log-SNR means equal
+    ``(s, sigma)``: at the SDE time of chain step ``i`` this model *is* the chain model. Outside the chain's
+    range the step is clamped to ``[1, T]``. Use :meth:`time_of_step` for the SDE time of a chain step.
+    """
+
+    def __init__(self, model, sde):
+        super().__init__(model.net, sde, prediction=model.prediction, learn_variance=model.learn_variance,
+                         scale_input=model.scale_input)
+        chain = model.process
+        ab = chain.alpha_bar[1:]
+        self.chain_T = int(chain.T)
+        self.register_buffer("neg_logsnr", -(torch.log(ab) - torch.log1p(-ab)), persistent=False)  # increasing
+
+    def time_of_step(self, i) -> torch.Tensor:
+        """SDE time (float64) whose log-SNR equals the chain's at step ``i`` (1..T)."""
+        from diffusionlab.samplers.grids import t_from_logsnr
+
+        i = torch.as_tensor(i)
+        return t_from_logsnr(self.process, -self.neg_logsnr.cpu()[i.long() - 1])
+
+    def c_noise(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        from diffusionlab.samplers.grids import logsnr
+
+        nl = -logsnr(self.process, t.to(_F64))
+        grid = self.neg_logsnr.to(nl.device)
+        k = torch.searchsorted(grid, nl.contiguous()).clamp(1, grid.numel() - 1)
+        lo, hi = grid[k - 1], grid[k]
+        step = (k - 1 + (nl - lo) / (hi - lo)).clamp(0, grid.numel() - 1) + 1  # fractional chain step in [1, T]
+        return (step * (1000.0 / self.chain_T)).to(dtype)
+
+
+def sde_view(model, beta_min: float = 0.1, beta_max: float = 20.0) -> ChainAsSDE:
+    """A model trained on a VP chain as a model of ``VPSDE(beta_min, beta_max)`` with the same noise covariance
+    (:class:`ChainAsSDE`: conditioning matched by log-SNR, so any chain schedule works)."""
+    from diffusionlab.processes import VPChain, VPSDE
+
+    if not isinstance(model.process, VPChain):
+        raise DiffusionLabError(f"sde_view needs a model trained on a VP chain, got {model.process!r}")
+    return ChainAsSDE(model, VPSDE(beta_min, beta_max, cov=model.process.cov))
+
+
+def ode_bpd(model, x0: torch.Tensor, levels: int = 17, eps: float | None = None, batch: int = 16,
+            rtol: float = 1e-3, atol: float = 1e-3, num_probes: int = 1, generator: torch.Generator | None = None,
+            beta_min: float = 0.1, beta_max: float = 20.0) -> dict:
+    """NLL of the probability-flow ODE with C in bits/dim (:func:`discrete_bpd`) for a chain-trained ``model``
+    (:func:`sde_view`), dequantized data, Hutchinson divergence (``num_probes`` Rademacher probes), float32,
+    dopri5 at ``rtol``/``atol``, from ``eps`` (default: the SDE time of the chain's first step, the least noisy
+    level the network was trained on). Returns the :func:`elbo_bpd` keys plus ``nfe`` and ``stderr_probes``
+    (bits/dim)."""
+    from diffusionlab.likelihood import dataset_log_likelihood
+
+    sde_model = sde_view(model, beta_min, beta_max)
+    sde_model.eval()
+    eps = float(sde_model.time_of_step(1)) if eps is None else float(eps)
+    xd = dequantize_levels(x0, levels, generator)
+    res = dataset_log_likelihood(sde_model, xd, batch_size=batch, eps=eps, rtol=rtol, atol=atol,
+                                 divergence="hutchinson", num_probes=num_probes, generator=generator,
+                                 dtype=torch.float32)
+    dim = x0[0].numel()
+    out = _summary(res["nll"], dim, levels)
+    out["nfe"] = res["nfe"]
+    sp = res["stderr_probes"]
+    out["stderr_probes"] = None if sp is None else sp / (dim * math.log(2.0))
+    return out
+
+
+# ---- temporal statistics ------------------------------------------------------------------------------------
+def _videos(x) -> torch.Tensor:
+    t = torch.as_tensor(x).detach().to("cpu", _F64)
+    if t.ndim != 5:
+        raise DiffusionLabError(f"videos must have shape (N, C, F, H, W), got {tuple(t.shape)}")
+    return t
+
+
+def lag_correlations(videos, max_lag: int = 3) -> torch.Tensor:
+    """``(max_lag,)`` float64: mean over videos and ``f`` of corr(frame ``f``, frame ``f + k``) over pixels.
+
+    Pairs where either frame is constant (zero variance) are left out of the mean; a lag with no valid pair
+    is NaN. ``max_lag`` must be below the number of frames."""
+    v = _videos(videos)
+    n, c, f, h, w = v.shape
+    if isinstance(max_lag, bool) or not isinstance(max_lag, int) or not (1 <= max_lag < f):
+        raise DiffusionLabError(f"max_lag must be an integer in [1, {f - 1}] for {f} frames, got {max_lag!r}")
+    fr = v.transpose(1, 2).reshape(n, f, c * h * w)
+    fr = fr - fr.mean(-1, keepdim=True)
+    norm = fr.norm(dim=-1)  # (N, F)
+    out = torch.empty(max_lag, dtype=_F64)
+    for k in range(1, max_lag + 1):
+        num = (fr[:, :-k] * fr[:, k:]).sum(-1)
+        den = norm[:, :-k] * norm[:, k:]
+        ok = den > 1e-12
+        out[k - 1] = (num[ok] / den[ok]).mean() if bool(ok.any()) else float("nan")
+    return out
+
+
+def consecutive_difference(videos) -> float:
+    """Mean ``|x_{f+1} - x_f|`` over videos, consecutive frame pairs and pixels (display space)."""
+    v = _videos(videos)
+    if v.shape[2] < 2:
+        raise DiffusionLabError("consecutive_difference needs at least 2 frames")
+    return (v[:, :, 1:] - v[:, :, :-1]).abs().mean().item()
+
+
+def digit_crops(frames) -> torch.Tensor:
+    """Grey frames ``(M, 1, H, W)`` in ``[0, 1]`` to ``(M, 1, 8, 8)``: the 8x8 window with the largest sum of
+    intensities (module docstring); 8x8 frames are returned as they are."""
+    x = torch.as_tensor(frames).detach().to(torch.float32)
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise DiffusionLabError(f"digit frames must be grey (M, 1, H, W), got {tuple(x.shape)}")
+    m, _, h, w = x.shape
+    if h < DIGIT or w < DIGIT:
+        raise DiffusionLabError(f"digit frames must be at least 8x8 to crop a digit, got {h}x{w}")
+    if (h, w) == (DIGIT, DIGIT):
+        return x
+    mass = F.avg_pool2d(x, DIGIT, stride=1)[:, 0]  # (M, H - 7, W - 7)
+    idx = mass.reshape(m, -1).argmax(1)
+    r, c = idx // mass.shape[-1], idx % mass.shape[-1]
+    rows = (r[:, None] + torch.arange(DIGIT))[:, :, None]  # (M, 8, 1)
+    cols = (c[:, None] + torch.arange(DIGIT))[:, None, :]  # (M, 1, 8)
+    return x[torch.arange(m)[:, None, None], 0, rows, cols][:, None]
+
+
+@torch.no_grad()
+def frame_predictions(videos, device=None, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digit-classifier ``(predicted class, max probability)`` per frame, each ``(N, F)``, of grey videos in
+    ``[0, 1]`` (frames cropped by :func:`digit_crops`)."""
+    from diffusionlab.metrics.digits import load_classifier
+
+    v = _videos(videos).clamp(0, 1)
+    n, c, f, h, w = v.shape
+    if c != 1:
+        raise DiffusionLabError(f"the digit classifier needs grey videos (C = 1), got C = {c}")
+    crops = digit_crops(v.transpose(1, 2).reshape(n * f, 1, h, w))
+    model = load_classifier(device)
+    dev = next(model.parameters()).device
+    probs = torch.cat([torch.softmax(model(xb.to(dev)).double(), 1).cpu() for xb in torch.split(crops, batch)])
+    conf, pred = probs.max(1)
+    return pred.reshape(n, f), conf.reshape(n, f)
+
+
+def digit_consistency(videos, labels=None, device=None) -> dict:
+    """How consistently the classifier sees one digit through each video.
+
+    ``consistency``: mean over videos of the fraction of frames predicted as the video's most frequent class;
+    ``all_same``: fraction of videos whose frames all get one class; ``confidence``: mean max probability;
+    ``accuracy`` (with ``labels``): fraction of frames predicted as the video's label."""
+    pred, conf = frame_predictions(videos, device)
+    n, f = pred.shape
+    counts = F.one_hot(pred, 10).sum(1)  # (N, 10)
+    top = counts.max(1).values.to(_F64)
+    out = {"consistency": (top / f).mean().item(), "all_same": (top == f).to(_F64).mean().item(),
+           "confidence": conf.mean().item()}
+    if labels is not None:
+        lab = torch.as_tensor(labels).reshape(-1, 1)
+        out["accuracy"] = (pred == lab).to(_F64).mean().item()
+    return out
+
+
+def video_statistics(videos, max_lag: int = 3, labels=None, device=None, digits: bool = True) -> dict:
+    """Every temporal statistic of this module for display-space videos ``(N, C, F, H, W)`` in ``[0, 1]``."""
+    out = {"lag_correlation": [float(v) for v in lag_correlations(videos, max_lag)],
+           "consecutive_difference": consecutive_difference(videos), "num": int(_videos(videos).shape[0])}
+    if digits:
+        out.update(digit_consistency(videos, labels, device))
+    return out

@@ -1,0 +1,312 @@
+"""CLI subcommands on exact Gaussian-mixture oracles: ``oracle sample``, ``oracle nll``, ``bench samplers``.
+
+``register(sub)`` adds them to the main parser's subcommands (``diffusionlab.commands.register`` calls it)::
+
+    diffusionlab oracle sample --gmm SPEC --process vp-sde --sampler dpmpp-2m --nfe 10 --num 1000 --seed 0 --out X.npy
+    diffusionlab oracle nll --gmm SPEC --process vp-sde --points X.npy --out NLL.npy
+    diffusionlab bench samplers --gmm ring8 --process vp-sde --num 4000 --nfe 5,10,20,50 --json OUT.json
+
+``--gmm`` is a JSON spec file (:mod:`diffusionlab.oracles.mixture`) or a builtin mixture (``ring8``, ``aniso16``);
+``--noise`` the covariance C (``iid``, ``mixed:ALPHA``, ``progressive:ALPHA``, ``toeplitz:a,b,c,...``) over the
+spec's frames (or its D coordinates without ``frames``). ``oracle`` commands print one JSON object on stdout;
+bad input raises :class:`~diffusionlab.errors.DiffusionLabError` (one line, exit 2 through the main CLI).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusionlab.errors import DiffusionLabError
+
+_F64 = torch.float64
+
+
+# ---- parser plumbing -----------------------------------------------------------------------------------------
+def _group(sub, name: str, help: str):
+    """The nested subcommands of top-level command ``name``, creating ``name`` unless another module already did
+    (so that ``bench`` can be shared)."""
+    parser = sub.choices.get(name)
+    if parser is None:
+        parser = sub.add_parser(name, help=help)
+        nested = parser.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND", parser_class=type(parser))
+        parser._dl_subparsers = nested
+
+        def usage(args, _p=parser):
+            _p.print_help()
+            return 2
+
+        parser.set_defaults(func=usage)
+    nested = getattr(parser, "_dl_subparsers", None)
+    if nested is None:
+        raise RuntimeError(f"command {name!r} is registered without nested subcommands; cannot add to it")
+    return nested
+
+
+def register(sub) -> None:
+    """Add ``oracle sample``, ``oracle nll`` and ``bench samplers`` to the subcommands ``sub``."""
+    from diffusionlab.oracles.bench import SAMPLER_NAMES
+    from diffusionlab.oracles.mixture import PROCESS_NAMES
+
+    oracle = _group(sub, "oracle", "exact Gaussian-mixture oracles: sample with any sampler, exact likelihoods")
+    p = oracle.add_parser("sample", help="sample a Gaussian mixture through its exact model (JSON on stdout)")
+    _common(p, PROCESS_NAMES)
+    p.add_argument("--sampler", required=True, help=f"one of {', '.join(SAMPLER_NAMES)}")
+    p.add_argument("--nfe", type=int, default=None, help="evaluation budget per sample path (not for rk45)")
+    p.add_argument("--num", type=int, default=None, help="number of samples (default 1000, or the rows of --init)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="start x_T (.npy, shape (N, D) or (N, F, d)) in the process's scale")
+    p.add_argument("--grid", default="auto", help="auto, uniform, quadratic, logsnr or karras")
+    p.add_argument("--eps", type=float, default=None, help="last time of an SDE grid (default: the process's)")
+    p.add_argument("--out", required=True, help="output .npy (float64, (N, D) or (N, F, d))")
+    p.set_defaults(func=cmd_oracle_sample)
+
+    p = oracle.add_parser("nll", help="probability-flow ODE log-likelihood with exact divergence (JSON on stdout)")
+    _common(p, PROCESS_NAMES)
+    p.add_argument("--points", required=True, help="points (.npy, (N, D) or (N, F, d))")
+    p.add_argument("--eps", type=float, default=1e-5, help="time the points are at (default 1e-5)")
+    p.add_argument("--rtol", type=float, default=1e-6)
+    p.add_argument("--atol", type=float, default=1e-6)
+    p.add_argument("--out", required=True, help="output .npy of the per-point NLL (nats)")
+    p.set_defaults(func=cmd_oracle_nll)
+
+    bench = _group(sub, "bench", "benchmarks")
+    p = bench.add_parser("samplers", help="every sampler against exact Gaussian-mixture ground truth")
+    _common(p, PROCESS_NAMES)
+    p.add_argument("--num", type=int, default=4000, help="samples per run (default 4000)")
+    p.add_argument("--nfe", default="5,10,20,50", help="budgets, comma separated")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samplers", default=None, help="comma-separated names (default: all that run on the process)")
+    p.add_argument("--grids", default=None, help="grids of the few-step solvers (default: all four)")
+    p.add_argument("--projections", type=int, default=256)
+    p.add_argument("--floor-seeds", type=int, default=16,
+                   help="independent problems in the floor check of the best sampler at each budget (0: none)")
+    p.add_argument("--json", default=None, help="write every record to this JSON file")
+    p.add_argument("--plot", default=None, help="write the coupled-error plot to this PNG")
+    p.set_defaults(func=cmd_bench_samplers)
+
+
+def _common(p, process_names) -> None:
+    p.add_argument("--gmm", required=True, help="mixture spec: JSON file or builtin name (ring8, aniso16)")
+    p.add_argument("--process", default="vp-sde", help=f"one of {', '.join(process_names)} (default vp-sde)")
+    p.add_argument("--noise", default="iid", help="iid | mixed:ALPHA | progressive:ALPHA | toeplitz:a,b,c,...")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: the oracle's tensors are small and threads only contend)")
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DiffusionLabError(f"unknown --device {name!r}; e.g. cpu, cuda, cuda:1") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiffusionLabError(f"--device {name} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def _oracle(args):
+    from diffusionlab.oracles.bench import resolve_spec
+    from diffusionlab.oracles.mixture import GaussianMixtureOracle
+
+    if args.threads < 0:
+        raise DiffusionLabError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    return GaussianMixtureOracle.from_spec(resolve_spec(args.gmm), args.process, args.noise, device=_device(args.device))
+
+
+def _check_out(path: str, suffix: str = ".npy") -> Path:
+    out = Path(path)
+    if out.suffix != suffix:
+        raise DiffusionLabError(f"--out must end in {suffix}, got {out}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise DiffusionLabError(f"cannot write {out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise DiffusionLabError(f"cannot write {out}: directory {parent} is not writable")
+    if out.is_dir():
+        raise DiffusionLabError(f"cannot write {out}: it is a directory")
+    return out
+
+
+def _save_npy(out: Path, arr: np.ndarray) -> None:
+    from diffusionlab.training.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    try:
+        atomic_write_bytes(out, buf.getvalue())
+    except OSError as e:
+        raise DiffusionLabError(f"cannot write {out}: {e.strerror or e}") from None
+
+
+def _load_points(path: str, oracle, what: str) -> torch.Tensor:
+    """An ``(N, D)`` or ``(N, *sample_shape)`` array from a .npy file, as float64 ``(N, *sample_shape)``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DiffusionLabError(f"{what} file not found: {p}")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DiffusionLabError(f"{what} {p} is not a readable .npy array: {e}") from None
+    shape = oracle.sample_shape
+    ok = arr.ndim >= 2 and arr.shape[0] >= 1 and (tuple(arr.shape[1:]) == shape or tuple(arr.shape[1:]) == (oracle.dim,))
+    if not ok:
+        allowed = f"(N, {oracle.dim})" + (f" or (N, {', '.join(map(str, shape))})" if len(shape) > 1 else "")
+        raise DiffusionLabError(f"{what} {p} has shape {tuple(arr.shape)}; this mixture needs {allowed}")
+    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+        raise DiffusionLabError(f"{what} {p} must hold finite numbers")
+    return torch.as_tensor(arr, dtype=_F64).reshape(arr.shape[0], *shape)
+
+
+def _emit(obj: dict) -> None:
+    print(json.dumps(obj))
+
+
+# ---- oracle sample ------------------------------------------------------------------------------------------------
+def cmd_oracle_sample(args) -> int:
+    """Sample with ``--sampler`` within ``--nfe`` evaluations per path; writes ``--out``, prints JSON."""
+    from diffusionlab.oracles.bench import plan
+    from diffusionlab.oracles.bench import SAMPLER_NAMES
+
+    if args.sampler not in SAMPLER_NAMES:
+        raise DiffusionLabError(f"unknown sampler {args.sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
+    if args.sampler != "rk45" and args.nfe is None:
+        raise DiffusionLabError(f"sampler {args.sampler!r} needs --nfe (its evaluation budget per sample path)")
+    out = _check_out(args.out)
+    oracle = _oracle(args)
+    dev = oracle.means.device
+    process = oracle.process
+    if args.init is not None:
+        x = _load_points(args.init, oracle, "--init")
+        if args.num is not None and args.num != x.shape[0]:
+            raise DiffusionLabError(f"--num {args.num} disagrees with the {x.shape[0]} rows of --init {args.init}")
+    else:
+        num = 1000 if args.num is None else args.num
+        if isinstance(num, bool) or num < 1:
+            raise DiffusionLabError(f"--num must be an integer >= 1, got {num}")
+        x = process.prior_sample((num, *oracle.sample_shape), generator=torch.Generator().manual_seed(args.seed),
+                                 dtype=_F64)
+    gen = torch.Generator(device=dev).manual_seed(args.seed + 1)
+    p = plan(args.sampler, process, args.nfe, args.grid, args.eps, generator=gen)
+    oracle.nfe = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        y = p.run(oracle, x.to(dev))
+    seconds = time.perf_counter() - t0
+    if not torch.isfinite(y).all():
+        raise DiffusionLabError(f"sampler {args.sampler} produced non-finite samples (NFE {oracle.nfe}); try more --nfe")
+    _save_npy(out, y.detach().cpu().to(_F64).numpy())
+    _emit({"nfe": oracle.nfe, "nfe_budget": args.nfe, "budget_applies": args.sampler != "rk45",
+           "steps": p.steps, "sampler": args.sampler, "process": args.process, "noise": args.noise,
+           "grid": p.grid_kind, "num": int(y.shape[0]), "shape": list(y.shape), "deterministic": p.deterministic,
+           "sigma_start": p.sig_start, "sigma_end": p.sig_end, "seed": args.seed, "init": args.init,
+           "out": str(out), "seconds": round(seconds, 3)})
+    return 0
+
+
+# ---- oracle nll ---------------------------------------------------------------------------------------------------
+def cmd_oracle_nll(args) -> int:
+    """Probability-flow ODE NLL (exact divergence) of ``--points`` against the exact ``-log p_eps``."""
+    from diffusionlab.likelihood.ode import ode_log_likelihood
+    from diffusionlab.samplers.grids import check_continuous
+
+    out = _check_out(args.out)
+    oracle = _oracle(args)
+    check_continuous(oracle.process)
+    x = _load_points(args.points, oracle, "--points").to(oracle.means.device)
+    oracle.nfe = 0
+    t0 = time.perf_counter()
+    res = ode_log_likelihood(oracle, x, eps=args.eps, rtol=args.rtol, atol=args.atol, divergence="exact")
+    nll = -res["log_likelihood"].detach()
+    exact = -oracle.marginal_log_prob(x, torch.tensor(float(args.eps), dtype=_F64))
+    try:
+        data_nll = float(-oracle.log_prob(x).mean())
+    except DiffusionLabError:  # singular data covariances: no data density
+        data_nll = None
+    _save_npy(out, nll.cpu().to(_F64).numpy())
+    _emit({"mean_nll": float(nll.mean()), "exact_mean_nll": float(exact.mean()), "data_mean_nll": data_nll,
+           "max_abs_error": float((nll - exact).abs().max()), "nfe": int(res["nfe"]), "num": int(x.shape[0]),
+           "eps": args.eps, "process": args.process, "noise": args.noise, "out": str(out),
+           "seconds": round(time.perf_counter() - t0, 3)})
+    return 0
+
+
+# ---- bench samplers -------------------------------------------------------------------------------------------
+def _budgets(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise DiffusionLabError(f"--nfe must be comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise DiffusionLabError(f"--nfe budgets must be integers >= 1, got {text!r}")
+    return vals
+
+
+def cmd_bench_samplers(args) -> int:
+    """Run every sampler at every budget, print the error tables and floor checks; ``--json`` writes the records."""
+    import platform
+
+    from diffusionlab.oracles import bench as B
+    from diffusionlab.samplers.grids import GRIDS
+
+    budgets = _budgets(args.nfe)
+    if args.json is not None:
+        _check_out(args.json, ".json")
+    if args.plot is not None:
+        _check_out(args.plot, ".png")
+    samplers = None if args.samplers is None else [s.strip() for s in args.samplers.split(",")]
+    for s in samplers or []:
+        if s not in B.SAMPLER_NAMES:
+            raise DiffusionLabError(f"unknown sampler {s!r}; allowed: {', '.join(B.SAMPLER_NAMES)}")
+    grids = None if args.grids is None else [g.strip() for g in args.grids.split(",")]
+    for g in grids or []:
+        if g not in GRIDS:
+            raise DiffusionLabError(f"unknown time grid {g!r}; allowed: {', '.join(GRIDS)}")
+    oracle = _oracle(args)
+    t0 = time.perf_counter()
+    problem = B.Problem(oracle, num=args.num, seed=args.seed, projections=args.projections,
+                        device=oracle.means.device)
+    records = B.benchmark(problem, oracle.process, budgets, samplers=samplers, grids=grids)
+    checks = []
+    if args.floor_seeds > 0:
+        for b, rec in sorted(B.best_by_budget(records, lambda f: f == "diffusionlab").items()):
+            checks.append(B.floor_check(oracle, rec["sampler"], b, rec["grid"], num=args.num,
+                                        seeds=range(1, args.floor_seeds + 1), projections=args.projections))
+    seconds = time.perf_counter() - t0
+    for metric in ("coupled", "sw2", "weight_error"):
+        table = B.format_table(records, metric)
+        if table:
+            print(table + "\n")
+    for line in B.summary_lines(records):
+        print(line)
+    for c in checks:
+        print(f"floor check NFE<={c['budget']} {c['sampler']} [{c['grid']}] over {c['seeds']} problems: SW2 "
+              f"{c['sw2_mean']:.4f} +- {c['sw2_se']:.4f} vs floor {c['sw2_floor_mean']:.4f} +- {c['sw2_floor_se']:.4f} "
+              f"(z = {c['sw2_z']:.2f}); weight error z = {c['weight_z']:.2f}: "
+              f"{'within' if c['within'] else 'NOT within'} the noise floor")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " \
+              f"{torch.get_num_threads()} thread(s)"
+    print(f"{len(records)} runs in {seconds:.1f} s on {machine}")
+    if args.plot is not None:
+        B.plot_records(records, args.plot, f"{args.gmm}, {args.process}")
+    if args.json is not None:
+        payload = {"gmm": args.gmm, "process": args.process, "noise": args.noise, "num": args.num,
+                   "budgets": budgets, "records": records, "floor_checks": checks, "seconds": seconds,
+                   "machine": machine}
+        from diffusionlab.training.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), json.dumps(payload, indent=1).encode())
+    return 0
+
+
+__all__ = ["register", "cmd_oracle_sample", "cmd_oracle_nll", "cmd_bench_samplers"]

@@ -233,7 +233,24 @@ class Mixed(Covariance):
         return f"Mixed(alpha={self.alpha}, size={self.size}, axis={self.axis})"
 
 
-class Progressive(Covariance):
+class _MatrixBacked(Covariance):
+    """A covariance that keeps its dense ``C`` (``_C``) and a square root ``L`` (``_L``) in float64: ``C x`` and
+    ``L x`` are one small matmul along the axis (O(F^2) per vector, negligible next to a network)."""
+
+    _C: torch.Tensor
+    _L: torch.Tensor
+
+    def matrix(self, size=None):
+        return self._C.clone()
+
+    def apply(self, x):
+        return _matmul_axis(self._cached("_C", x), x, self.axis)
+
+    def unwhiten(self, x):
+        return _matmul_axis(self._cached("_L", x), x, self.axis)
+
+
+class Progressive(_MatrixBacked):
     """AR(1) ("progressive") noise: ``C_ij = rho^|i-j|`` with ``rho = alpha / sqrt(1 + alpha^2)``.
 
     Ge et al. 2023: ``eps_0 = z_0``, ``eps_i = rho eps_{i-1} + sqrt(1 - rho^2) z_i``. That recursion is the
@@ -258,15 +275,6 @@ class Progressive(Covariance):
         col = torch.full((self.size,), math.sqrt(self.one_m_rho2), dtype=_F64)
         col[0] = 1.0
         self._L = torch.where(lag >= 0, self.rho ** lag.clamp(min=0), torch.zeros((), dtype=_F64)) * col[None, :]
-
-    def matrix(self, size=None):
-        return self._C.clone()
-
-    def apply(self, x):
-        return _matmul_axis(self._cached("_C", x), x, self.axis)
-
-    def unwhiten(self, x):
-        return _matmul_axis(self._cached("_L", x), x, self.axis)
 
     def whiten(self, x):
         xm = torch.movedim(x, self.axis, -1)
@@ -325,7 +333,7 @@ def check_psd(matrix, what: str = "noise covariance", rtol: float = 1e-10) -> to
     return c
 
 
-class Dense(Covariance):
+class Dense(_MatrixBacked):
     """Any symmetric positive semi-definite ``F x F`` matrix.
 
     Positive definite: ``L`` is the Cholesky factor and solves are triangular. Singular (semi-definite):
@@ -354,15 +362,6 @@ class Dense(Covariance):
                 f"{op} needs a positive-definite noise covariance, but this {self.name} covariance is singular "
                 f"(smallest eigenvalue {eig:.3g})"
             )
-
-    def matrix(self, size=None):
-        return self._C.clone()
-
-    def apply(self, x):
-        return _matmul_axis(self._cached("_C", x), x, self.axis)
-
-    def unwhiten(self, x):
-        return _matmul_axis(self._cached("_L", x), x, self.axis)
 
     def whiten(self, x):
         self._need_definite("whiten")

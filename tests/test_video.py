@@ -385,6 +385,7 @@ def test_moving_mnist_loader(tmp_path):
         moving_mnist(str(tmp_path), frames=21)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # imageio probing its plugins on the junk .mp4
 def test_video_folder_loader(tmp_path):
     import imageio.v3 as iio
 
@@ -432,6 +433,7 @@ def test_video_io_roundtrips(tmp_path):
     v = torch.rand(3, 1, 4, 5, 6)
     save_videos(v, tmp_path / "v.npz")
     assert np.array_equal(load_npz(tmp_path / "v.npz"), v.numpy())
+    save_videos(v, tmp_path / "new_dir" / "v.png")  # the parent directory is created
     save_videos(v, tmp_path / "v.png")
     png = iio.imread(tmp_path / "v.png")
     scale, pad = 4, 1

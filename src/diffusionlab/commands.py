@@ -18,7 +18,7 @@ import numpy as np
 
 from diffusionlab.errors import DiffusionLabError
 
-SAMPLE_SUFFIXES = (".npz", ".png", ".npy")
+SAMPLE_SUFFIXES = (".npz", ".png", ".npy", ".gif", ".mp4")
 
 
 def packaged_config(name: str) -> Path:
@@ -56,6 +56,13 @@ def _write_samples(x_display, kind: str, out: Path) -> None:
     if out.suffix not in SAMPLE_SUFFIXES:
         raise DiffusionLabError(f"--out must end in one of {', '.join(SAMPLE_SUFFIXES)}, got {out}")
     arr = np.asarray(x_display, dtype=np.float32)
+    if out.suffix in (".gif", ".mp4"):
+        if kind != "videos":
+            raise DiffusionLabError(f"{out.suffix} output is for video runs; this run's samples are {kind}")
+        from diffusionlab.video_io import save_videos
+
+        save_videos(arr, out)
+        return
     if out.suffix == ".npz":
         buf = io.BytesIO()
         np.savez_compressed(buf, x=arr)

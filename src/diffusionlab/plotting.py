@@ -70,7 +70,11 @@ def save_scatter(points, path, reference=None, title: str | None = None) -> Path
 
 
 def save_samples(x_display, kind: str, path) -> Path:
-    """A grid for images, a scatter for 2-D points."""
+    """A grid for images, a frame grid for videos (rows = videos, columns = frames), a scatter for 2-D points."""
+    if kind == "videos":
+        from diffusionlab.video_io import save_frame_grid
+
+        return save_frame_grid(x_display, path)
     if kind == "points":
         return save_scatter(x_display, path)
     return save_image_grid(x_display, path)

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.noise.covariance import Covariance, Dense, Identity, check_psd, make_covariance
+from diffusionlab.noise.covariance import Covariance, Dense, check_psd, make_covariance
 
 _F64 = torch.float64
 CENTERS = ("frame", "video", "none")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.noise.covariance import make_covariance
+from diffusionlab.noise.fit import make_noise_covariance as make_covariance
 from diffusionlab.processes import SubVPSDE, VEChain, VESDE, VPChain, VPSDE
 from diffusionlab.schedules import cosine_betas, geometric_sigmas, linear_betas
 

@@ -56,6 +56,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _default_mode(directory: bool = False) -> int:
+    """Permissions a plain ``open(..., "w")`` / ``mkdir`` would give (``mkstemp``/``mkdtemp`` use 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, rename."""
     path = Path(path)
@@ -66,6 +73,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -83,6 +91,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, 
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         _fsync_file(Path(tmp))
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -174,6 +183,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_sd: dict, ema_sd: dict
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", dir=root))
+    os.chmod(tmp, _default_mode(directory=True))
     try:
         opt_tensors, opt_meta = _pack_optimizer(optimizer)
         save_file({k: v.detach().contiguous().cpu() for k, v in model_sd.items()}, str(tmp / FILES[0]))

@@ -148,6 +148,7 @@ def train(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool =
     """
     from tqdm.auto import tqdm
 
+    from diffusionlab.noise.fit import resolve_fitted_noise
     from diffusionlab.objectives import make_objective
     from diffusionlab.training.distributed import Distributed
 
@@ -163,6 +164,7 @@ def train(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool =
 
     # build (and so validate) everything before the run directory is touched: bad input writes nothing
     ds = build_dataset(cfg)
+    cfg = resolve_fitted_noise(cfg, ds.data, out, log)  # `process.noise: fitted`: fit C, save it with the run
     process = build_process(cfg["process"], ds.sample_shape)
     process.cov.check(ds.data[:1])
     model = build_model(cfg, ds.sample_shape, process, device)

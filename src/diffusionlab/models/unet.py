@@ -130,6 +130,23 @@ def _image_hw(image_size) -> tuple[int, int]:
     return s, s
 
 
+def check_unet_options(in_channels, base_channels, channel_mults, num_res_blocks, dropout, groups, num_heads,
+                       out_mult, scale_shift, conv_resample) -> tuple[int, ...]:
+    """Validate the options the U-Nets (2-D and space-time) share; returns ``channel_mults`` as a tuple."""
+    positive_int("in_channels", in_channels)
+    positive_int("base_channels", base_channels)
+    mults = int_tuple("channel_mults", channel_mults)
+    positive_int("num_res_blocks", num_res_blocks)
+    real("dropout", dropout, 0.0, 1.0, open_high=True)
+    positive_int("groups", groups)
+    positive_int("num_heads", num_heads)
+    positive_int("out_mult", out_mult)
+    for flag, value in (("scale_shift", scale_shift), ("conv_resample", conv_resample)):
+        if not isinstance(value, bool):
+            raise DiffusionLabError(f"{flag} must be true or false, got {value!r}")
+    return mults
+
+
 class UNet(nn.Module):
     """Noise-conditioned U-Net: ``net(x (B, C, H, W), c_noise (B,)) -> (B, out_mult * C, H, W)``.
 
@@ -156,17 +173,9 @@ class UNet(nn.Module):
         conv_resample: bool = True,
     ):
         super().__init__()
-        self.in_channels = positive_int("in_channels", in_channels)
-        positive_int("base_channels", base_channels)
-        mults = int_tuple("channel_mults", channel_mults)
-        positive_int("num_res_blocks", num_res_blocks)
-        real("dropout", dropout, 0.0, 1.0, open_high=True)
-        positive_int("groups", groups)
-        positive_int("num_heads", num_heads)
-        self.out_mult = positive_int("out_mult", out_mult)
-        for flag, value in (("scale_shift", scale_shift), ("conv_resample", conv_resample)):
-            if not isinstance(value, bool):
-                raise DiffusionLabError(f"{flag} must be true or false, got {value!r}")
+        mults = check_unet_options(in_channels, base_channels, channel_mults, num_res_blocks, dropout, groups,
+                                   num_heads, out_mult, scale_shift, conv_resample)
+        self.in_channels, self.out_mult = in_channels, out_mult
         self.image_hw = _image_hw(image_size)
         resolutions = self._resolutions(self.image_hw, len(mults))
         attn = self._attention_at(attn_resolutions, resolutions)

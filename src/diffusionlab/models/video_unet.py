@@ -27,9 +27,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.models.checks import check_keys, int_tuple, positive_int, real
+from diffusionlab.models.checks import check_keys, positive_int
 from diffusionlab.models.embedding import TimeEmbedding, check_c_noise, zero_init
-from diffusionlab.models.unet import AttentionBlock, Downsample, ResBlock, Upsample, UNet, conv3x3, group_norm
+from diffusionlab.models.unet import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    UNet,
+    Upsample,
+    check_unet_options,
+    conv3x3,
+    group_norm,
+)
 
 TEMPORAL = ("conv", "attention", "both")
 
@@ -131,21 +140,13 @@ class VideoUNet(nn.Module):
         temporal_kernel: int = 3,
     ):
         super().__init__()
-        self.in_channels = positive_int("in_channels", in_channels)
+        mults = check_unet_options(in_channels, base_channels, channel_mults, num_res_blocks, dropout, groups,
+                                   num_heads, out_mult, scale_shift, conv_resample)
+        self.in_channels, self.out_mult = in_channels, out_mult
         self.frames = positive_int("frames", frames)
-        positive_int("base_channels", base_channels)
-        mults = int_tuple("channel_mults", channel_mults)
-        positive_int("num_res_blocks", num_res_blocks)
-        real("dropout", dropout, 0.0, 1.0, open_high=True)
-        positive_int("groups", groups)
-        positive_int("num_heads", num_heads)
         positive_int("temporal_kernel", temporal_kernel)
-        self.out_mult = positive_int("out_mult", out_mult)
         if temporal not in TEMPORAL:
             raise DiffusionLabError(f"temporal must be one of {', '.join(TEMPORAL)}; got {temporal!r}")
-        for flag, value in (("scale_shift", scale_shift), ("conv_resample", conv_resample)):
-            if not isinstance(value, bool):
-                raise DiffusionLabError(f"{flag} must be true or false, got {value!r}")
         if isinstance(image_size, (list, tuple)):
             if len(image_size) != 2:
                 raise DiffusionLabError(f"image_size must be an int or (H, W), got {image_size!r}")

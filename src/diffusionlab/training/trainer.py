@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.training.build import build_dataset, build_model, build_process, resolve_device
+from diffusionlab.training.build import build_dataset, build_model, build_process
 from diffusionlab.training.checkpoint import (
     atomic_write_bytes,
     list_checkpoints,

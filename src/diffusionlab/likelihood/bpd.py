@@ -1,4 +1,5 @@
-"""Bits per dimension for quantized (8-bit, or any ``L``-level) data with uniform dequantization, in the model space ``[-1, 1]``.
+"""Bits per dimension for quantized (8-bit, or any ``L``-level) data with uniform dequantization, in model
+space ``[-1, 1]``.
 
 Conventions (stated, not left implicit). A pixel value ``k in {0, ..., 255}`` is stored in model space as
 ``x = 2 k / 255 - 1`` (the usual ``k / 255`` in ``[0, 1]``, then ``2 y - 1``). Uniform dequantization, as in

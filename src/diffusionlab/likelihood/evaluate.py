@@ -71,10 +71,12 @@ def heldout_points(cfg: dict, ds):
     dcfg = dict(cfg["data"])
     name = dcfg.get("name")
     if name == "digits" and dcfg.get("split", "all") == "train":
-        return load_dataset(dict(dcfg, split="test")).data, "digits test split (the last 297 images, not trained on)", True
+        test = load_dataset(dict(dcfg, split="test")).data
+        return test, "digits test split (the last 297 images, not trained on)", True
     if name in GENERATED_SETS:
         seed = int(cfg["train"]["seed"]) + 1
-        return load_dataset(dcfg, seed=seed).data, f"a fresh draw of {name!r} (seed {seed}; trained on seed {seed - 1})", True
+        fresh = load_dataset(dcfg, seed=seed).data
+        return fresh, f"a fresh draw of {name!r} (seed {seed}; trained on seed {seed - 1})", True
     return ds.data, f"the training data of {name!r} (the run has no held-out split)", False
 
 
@@ -93,12 +95,17 @@ def prepare(x: torch.Tensor, levels: int | None, generator: torch.Generator, dty
 
 
 # ---- summaries ----------------------------------------------------------------------------------------------
-def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error over points (sample standard deviation / sqrt(N); NaN for one point)."""
+def mean_and_stderr(values: torch.Tensor) -> tuple[float, float | None]:
+    """Mean and standard error over points (sample standard deviation / sqrt(N); None for one point, so that
+    the JSON stays valid)."""
     values = values.to(_F64).reshape(-1)
     n = values.numel()
-    se = (values.std() / math.sqrt(n)).item() if n > 1 else float("nan")
+    se = (values.std() / math.sqrt(n)).item() if n > 1 else None
     return values.mean().item(), se
+
+
+def _se_bits(se: float | None, dim: int) -> float | None:
+    return None if se is None else nats_to_bpd(se, dim)
 
 
 def bits(nats: float, dim: int, levels: int | None, decoder: str | None = None) -> float:
@@ -111,7 +118,7 @@ def nll_summary(nll: torch.Tensor, dim: int, levels: int | None, decoder: str | 
     """``nll_nats_per_point``, ``bits_per_dim`` and their standard errors over points from per-point NLLs."""
     m, se = mean_and_stderr(nll)
     return {"nll_nats_per_point": m, "nll_nats_per_point_stderr": se, "bits_per_dim": bits(m, dim, levels, decoder),
-            "bits_per_dim_stderr": nats_to_bpd(se, dim)}
+            "bits_per_dim_stderr": _se_bits(se, dim)}
 
 
 # ---- baselines ----------------------------------------------------------------------------------------------
@@ -187,7 +194,7 @@ def nll_metrics(model, x: torch.Tensor, levels: int | None = None, batch_size: i
     out = nll_summary(res["nll"], dim, levels)
     sp = res["stderr_probes"]
     out["nll_nats_per_point_stderr_probes"] = sp
-    out["bits_per_dim_stderr_probes"] = None if sp is None else nats_to_bpd(sp, dim)
+    out["bits_per_dim_stderr_probes"] = _se_bits(sp, dim)
     out.update({"nfe": res["nfe"], "num": res["num_points"], "dim": dim, "divergence": divergence,
                 "probes": num_probes if divergence == "hutchinson" else None,
                 "probe": "rademacher" if divergence == "hutchinson" else None, "rtol": rtol, "atol": atol,
@@ -242,7 +249,7 @@ def elbo_metrics(model, x: torch.Tensor, levels: int | None = None, batch_size: 
 def _term(values: torch.Tensor, dim: int) -> dict:
     m, se = mean_and_stderr(values)
     return {"nats_per_point": m, "nats_per_point_stderr": se, "bits_per_dim": nats_to_bpd(m, dim),
-            "bits_per_dim_stderr": nats_to_bpd(se, dim)}
+            "bits_per_dim_stderr": _se_bits(se, dim)}
 
 
 # ---- a run ----------------------------------------------------------------------------------------------------

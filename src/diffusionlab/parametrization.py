@@ -43,21 +43,14 @@ import torch
 from torch import nn
 
 from diffusionlab.errors import DiffusionLabError
+from diffusionlab.utils import per_batch
 
 PREDICTIONS = ("eps", "x0", "v", "score")
 
 
 def batch_t(t, x: torch.Tensor) -> torch.Tensor:
     """``t`` (an int/float, a 0-d tensor or a ``(B,)`` tensor) as a ``(B,)`` tensor on ``x``'s device."""
-    t = torch.as_tensor(t, device=x.device)
-    if t.ndim == 0:
-        return t.expand(x.shape[0])
-    if t.ndim != 1 or t.shape[0] != x.shape[0]:
-        raise DiffusionLabError(
-            f"time t must be a scalar or a ({x.shape[0]},) tensor for a batch of {x.shape[0]}, "
-            f"got shape {tuple(t.shape)}"
-        )
-    return t
+    return per_batch(torch.as_tensor(t, device=x.device), x, "time t")
 
 
 def coeffs_like(process, t: torch.Tensor, x: torch.Tensor):

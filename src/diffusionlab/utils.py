@@ -36,3 +36,17 @@ def per_sample_dim(x: torch.Tensor) -> int:
     for s in x.shape[1:]:
         n *= s
     return n
+
+
+def per_batch(v: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
+    """A scalar or ``(B,)`` tensor ``v`` as ``(B,)`` for the batch of ``x``; ``what`` names it in the error."""
+    if v.ndim == 0:
+        return v.expand(x.shape[0])
+    if v.ndim != 1 or v.shape[0] != x.shape[0]:
+        from diffusionlab.errors import DiffusionLabError
+
+        raise DiffusionLabError(
+            f"{what} must be a scalar or a ({x.shape[0]},) tensor for a batch of {x.shape[0]}, "
+            f"got shape {tuple(v.shape)}"
+        )
+    return v

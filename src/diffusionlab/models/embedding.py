@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from diffusionlab.errors import DiffusionLabError
+from diffusionlab.utils import per_batch
 from diffusionlab.models.checks import positive_int, real
 
 
@@ -28,14 +28,7 @@ def check_c_noise(c_noise, x: torch.Tensor) -> torch.Tensor:
     """
     if not torch.is_tensor(c_noise):
         c_noise = torch.as_tensor(c_noise, dtype=torch.float32, device=x.device)
-    if c_noise.ndim == 0:
-        return c_noise.expand(x.shape[0])
-    if c_noise.ndim != 1 or c_noise.shape[0] != x.shape[0]:
-        raise DiffusionLabError(
-            f"c_noise must be a scalar or a (B,) tensor with B = {x.shape[0]} (the batch of x), "
-            f"got shape {tuple(c_noise.shape)}"
-        )
-    return c_noise
+    return per_batch(c_noise, x, "c_noise")
 
 
 class SinusoidalEmbedding(nn.Module):

@@ -40,7 +40,7 @@ import torch
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.objectives.common import check_keys, draw_noise
 from diffusionlab.parametrization import batch_t
-from diffusionlab.samplers.grids import check_continuous, logsnr, t_from_logsnr
+from diffusionlab.samplers.grids import check_continuous, check_eps, logsnr, t_from_logsnr
 from diffusionlab.utils import bcast, per_sample_dim
 
 _F64 = torch.float64
@@ -67,12 +67,7 @@ class ContinuousDSM:
             raise DiffusionLabError(f"unknown DSM weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
         if t_sampling not in T_SAMPLINGS:
             raise DiffusionLabError(f"unknown time sampling {t_sampling!r}; allowed: {', '.join(T_SAMPLINGS)}")
-        try:
-            eps = float(eps)
-        except (TypeError, ValueError):
-            raise DiffusionLabError(f"eps must be a number in (0, T), got {eps!r}") from None
-        if not (0.0 < eps < float(process.T)):
-            raise DiffusionLabError(f"eps must lie in (0, T = {process.T}), got {eps!r}")
+        eps = check_eps(process, eps)
         self.process = process
         self.weighting = weighting
         self.t_sampling = t_sampling

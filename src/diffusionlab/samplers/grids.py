@@ -55,14 +55,18 @@ def check_continuous(process) -> None:
 def _check_steps_eps(process, steps, eps) -> tuple[int, float]:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise DiffusionLabError(f"number of steps must be an integer >= 1, got {steps!r}")
-    eps = default_eps(process) if eps is None else eps
+    return steps, check_eps(process, default_eps(process) if eps is None else eps)
+
+
+def check_eps(process, eps) -> float:
+    """The smallest time ``eps`` as a float in ``(0, T)``; :class:`DiffusionLabError` otherwise."""
     try:
         eps = float(eps)
     except (TypeError, ValueError):
         raise DiffusionLabError(f"eps must be a number in (0, T), got {eps!r}") from None
     if not (0.0 < eps < float(process.T)):
         raise DiffusionLabError(f"eps must lie in (0, T = {process.T}), got {eps!r}")
-    return steps, eps
+    return eps
 
 
 def logsnr(process, t) -> torch.Tensor:

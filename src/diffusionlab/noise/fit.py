@@ -185,8 +185,9 @@ def toeplitz_spec(cov: Covariance) -> str:
 def save_covariance(cov: Covariance, path, size: int | None = None, meta: dict | None = None) -> Path:
     """Write ``cov`` to ``path`` (safetensors: float64 ``matrix``; JSON metadata ``axis``, ``name``, ``size``
     and, for a fitted covariance, how it was fitted, plus ``meta``). Atomic: written to a temporary file, then
-    renamed. ``size`` is needed only for the identity."""
-    from safetensors.torch import save_file
+    renamed, under a unique name (every rank of a torchrun job may write the same file). ``size`` is needed only
+    for the identity."""
+    from diffusionlab.training.checkpoint import save_safetensors_atomic
 
     m = cov.matrix(size if size is not None else cov.size).to(_F64).contiguous()
     info = {"format": FORMAT, "axis": cov.axis, "name": getattr(cov, "name", type(cov).__name__),
@@ -198,9 +199,7 @@ def save_covariance(cov: Covariance, path, size: int | None = None, meta: dict |
         info.update(meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"matrix": m}, str(tmp), metadata={"diffusionlab": json.dumps(info)})
-    os.replace(tmp, path)
+    save_safetensors_atomic({"matrix": m}, path, metadata={"diffusionlab": json.dumps(info)})
     return path
 
 

@@ -65,6 +65,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_bad_steps": 10,
         "threads": 0,
         "precision": "fp32",
+        "channels_last": False,
+        "compile": False,
     },
     "sample": {"sampler": "ddim", "steps": 50, "num": 64, "eta": 0.0, "clip_x0": True},
 }
@@ -107,6 +109,8 @@ TRAIN_SCHEMA = {
     "max_bad_steps": _POS_INT,
     "threads": _NONNEG_INT,
     "precision": (str, lambda v: v in ("fp32", "bf16"), "fp32 or bf16 (bf16 autocast, for GPUs)"),
+    "channels_last": (bool, lambda v: True, "true or false (channels-last memory format, image data only)"),
+    "compile": (bool, lambda v: True, "true or false (torch.compile the network)"),
 }
 SAMPLE_SCHEMA = {
     "sampler": (str, lambda v: True, "a sampler name"),

@@ -76,7 +76,7 @@ def summary(contenders: list[Contender], threshold: float, cap_s: float) -> dict
                         "best_fd": min((p["fd"] for p in c.curve), default=None),
                         "trained_seconds": round(c.train_seconds, 1), "trained_steps": c.steps}
     ours = rows.get("diffusionlab")
-    peers = {k: v for k, v in rows.items() if k != "diffusionlab"}
+    peers = {k: v for k, v in rows.items() if k in ("diffusers", "ddpm-pytorch")}
     goal = None
     if ours and ours["reached"] and peers:
         # a peer that never reached the threshold took longer than its whole training clock
@@ -141,6 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=float, default=60.0, help="seconds of training between evaluations")
     ap.add_argument("--num", type=int, default=1000, help="samples per evaluation")
     ap.add_argument("--libraries", default=",".join(tp.LIBRARIES))
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
+                    help="an extra diffusionlab contender: configs/digits.yaml with these overrides, e.g. "
+                         "'v+min-snr=parametrization.prediction=v,objective.weighting=min_snr' (repeatable)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -155,6 +158,10 @@ def main(argv=None) -> int:
             contenders.append(Contender(name, tp.RECIPES[name](args.device, seed=args.seed)))
         except (RuntimeError, KeyError) as e:
             print(f"bench_time_to_quality: skipping {name}: {e}", file=sys.stderr)
+    for spec in args.variant:
+        name, _, sets = spec.partition("=")
+        contenders.append(Contender(name, tp.DiffusionLabRecipe(args.device, seed=args.seed,
+                                                                overrides=[x for x in sets.split(",") if x])))
     cap = 60 * args.cap_minutes
     k = 0
     while not all(c.done for c in contenders):

@@ -26,24 +26,16 @@ from diffusionlab.oracles import GaussianOracle
 from diffusionlab.parametrization import DiffusionModel
 from diffusionlab.processes import VEChain, VPChain, VPSDE
 from diffusionlab.schedules import geometric_sigmas, linear_betas
+from nets import ChannelNet as _ChannelNet
 
 F64 = torch.float64
 
 
 
 
-class ChannelNet(nn.Module):
-    """1x1 linear map over dim 1 plus a c_noise bias (rank-agnostic); ``out_mult`` halves for a learned variance."""
-
-    def __init__(self, channels: int, out_mult: int = 1, dtype=F64, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w = nn.Parameter(torch.randn(channels * out_mult, channels, generator=g, dtype=dtype) / channels**0.5)
-        self.b = nn.Parameter(0.1 * torch.randn(channels * out_mult, generator=g, dtype=dtype))
-
-    def forward(self, x, c_noise):
-        y = torch.movedim(torch.movedim(x, 1, -1) @ self.w.T, -1, 1)
-        return y + self.b.reshape(1, -1, *([1] * (x.ndim - 2))) * (c_noise / 1000.0).reshape(-1, *([1] * (x.ndim - 1)))
+def ChannelNet(channels, out_mult=1, dtype=F64, seed=0):
+    """The shared tiny net (tests/nets.py) with a small c_noise bias."""
+    return _ChannelNet(channels, out_mult, dtype, seed, bias_scale=0.1)
 
 
 def _vp(T=50, cov=None):

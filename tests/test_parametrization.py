@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise import Identity, Mixed, Progressive
@@ -18,27 +17,16 @@ from diffusionlab.parametrization import (
 )
 from diffusionlab.processes import VEChain, VESDE, VPChain, VPSDE
 from diffusionlab.schedules import geometric_sigmas, linear_betas
+from nets import ChannelNet as _ChannelNet
 
 F64 = torch.float64
 
 
 
 
-class ChannelNet(nn.Module):
-    """A tiny rank-agnostic net: a 1x1 linear map over dim 1 plus a c_noise-dependent bias; records its inputs."""
-
-    def __init__(self, channels: int, out_mult: int = 1, dtype=F64, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w = nn.Parameter(torch.randn(channels * out_mult, channels, generator=g, dtype=dtype) / channels**0.5)
-        self.b = nn.Parameter(torch.randn(channels * out_mult, generator=g, dtype=dtype))
-        self.seen = []
-
-    def forward(self, x, c_noise):
-        self.seen.append((x.detach().clone(), c_noise.detach().clone()))
-        y = torch.movedim(torch.movedim(x, 1, -1) @ self.w.T, -1, 1)
-        shape = [x.shape[0], -1] + [1] * (x.ndim - 2)
-        return y + self.b.reshape(1, -1, *([1] * (x.ndim - 2))) * (c_noise / 1000.0).reshape(shape)
+def ChannelNet(channels, out_mult=1, dtype=F64, seed=0):
+    """The shared tiny net (tests/nets.py), recording its inputs."""
+    return _ChannelNet(channels, out_mult, dtype, seed, record=True)
 
 
 SHAPES = [(5, 3), (4, 2, 3, 3), (3, 2, 4, 3, 3)]  # points, images, videos (B, C, F, H, W)

@@ -74,14 +74,14 @@ def goal_rows(records: list[dict]) -> list[dict]:
 
 
 def markdown(records: list[dict], goals: list[dict], header: str) -> str:
-    lines = [header, "", "| task | batch | library | parameters | ms / step | examples / s | step memory (MB) | rounds (ms) |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [header, "", "| task | batch | library | parameters | ms / step | CPU ms / step | examples / s | step memory (MB) "
+             "| rounds (ms) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['task']} | {r['batch']} | {r['variant']} | | | | | failed: {r['error']} |")
+            lines.append(f"| {r['task']} | {r['batch']} | {r['variant']} | | | | | | failed: {r['error']} |")
             continue
         lines.append(f"| {r['task']} | {r['batch']} | {r['variant']} | {r['params']:,} | {r['ms_per_step']:.1f} | "
-                     f"{r['examples_per_s']:.0f} | {r['step_memory_mb']:.0f} | {', '.join(f'{x:.0f}' for x in r['ms_rounds'])} |")
+                     f"{r['cpu_ms_per_step']:.1f} | {r['examples_per_s']:.0f} | {r['step_memory_mb']:.0f} | {', '.join(f'{x:.0f}' for x in r['ms_rounds'])} |")
     lines += ["", "| task | batch | faster peer | diffusionlab as configured / peer | best diffusionlab / peer | goal >= 1.3 |",
               "| --- | ---: | --- | ---: | ---: | --- |"]
     for g in goals:

@@ -9,7 +9,8 @@ JSON line. The child builds the recipe (:mod:`training_peers`), runs ``warmup`` 
 - CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the first step.
 
 Fresh processes keep one library's allocator and caches out of another's figures; the caller interleaves the
-libraries over several rounds so that drifting background load falls on all of them alike.
+libraries over several rounds so that drifting background load falls on all of them alike. The process CPU time
+per step is reported too: with one thread it is the steadier figure where other jobs share the machine.
 """
 
 from __future__ import annotations
@@ -65,19 +66,21 @@ def worker(spec: dict) -> dict:
         base = _rss_bytes()
     for _ in range(spec.get("warmup", 3)):
         recipe.step()
-    per_step = []
+    per_step, cpu_per_step = [], []
     for _ in range(spec.get("repeats", 5)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(spec.get("steps", 4)):
             recipe.step()
         recipe.sync()
         per_step.append((time.perf_counter() - t0) / spec.get("steps", 4))
+        cpu_per_step.append((time.process_time() - c0) / spec.get("steps", 4))
     if cuda:
         peak = torch.cuda.max_memory_allocated(recipe.device) - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     ms = 1000 * statistics.median(per_step)
     return {**spec, "params": recipe.params, "ms_per_step": ms, "ms_min": 1000 * min(per_step),
+            "cpu_ms_per_step": 1000 * statistics.median(cpu_per_step),
             "examples_per_s": recipe.batch / (ms / 1000), "step_memory_mb": max(peak, 0) / 2**20,
             "device_name": str(recipe.device)}
 
@@ -115,6 +118,7 @@ def interleaved(specs: list[dict], rounds: int, log=print) -> list[dict]:
         rec = dict(good[0])
         rec["ms_per_step"] = statistics.median(x["ms_per_step"] for x in good)
         rec["ms_rounds"] = [round(x["ms_per_step"], 2) for x in good]
+        rec["cpu_ms_per_step"] = statistics.median(x["cpu_ms_per_step"] for x in good)
         rec["examples_per_s"] = rec["batch"] / (rec["ms_per_step"] / 1000)
         rec["step_memory_mb"] = statistics.median(x["step_memory_mb"] for x in good)
         out.append(rec)
@@ -122,8 +126,9 @@ def interleaved(specs: list[dict], rounds: int, log=print) -> list[dict]:
 
 
 def _label(spec: dict) -> str:
-    extra = " ".join(o.split("=")[0].split(".")[-1] for o in spec.get("overrides") or [])
-    return f"{spec.get('task', 'digits')} {spec['library']}{' +' + extra if extra else ''} batch {spec['batch']}"
+    what = spec.get("variant") or " ".join([spec["library"]] + list(spec.get("overrides") or []))
+    sizes = " ".join(f"{k} {spec[k]}" for k in ("resolution", "frames") if k in spec)
+    return f"{spec.get('task', 'digits')} {what} batch {spec['batch']}{' ' + sizes if sizes else ''}"
 
 
 if __name__ == "__main__":

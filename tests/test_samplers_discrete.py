@@ -191,6 +191,23 @@ def test_make_timesteps(kind, T, steps):
     assert bool((ts[1:] < ts[:-1]).all())
 
 
+@pytest.mark.parametrize("T,steps", [(1000, 50), (1000, 10), (1000, 1000), (10, 9), (7, 3), (5, 1), (1000, 999)])
+def test_trailing_timesteps_end_at_T_over_steps(T, steps):
+    ts = make_timesteps(T, steps, "trailing")
+    assert ts.dtype == torch.int64 and ts.numel() == steps and int(ts[0]) == T
+    assert bool((ts[1:] < ts[:-1]).all()) and int(ts[-1]) >= 1
+    assert abs(int(ts[-1]) - T / steps) <= 0.5  # no evaluation spent at t = 1 unless steps = T
+    gaps = (ts[:-1] - ts[1:]).tolist() + [int(ts[-1])]  # the last jump goes to the data, t = 0
+    assert max(gaps) - min(gaps) <= 1
+
+
+def test_trailing_timesteps_values():
+    assert make_timesteps(1000, 10, "trailing").tolist() == list(range(1000, 0, -100))
+    assert make_timesteps(7, 3, "trailing").tolist() == [7, 5, 2]
+    assert torch.equal(make_timesteps(50, 50, "trailing"), make_timesteps(50))
+    assert torch.equal(check_timesteps(4, 1000, "trailing"), torch.tensor([1000, 750, 500, 250]))
+
+
 def test_timestep_validation():
     assert torch.equal(make_timesteps(4), torch.tensor([4, 3, 2, 1]))
     assert torch.equal(make_timesteps(1000, 4), torch.tensor([1000, 667, 334, 1]))
@@ -253,6 +270,19 @@ def test_ddpm_full_chain_returns_the_data(kind, variance):
     x = ddpm(oracle, x, variance=variance, generator=g)
     _assert_law(x, oracle.mean_flat, oracle.Sigma)
     assert oracle.nfe == 1000
+
+
+def test_ddim_on_a_trailing_grid_follows_its_exact_law():
+    """DDIM eta = 0 on 20 trailing steps (correlated C): the samples match the exact law of that deterministic
+    chain, and the spacing keyword gives the very grid passed explicitly."""
+    oracle = _oracle("fd", VPChain(linear_betas(1000), cov=_cov("fd")))
+    ts = make_timesteps(1000, 20, "trailing")
+    law = ddim_law(oracle, ts, 0.0)
+    x, _ = _prior(oracle, _n("fd"), 4)
+    a = ddim(oracle, x, 20, eta=0.0, spacing="trailing")
+    assert oracle.nfe == 20
+    _assert_law(a, law.mu, law.V)
+    torch.testing.assert_close(ddim(oracle, x, ts, eta=0.0), a, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["2d", "fd"])

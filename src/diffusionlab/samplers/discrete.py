@@ -50,7 +50,8 @@ def _steps(n: int, progress: bool, desc: str):
     return tqdm(range(n), disable=not progress, desc=desc, leave=False)
 
 
-def _ancestral(model, x, timesteps, noise, progress, variance, clip_x0, generator, name, kind=GaussianChain):
+def _ancestral(model, x, timesteps, noise, progress, variance, clip_x0, generator, name, kind=GaussianChain,
+               spacing="uniform"):
     """``x_{t'} ~ N(A' x_t + B' x_theta, v C)`` over the respaced chain; no noise on the step to the data."""
     chain = _chain(model, name, kind)
     if variance not in VARIANCES:
@@ -58,7 +59,7 @@ def _ancestral(model, x, timesteps, noise, progress, variance, clip_x0, generato
     if variance == "learned" and not model.learn_variance:
         raise DiffusionLabError("ddpm variance 'learned' needs a model with learn_variance=True")
     chain.cov.check(x)
-    ts = check_timesteps(timesteps, chain.T)
+    ts = check_timesteps(timesteps, chain.T, spacing)
     r = respace(chain, ts)
     noise = _noise(model, noise, generator)
     t_l, A, B, s, sig = r.t.tolist(), r.A.tolist(), r.B.tolist(), r.s.tolist(), r.sigma.tolist()
@@ -82,17 +83,19 @@ def _ancestral(model, x, timesteps, noise, progress, variance, clip_x0, generato
     return x
 
 
-def ddpm(model, x, timesteps=None, noise=None, progress=False, variance="beta", clip_x0=False, generator=None):
+def ddpm(model, x, timesteps=None, noise=None, progress=False, variance="beta", clip_x0=False, generator=None,
+         spacing="uniform"):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) on a discrete chain.
 
     ``x_{t-1} = mu_theta(x_t, t) + sqrt(v_t) L z`` with ``mu_theta = A_t x_t + B_t x_theta(x_t, t)`` (the posterior
     mean at the predicted ``x_0``), ``v_t = beta_t`` (``variance="beta"``), ``beta-tilde_t`` (``"beta_tilde"``) or
     Nichol & Dhariwal's interpolation (``"learned"``, whitened-diagonal: ``L (sqrt(v) * z)``). On a sub-sequence
     the chain is respaced (:func:`~diffusionlab.samplers.timesteps.respace`: betas of the sub-sequence from
-    ``alpha-bar``, as improved-diffusion). ``clip_x0`` clamps ``x_theta`` to ``[-1, 1]`` before the posterior
-    mean. The last step (to the data) adds no noise.
+    ``alpha-bar``, as improved-diffusion; an int ``timesteps`` is spaced as ``spacing``, see
+    :func:`~diffusionlab.samplers.timesteps.make_timesteps`). ``clip_x0`` clamps ``x_theta`` to ``[-1, 1]`` before
+    the posterior mean. The last step (to the data) adds no noise.
     """
-    return _ancestral(model, x, timesteps, noise, progress, variance, clip_x0, generator, "ddpm")
+    return _ancestral(model, x, timesteps, noise, progress, variance, clip_x0, generator, "ddpm", spacing=spacing)
 
 
 def ve_ancestral(model, x, timesteps=None, noise=None, progress=False, clip_x0=False, generator=None):
@@ -102,7 +105,8 @@ def ve_ancestral(model, x, timesteps=None, noise=None, progress=False, clip_x0=F
     return _ancestral(model, x, timesteps, noise, progress, "beta_tilde", clip_x0, generator, "ve_ancestral", VEChain)
 
 
-def ddim(model, x, timesteps=None, noise=None, progress=False, eta=0.0, clip_x0=False, generator=None):
+def ddim(model, x, timesteps=None, noise=None, progress=False, eta=0.0, clip_x0=False, generator=None,
+         spacing="uniform"):
     """DDIM (Song et al. 2021, eq. 12) on any sub-sequence: with ``c^2 = eta^2 beta-tilde'_t`` (respaced)::
 
         x_{t'} = s_{t'} x_theta + sqrt(sigma_{t'}^2 - c^2) eps_theta + c L z
@@ -110,7 +114,8 @@ def ddim(model, x, timesteps=None, noise=None, progress=False, eta=0.0, clip_x0=
     (VP: ``s = sqrt(abar)``, ``sigma^2 = 1 - abar``, exactly eq. 12). ``eta = 0`` is deterministic, ``eta = 1`` is
     ancestral sampling with ``beta-tilde``. The formula keeps every marginal ``N(s x_0, sigma^2 C)``, so it holds
     for any chain (VE included). With correlated C the injected noise is ``L z``. ``clip_x0`` clamps ``x_theta``
-    and recomputes ``eps_theta = (x_t - s x_theta) / sigma``.
+    and recomputes ``eps_theta = (x_t - s x_theta) / sigma``. An int ``timesteps`` is spaced as ``spacing``
+    (``uniform``, ``quadratic``, ``trailing``: :func:`~diffusionlab.samplers.timesteps.make_timesteps`).
     """
     chain = _chain(model, "ddim")
     try:
@@ -120,7 +125,7 @@ def ddim(model, x, timesteps=None, noise=None, progress=False, eta=0.0, clip_x0=
     if not 0.0 <= eta <= 1.0:
         raise DiffusionLabError(f"ddim eta must lie in [0, 1], got {eta!r}")
     chain.cov.check(x)
-    ts = check_timesteps(timesteps, chain.T)
+    ts = check_timesteps(timesteps, chain.T, spacing)
     r = respace(chain, ts)
     noise = _noise(model, noise, generator)
     t_l, s, sig, s_p, sig_p = r.t.tolist(), r.s.tolist(), r.sigma.tolist(), r.s_prev.tolist(), r.sigma_prev.tolist()

@@ -21,7 +21,7 @@ import torch
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.parametrization import reverse_variances
 
-KINDS = ("uniform", "quadratic")
+KINDS = ("uniform", "quadratic", "trailing")
 _F64 = torch.float64
 
 
@@ -32,10 +32,13 @@ def _check_int(name: str, v, lo: int) -> int:
 
 
 def make_timesteps(T: int, steps: int | None = None, kind: str = "uniform") -> torch.Tensor:
-    """``steps`` distinct integer steps from ``T`` down to 1 (descending int64; ``steps=None`` means all ``T``).
+    """``steps`` distinct integer steps from ``T`` down (descending int64; ``steps=None`` means all ``T``).
 
-    ``uniform``: ``round(1 + (T - 1) k / (steps - 1))``; ``quadratic`` (DDIM, Song et al. 2021): ``1 + (T - 1)
-    (k / (steps - 1))^2``, denser near the data, pushed apart where rounding would repeat a step.
+    ``uniform``: ``round(1 + (T - 1) k / (steps - 1))``, from ``T`` to 1; ``quadratic`` (DDIM, Song et al. 2021):
+    ``1 + (T - 1) (k / (steps - 1))^2``, denser near the data, pushed apart where rounding would repeat a step;
+    ``trailing`` (Lin et al. 2024, table 2): ``round(T k / steps)``, ``k = steps .. 1``, from ``T`` to ``T / steps``:
+    the same spacing all the way to the data, with no evaluation spent at ``t = 1`` (where the sample is already
+    the data up to ``sigma_1``). On the full grid all three are ``T .. 1``.
     """
     T = _check_int("number of chain steps T", T, 1)
     steps = T if steps is None else _check_int("number of sampling steps", steps, 1)
@@ -45,6 +48,9 @@ def make_timesteps(T: int, steps: int | None = None, kind: str = "uniform") -> t
         raise DiffusionLabError(f"unknown timestep spacing {kind!r}; allowed: {', '.join(KINDS)}")
     if steps == 1:
         return torch.tensor([T], dtype=torch.long)
+    if kind == "trailing":  # T k / steps >= k and steps apart by >= 1 since steps <= T
+        k = torch.arange(steps, 0, -1, dtype=_F64)
+        return torch.floor(T * k / steps + 0.5).long()
     q = torch.arange(steps, dtype=_F64) / (steps - 1)
     if kind == "quadratic":
         q = q**2
@@ -56,13 +62,13 @@ def make_timesteps(T: int, steps: int | None = None, kind: str = "uniform") -> t
     return torch.tensor(ts[::-1], dtype=torch.long)
 
 
-def check_timesteps(timesteps, T: int) -> torch.Tensor:
-    """Validate a sampler's grid: ``None`` (all of ``T..1``), an int (that many uniform steps) or a sequence of
-    strictly decreasing integers in ``1..T``. Returns a CPU int64 tensor."""
+def check_timesteps(timesteps, T: int, spacing: str = "uniform") -> torch.Tensor:
+    """Validate a sampler's grid: ``None`` (all of ``T..1``), an int (that many steps spaced as ``spacing``, one of
+    :data:`KINDS`) or a sequence of strictly decreasing integers in ``1..T``. Returns a CPU int64 tensor."""
     if timesteps is None:
         return make_timesteps(T)
     if isinstance(timesteps, int) and not isinstance(timesteps, bool):
-        return make_timesteps(T, timesteps)
+        return make_timesteps(T, timesteps, spacing)
     try:
         ts = torch.as_tensor(timesteps).detach().cpu()
     except (TypeError, ValueError, RuntimeError):

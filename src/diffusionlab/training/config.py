@@ -118,6 +118,7 @@ SAMPLE_SCHEMA = {
     "num": _POS_INT,
     "eta": ((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "clip_x0": (bool, lambda v: True, "true or false"),
+    "spacing": (str, lambda v: v in ("uniform", "quadratic", "trailing"), "one of uniform, quadratic, trailing"),
 }
 PARAM_SCHEMA = {
     "prediction": (str, lambda v: v in ("eps", "x0", "v", "score"), "one of eps, x0, v, score"),

@@ -13,7 +13,7 @@ from diffusionlab.training.checkpoint import load_weights
 from diffusionlab.training.config import load_config
 
 # options of the run's `sample` section that a sampler may accept
-_SAMPLER_OPTIONS = ("eta", "clip_x0", "variance")
+_SAMPLER_OPTIONS = ("eta", "clip_x0", "variance", "spacing")
 
 
 def generate(model, scfg: dict, num: int, seed: int, device, shape, chunk: int = 1000, progress: bool = False,

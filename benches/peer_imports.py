@@ -49,15 +49,11 @@ def _torchvision_ops_missing() -> bool:
 def _declare_torchvision_schemas() -> None:
     import torch
 
-    if "torchvision" in sys.modules:
-        return
-    have = set(dir(torch.ops.torchvision)) if hasattr(torch.ops, "torchvision") else set()
-    missing = [name for name in _SCHEMAS if name not in have]
-    if not missing:
+    if "torchvision" in sys.modules or _LIBS:  # imported already, or declared by an earlier call
         return
     lib = torch.library.Library("torchvision", "FRAGMENT")
-    for name in missing:
-        lib.define(_SCHEMAS[name])
+    for schema in _SCHEMAS.values():
+        lib.define(schema)
     _LIBS.append(lib)
 
 

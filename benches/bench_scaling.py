@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import interleaved  # noqa: E402
+from measure import interleaved, save_figure  # noqa: E402
 
 LIBS = ("diffusionlab", "diffusers", "ddpm-pytorch")
 
@@ -149,9 +149,7 @@ def plot(records, cov_rows, path: str) -> None:
     ax.set_ylabel("ms")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:

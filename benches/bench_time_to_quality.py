@@ -26,6 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TQDM_DISABLE", "1")
+from measure import save_figure  # noqa: E402
 
 
 class Contender:
@@ -125,9 +126,7 @@ def plot(result: dict, path: str) -> None:
     ax.set_ylabel("digits FD (lower is better)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

@@ -125,6 +125,13 @@ def interleaved(specs: list[dict], rounds: int, log=print) -> list[dict]:
     return out
 
 
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """Write a matplotlib figure, creating its folder (the benchmarks' plots)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+
+
 def _label(spec: dict) -> str:
     what = spec.get("variant") or " ".join([spec["library"]] + list(spec.get("overrides") or []))
     sizes = " ".join(f"{k} {spec[k]}" for k in ("resolution", "frames") if k in spec)

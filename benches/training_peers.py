@@ -124,6 +124,21 @@ class DiffusionLabRecipe:
         return self.parts.ds.to_display(x)
 
 
+class _PeerRecipe:
+    """What the peers' recipes share: the import (a clear error if the peer is missing), seed, device, batch."""
+
+    def _start(self, importer, package: str, device, batch: int, seed: int):
+        lib = importer()
+        if lib is None:
+            raise RuntimeError(f"{package} is not installed")
+        torch.manual_seed(seed)
+        self.lib, self.device, self.batch = lib, torch.device(device), batch
+        return lib
+
+    def sync(self) -> None:
+        _sync(self.device)
+
+
 # ---- diffusers --------------------------------------------------------------------------------------------------
 def diffusers_unet(diffusers, image_size: int = 8, channels=(24, 48), in_channels: int = 1):
     """``UNet2DModel`` matched to diffusionlab's digits U-Net (module docstring)."""
@@ -134,7 +149,7 @@ def diffusers_unet(diffusers, image_size: int = 8, channels=(24, 48), in_channel
     )
 
 
-class DiffusersRecipe:
+class DiffusersRecipe(_PeerRecipe):
     """``train_unconditional.py``'s loop and defaults (module docstring)."""
 
     name = "diffusers"
@@ -142,15 +157,10 @@ class DiffusersRecipe:
 
     def __init__(self, device="cpu", batch: int = 16, seed: int = 0, data: torch.Tensor | None = None,
                  model: torch.nn.Module | None = None):
-        self.lib = import_diffusers()
-        if self.lib is None:
-            raise RuntimeError("diffusers is not installed")
+        self._start(import_diffusers, "diffusers", device, batch, seed)
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
-        torch.manual_seed(seed)
-        self.device = torch.device(device)
-        self.batch = batch
         self.model = (model or diffusers_unet(self.lib)).to(self.device)
         self.scheduler = self.lib.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6,
@@ -177,9 +187,6 @@ class DiffusersRecipe:
         self.opt.zero_grad()
         self.ema.step(self.model.parameters())
 
-    def sync(self) -> None:
-        _sync(self.device)
-
     @torch.no_grad()
     def sample(self, n: int, seed: int, steps: int = 50) -> torch.Tensor:
         """``DDIMScheduler`` (from the DDPM scheduler's config, diffusers' defaults: eta 0, clip_sample) on the
@@ -202,27 +209,27 @@ def ddpm_pytorch_unet(lib, dim: int = 22, channels: int = 1):
     return lib.Unet(dim=dim, dim_mults=(1, 2), channels=channels)
 
 
-class DDPMPytorchRecipe:
+class DDPMPytorchRecipe(_PeerRecipe):
     """``Trainer.train``'s loop with the ``Trainer`` / ``GaussianDiffusion`` defaults (module docstring)."""
 
     name = "ddpm-pytorch"
 
     def __init__(self, device="cpu", batch: int = 16, seed: int = 0, data: torch.Tensor | None = None,
                  model: torch.nn.Module | None = None, image_size: int = 8):
-        self.lib = import_ddpm_pytorch()
-        if self.lib is None:
-            raise RuntimeError("denoising-diffusion-pytorch is not installed")
+        lib = self._start(import_ddpm_pytorch, "denoising-diffusion-pytorch", device, batch, seed)
+        self.unet = model or ddpm_pytorch_unet(lib)
+        data = digits_data(self.device) if data is None else data.to(self.device)
+        # its Dataset gives [0, 1]; GaussianDiffusion normalizes to [-1, 1] itself
+        self._train_with(lib.GaussianDiffusion(self.unet, image_size=image_size, timesteps=1000), (data + 1) / 2, seed)
+
+    def _train_with(self, diffusion, data: torch.Tensor, seed: int) -> None:
+        """``Trainer``'s optimizer (Adam, lr 1e-4, betas (0.9, 0.99)) and EMA (0.995 every 10 steps) on ``data``."""
         from ema_pytorch import EMA
 
-        torch.manual_seed(seed)
-        self.device = torch.device(device)
-        self.batch = batch
-        self.unet = model or ddpm_pytorch_unet(self.lib)
-        self.diffusion = self.lib.GaussianDiffusion(self.unet, image_size=image_size, timesteps=1000).to(self.device)
+        self.diffusion = diffusion.to(self.device)
         self.opt = torch.optim.Adam(self.diffusion.parameters(), lr=1e-4, betas=(0.9, 0.99))
         self.ema = EMA(self.diffusion, beta=0.995, update_every=10).to(self.device)
-        data = digits_data(self.device) if data is None else data.to(self.device)
-        self.batches = _Batches((data + 1) / 2, batch, seed)  # its Dataset gives [0, 1]; it normalizes itself
+        self.batches = _Batches(data, self.batch, seed)
         self.params = count(self.unet)
 
     def step(self) -> None:
@@ -233,9 +240,6 @@ class DDPMPytorchRecipe:
         self.opt.step()
         self.opt.zero_grad()
         self.ema.update()
-
-    def sync(self) -> None:
-        _sync(self.device)
 
     @torch.no_grad()
     def sample(self, n: int, seed: int, steps: int = 50) -> torch.Tensor:
@@ -304,21 +308,10 @@ class DDPMPytorchToyRecipe(DDPMPytorchRecipe):
     ``auto_normalize`` off: the points are not images in [0, 1])."""
 
     def __init__(self, device="cpu", batch: int = 512, seed: int = 0):
-        self.lib = import_ddpm_pytorch()
-        if self.lib is None:
-            raise RuntimeError("denoising-diffusion-pytorch is not installed")
-        from ema_pytorch import EMA
-
-        torch.manual_seed(seed)
-        self.device = torch.device(device)
-        self.batch = batch
+        lib = self._start(import_ddpm_pytorch, "denoising-diffusion-pytorch", device, batch, seed)
         self.unet = DDPMPytorchMLP(toy_mlp())
-        self.diffusion = self.lib.GaussianDiffusion1D(self.unet, seq_length=1, timesteps=1000,
-                                                      auto_normalize=False).to(self.device)
-        self.opt = torch.optim.Adam(self.diffusion.parameters(), lr=1e-4, betas=(0.9, 0.99))
-        self.ema = EMA(self.diffusion, beta=0.995, update_every=10).to(self.device)
-        self.batches = _Batches(toy_data(self.device)[..., None], batch, seed)
-        self.params = count(self.unet)
+        diffusion = lib.GaussianDiffusion1D(self.unet, seq_length=1, timesteps=1000, auto_normalize=False)
+        self._train_with(diffusion, toy_data(self.device)[..., None], seed)
 
 
 def toy_recipe(library: str, device="cpu", batch: int = 512, seed: int = 0):

@@ -147,7 +147,7 @@ def draw_inputs(objective, process, x0: torch.Tensor, generator: torch.Generator
 def make_optimizer(params: list, tcfg: dict) -> torch.optim.AdamW:
     """AdamW, with torch's fused kernel where it exists for the parameters' device and dtype (CPU and CUDA).
 
-    The fused kernel is one pass over all parameters (on 2 CPU threads the digits U-Net's update takes 0.9 ms
+    The fused kernel is one pass over all parameters (on one CPU thread the digits U-Net's update takes 0.9 ms
     instead of 6.7 ms) and takes a ``found_inf`` flag that skips the whole update on the device, which lets
     :func:`train_step` skip a non-finite step without the host reading anything."""
     kw = {"lr": tcfg["lr"], "weight_decay": tcfg["weight_decay"]}

@@ -61,7 +61,7 @@ DEFAULT_CONFIG = "configs/digits.yaml"
 T_TRAIN = 1000
 FULL_NFE = (5, 8, 10, 15, 20, 25, 50)
 QUICK_NFE = (10, 25)
-ANCESTRAL_NFE = (50, 100, 200)  # the stochastic samplers on respaced chains
+ANCESTRAL_NFE = (5, 8, 10, 15, 20, 25, 50, 100, 200)  # the stochastic samplers on respaced chains
 FAIL_NFE = (10, 25)  # grid of the solvers that start at t = T unclipped (they fail; shown, not tuned)
 LAMBDA_MIN = -5.1  # diffusers' lambda_min_clipped for the cosine schedule (huggingface/diffusers PR #3314)
 
@@ -670,7 +670,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="samples per network call (default: all at once)")
     p.add_argument("--nfe", default=None, help="comma-separated NFE grid of the deterministic few-step samplers")
     p.add_argument("--ancestral-nfe", default=None,
-                   help="comma-separated NFE grid of the stochastic samplers on respaced chains (default 50,100,200)")
+                   help="comma-separated NFE grid of the stochastic samplers on respaced chains (default 5,8,10,15,20,25,50,100,200)")
     p.add_argument("--seeds", type=int, default=None, help="seeds of every non-reference configuration (default: "
                    "--ref-seeds, as the equal-quality rule needs; the failing unclipped runs: 1)")
     p.add_argument("--ref-seeds", type=int, default=3, help="seeds of the peers' 1000-step references")

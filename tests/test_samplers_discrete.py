@@ -285,6 +285,23 @@ def test_ddim_on_a_trailing_grid_follows_its_exact_law():
     torch.testing.assert_close(ddim(oracle, x, ts, eta=0.0), a, rtol=0, atol=0)
 
 
+def test_sample_spacing_from_a_config_reaches_the_sampler():
+    """``sample.spacing`` is validated and ``generate`` passes it on: the same draws as DDIM on the explicit grid."""
+    from diffusionlab.training.config import resolve
+    from diffusionlab.training.sampling import generate
+
+    with pytest.raises(DiffusionLabError, match="sample.spacing must be one of uniform, quadratic, trailing"):
+        resolve({"data": {"name": "ring"}}, ["sample.spacing=log"])
+    oracle = _oracle("2d", VPChain(linear_betas(1000)))
+    scfg = {"sampler": "ddim", "steps": 8, "eta": 0.0, "clip_x0": False, "spacing": "trailing"}
+    got = generate(oracle, scfg, num=64, seed=3, device="cpu", shape=(2,))
+    want = sample_in_chunks(ddim, oracle, (2,), 64, generator=torch.Generator().manual_seed(3), device="cpu",
+                            timesteps=make_timesteps(1000, 8, "trailing"), eta=0.0, clip_x0=False)
+    assert torch.equal(got, want.cpu())
+    uniform = generate(oracle, dict(scfg, spacing="uniform"), num=64, seed=3, device="cpu", shape=(2,))
+    assert not torch.allclose(got, uniform)
+
+
 @pytest.mark.parametrize("kind", ["2d", "fd"])
 def test_ddim_deterministic_converges(kind):
     """DDIM eta = 0 on 50 and 100 uniform steps: samples match the exact law of the deterministic chain; that law

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from diffusionlab.errors import DiffusionLabError
+from diffusionlab.samplers.timesteps import KINDS as SPACINGS
 
 
 class _SafeLoader(yaml.SafeLoader):
@@ -118,7 +119,7 @@ SAMPLE_SCHEMA = {
     "num": _POS_INT,
     "eta": ((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "clip_x0": (bool, lambda v: True, "true or false"),
-    "spacing": (str, lambda v: v in ("uniform", "quadratic", "trailing"), "one of uniform, quadratic, trailing"),
+    "spacing": (str, lambda v: v in SPACINGS, f"one of {', '.join(SPACINGS)}"),
 }
 PARAM_SCHEMA = {
     "prediction": (str, lambda v: v in ("eps", "x0", "v", "score"), "one of eps, x0, v, score"),

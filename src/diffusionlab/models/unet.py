@@ -147,6 +147,43 @@ def check_unet_options(in_channels, base_channels, channel_mults, num_res_blocks
     return mults
 
 
+def unet_layout(base_channels: int, mults, num_res_blocks: int, resolutions: list[int], attn: set[int], block: dict,
+                num_heads: int, groups: int, conv_resample: bool, seq, extra=None):
+    """DDPM's U-Net layout (Ho et al. 2020, appendix B), shared by :class:`UNet` and the space-time U-Net:
+    ``(down, mid, up, out_channels)``. Per level ``num_res_blocks`` residual blocks (``num_res_blocks + 1`` on the way
+    up, each taking a skip), attention where ``resolutions[level]`` is in ``attn``, resampling between levels; the
+    middle is ResBlock, attention, ResBlock. ``seq(layers)`` wraps each block's list of layers; ``extra(ch)``
+    returns layers to follow every residual block (the space-time U-Net's temporal layers)."""
+    extra = extra or (lambda ch: [])
+    down = nn.ModuleList()
+    skips, ch = [base_channels], base_channels
+    for level, mult in enumerate(mults):
+        for _ in range(num_res_blocks):
+            layers = [ResBlock(ch, mult * base_channels, **block)]
+            ch = mult * base_channels
+            layers += extra(ch)
+            if resolutions[level] in attn:
+                layers.append(AttentionBlock(ch, num_heads, groups))
+            down.append(seq(layers))
+            skips.append(ch)
+        if level != len(mults) - 1:
+            down.append(seq([Downsample(ch, conv_resample)]))
+            skips.append(ch)
+    mid = seq([ResBlock(ch, ch, **block), *extra(ch), AttentionBlock(ch, num_heads, groups), ResBlock(ch, ch, **block)])
+    up = nn.ModuleList()
+    for level in reversed(range(len(mults))):
+        for i in range(num_res_blocks + 1):
+            layers = [ResBlock(ch + skips.pop(), mults[level] * base_channels, **block)]
+            ch = mults[level] * base_channels
+            layers += extra(ch)
+            if resolutions[level] in attn:
+                layers.append(AttentionBlock(ch, num_heads, groups))
+            if level and i == num_res_blocks:
+                layers.append(Upsample(ch, conv_resample))
+            up.append(seq(layers))
+    return down, mid, up, ch
+
+
 class UNet(nn.Module):
     """Noise-conditioned U-Net: ``net(x (B, C, H, W), c_noise (B,)) -> (B, out_mult * C, H, W)``.
 
@@ -186,34 +223,9 @@ class UNet(nn.Module):
         block = dict(emb_dim=emb_dim, dropout=dropout, groups=groups, scale_shift=scale_shift)
 
         self.inp = conv3x3(in_channels, base_channels)
-        self.down = nn.ModuleList()
-        skips, ch = [base_channels], base_channels
-        for level, mult in enumerate(mults):
-            for _ in range(num_res_blocks):
-                layers = [ResBlock(ch, mult * base_channels, **block)]
-                ch = mult * base_channels
-                if resolutions[level] in attn:
-                    layers.append(AttentionBlock(ch, num_heads, groups))
-                self.down.append(EmbSequential(*layers))
-                skips.append(ch)
-            if level != len(mults) - 1:
-                self.down.append(EmbSequential(Downsample(ch, conv_resample)))
-                skips.append(ch)
-
-        self.mid = EmbSequential(ResBlock(ch, ch, **block), AttentionBlock(ch, num_heads, groups),
-                                 ResBlock(ch, ch, **block))
-
-        self.up = nn.ModuleList()
-        for level in reversed(range(len(mults))):
-            for i in range(num_res_blocks + 1):
-                layers = [ResBlock(ch + skips.pop(), mults[level] * base_channels, **block)]
-                ch = mults[level] * base_channels
-                if resolutions[level] in attn:
-                    layers.append(AttentionBlock(ch, num_heads, groups))
-                if level and i == num_res_blocks:
-                    layers.append(Upsample(ch, conv_resample))
-                self.up.append(EmbSequential(*layers))
-
+        self.down, self.mid, self.up, ch = unet_layout(
+            base_channels, mults, num_res_blocks, resolutions, attn, block, num_heads, groups, conv_resample,
+            seq=lambda layers: EmbSequential(*layers))
         self.out_norm = group_norm(ch, groups)
         self.out = zero_init(conv3x3(ch, out_mult * in_channels))
 

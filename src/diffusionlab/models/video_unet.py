@@ -30,14 +30,12 @@ from diffusionlab.errors import DiffusionLabError
 from diffusionlab.models.checks import check_keys, positive_int
 from diffusionlab.models.embedding import TimeEmbedding, check_c_noise, zero_init
 from diffusionlab.models.unet import (
-    AttentionBlock,
-    Downsample,
     ResBlock,
     UNet,
-    Upsample,
     check_unet_options,
     conv3x3,
     group_norm,
+    unet_layout,
 )
 
 TEMPORAL = ("conv", "attention", "both")
@@ -171,36 +169,9 @@ class VideoUNet(nn.Module):
             return out
 
         self.inp = conv3x3(in_channels, base_channels)
-        self.down = nn.ModuleList()
-        skips, ch = [base_channels], base_channels
-        for level, mult in enumerate(mults):
-            for _ in range(num_res_blocks):
-                layers = [ResBlock(ch, mult * base_channels, **block)]
-                ch = mult * base_channels
-                layers += temporal_layers(ch)
-                if resolutions[level] in attn:
-                    layers.append(AttentionBlock(ch, num_heads, groups))
-                self.down.append(SpaceTimeSequential(layers))
-                skips.append(ch)
-            if level != len(mults) - 1:
-                self.down.append(SpaceTimeSequential([Downsample(ch, conv_resample)]))
-                skips.append(ch)
-
-        self.mid = SpaceTimeSequential([ResBlock(ch, ch, **block), *temporal_layers(ch),
-                                        AttentionBlock(ch, num_heads, groups), ResBlock(ch, ch, **block)])
-
-        self.up = nn.ModuleList()
-        for level in reversed(range(len(mults))):
-            for i in range(num_res_blocks + 1):
-                layers = [ResBlock(ch + skips.pop(), mults[level] * base_channels, **block)]
-                ch = mults[level] * base_channels
-                layers += temporal_layers(ch)
-                if resolutions[level] in attn:
-                    layers.append(AttentionBlock(ch, num_heads, groups))
-                if level and i == num_res_blocks:
-                    layers.append(Upsample(ch, conv_resample))
-                self.up.append(SpaceTimeSequential(layers))
-
+        self.down, self.mid, self.up, ch = unet_layout(
+            base_channels, mults, num_res_blocks, resolutions, attn, block, num_heads, groups, conv_resample,
+            seq=SpaceTimeSequential, extra=temporal_layers)
         self.out_norm = group_norm(ch, groups)
         self.out = zero_init(conv3x3(ch, out_mult * in_channels))
 

@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 
+from diffusionlab import io as dio
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.training import checkpoint as ck
 from diffusionlab.training.config import apply_overrides, load_config, load_yaml, resolve
@@ -153,23 +154,23 @@ def test_pickle_with_code_is_refused_and_not_executed(tmp_path):
     with open(evil, "wb") as f:
         pickle.dump({"weight": Evil()}, f)
     with pytest.raises(DiffusionLabError, match="refused"):
-        ck.load_weights(evil)
+        dio.load_weights(evil)
     assert not marker.exists(), "the pickled code ran"
 
 
 def test_plain_torch_weights_load_weights_only(tmp_path):
     p = tmp_path / "w.pt"
     torch.save({"a": torch.ones(2)}, p)
-    assert torch.equal(ck.load_weights(p)["a"], torch.ones(2))
+    assert torch.equal(dio.load_weights(p)["a"], torch.ones(2))
 
 
 def test_not_a_safetensors_file(tmp_path):
     p = tmp_path / "x.safetensors"
     p.write_bytes(b"garbage")
     with pytest.raises(DiffusionLabError, match="not a valid safetensors"):
-        ck.load_weights(p)
+        dio.load_weights(p)
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
-    ck.atomic_write_bytes(tmp_path / "a.json", json.dumps({"x": 1}).encode())
+    dio.atomic_write_bytes(tmp_path / "a.json", json.dumps({"x": 1}).encode())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

@@ -51,7 +51,7 @@ def cmd_train(args) -> int:
 # -- sample -------------------------------------------------------------------------------------------------
 def _write_samples(x_display, kind: str, out: Path) -> None:
     """Write samples (display space) to ``.npz`` (key ``x``), ``.npy`` or a ``.png`` grid/scatter, atomically."""
-    from diffusionlab.training.checkpoint import atomic_write_bytes
+    from diffusionlab.io import atomic_write_bytes
 
     if out.suffix not in SAMPLE_SUFFIXES:
         raise DiffusionLabError(f"--out must end in one of {', '.join(SAMPLE_SUFFIXES)}, got {out}")
@@ -74,9 +74,10 @@ def _write_samples(x_display, kind: str, out: Path) -> None:
     else:
         from diffusionlab.plotting import save_samples
 
-        tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-        save_samples(arr, kind, tmp)
-        os.replace(tmp, out)
+        from diffusionlab.io import atomic_path
+
+        with atomic_path(out) as tmp:
+            save_samples(arr, kind, tmp)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -166,7 +167,7 @@ def cmd_demo(args) -> int:
 
     from diffusionlab.metrics import evaluate_digits
     from diffusionlab.plotting import save_image_grid
-    from diffusionlab.training.checkpoint import atomic_write_bytes
+    from diffusionlab.io import atomic_write_bytes
     from diffusionlab.training.config import load_config
     from diffusionlab.training.sampling import generate, load_run
     from diffusionlab.training.trainer import train

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from diffusionlab.tiling import enlarge, image_grid
 
 
 def _agg():
@@ -19,29 +19,11 @@ def _agg():
     return plt
 
 
-def image_grid(x01, nrow: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile images ``(N, C, H, W)`` in [0, 1] into one uint8 array ``(H', W')`` or ``(H', W', 3)``."""
-    x = torch.as_tensor(x01).detach().float().cpu().clamp(0, 1)
-    if x.ndim == 3:
-        x = x.unsqueeze(1)
-    n, c, h, w = x.shape
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
-    ncol = int(math.ceil(n / nrow))
-    grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = x[i]
-    arr = (grid.numpy() * 255 + 0.5).astype(np.uint8)
-    return arr[0] if c == 1 else arr.transpose(1, 2, 0)
-
-
 def save_image_grid(x01, path, nrow: int | None = None, scale: int = 4) -> Path:
     """Write a PNG grid of images in [0, 1], each pixel enlarged ``scale`` times (8x8 digits stay visible)."""
     import imageio.v3 as iio
 
-    arr = image_grid(x01, nrow)
-    if scale > 1:
-        arr = np.kron(arr, np.ones((scale, scale) + ((1,) if arr.ndim == 3 else ()), dtype=np.uint8))
+    arr = enlarge(image_grid(x01, nrow), scale)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, arr)

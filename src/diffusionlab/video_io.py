@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.plotting import image_grid
+from diffusionlab.io import atomic_path
+from diffusionlab.tiling import enlarge, image_grid
 
 VIDEO_SUFFIXES = (".npz", ".npy", ".gif", ".mp4", ".png")
 
@@ -36,27 +37,15 @@ def as_videos(x) -> torch.Tensor:
 
 
 def _atomic(path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename to ``path`` (the temporary keeps the suffix for imageio); the parent
-    directory is created if needed, as :mod:`diffusionlab.plotting` does."""
+    """Call ``write(tmp_path)`` on a temporary next to ``path`` (it keeps the suffix, for imageio), then rename it
+    to ``path`` (:func:`diffusionlab.io.atomic_path`)."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            write(tmp)
     except OSError as e:
         raise DiffusionLabError(f"cannot write {path}: {e.strerror or e}") from None
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
-
-
-def _enlarge(arr: np.ndarray, scale: int) -> np.ndarray:
-    if scale <= 1:
-        return arr
-    return np.kron(arr, np.ones((scale, scale) + ((1,) * (arr.ndim - 2)), dtype=arr.dtype))
 
 
 def tile_frames(videos, ncol: int | None = None, scale: int = 4, pad: int = 1) -> np.ndarray:
@@ -64,7 +53,7 @@ def tile_frames(videos, ncol: int | None = None, scale: int = 4, pad: int = 1) -
     ``(F, H', W')`` for grey, ``(F, H', W', 3)`` for colour; pixels enlarged ``scale`` times."""
     v = as_videos(videos)
     ncol = ncol or max(1, math.ceil(math.sqrt(v.shape[0])))
-    frames = [_enlarge(image_grid(v[:, :, f], nrow=ncol, pad=pad), scale) for f in range(v.shape[2])]
+    frames = [enlarge(image_grid(v[:, :, f], nrow=ncol, pad=pad), scale) for f in range(v.shape[2])]
     return np.stack(frames)
 
 
@@ -73,7 +62,7 @@ def frame_grid(videos, scale: int = 4, pad: int = 1) -> np.ndarray:
     v = as_videos(videos)
     n, c, f, h, w = v.shape
     flat = v.transpose(1, 2).reshape(n * f, c, h, w)  # row-major: video n, frame k at index n * F + k
-    return _enlarge(image_grid(flat, nrow=f, pad=pad), scale)
+    return enlarge(image_grid(flat, nrow=f, pad=pad), scale)
 
 
 def save_frame_grid(videos, path, scale: int = 4) -> Path:

@@ -32,7 +32,7 @@ from diffusionlab.data.arrays import ArrayDataset, load_array
 from diffusionlab.data.images import DIGITS_TEST_SIZE, digits_split
 from diffusionlab.data.scaling import from_uint8, to_model, to_uint8, to_unit
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.models.checks import check_keys
+from diffusionlab.checks import check_keys
 
 _LOADERS: dict[str, Callable[..., ArrayDataset]] = {
     "ring": toy2d.ring,

@@ -16,7 +16,7 @@ import torch
 
 from diffusionlab.data.scaling import from_uint8, to_model, to_unit
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.models.checks import choice
+from diffusionlab.checks import choice
 
 KINDS = ("points", "images", "videos")
 _KIND_BY_NDIM = {2: "points", 4: "images", 5: "videos"}

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from diffusionlab.data.arrays import ArrayDataset
 from diffusionlab.data.scaling import from_uint8, to_model
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.models.checks import choice, positive_int
+from diffusionlab.checks import choice, positive_int
 
 #: Size of the fixed digits test split: the last 297 of the 1797 images (1500 train).
 DIGITS_TEST_SIZE = 297

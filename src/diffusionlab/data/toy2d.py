@@ -16,7 +16,7 @@ import torch
 
 from diffusionlab.data.arrays import ArrayDataset
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.models.checks import positive_int, real
+from diffusionlab.checks import positive_int, real
 
 
 def _gen(seed: int) -> torch.Generator:

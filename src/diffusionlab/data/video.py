@@ -28,7 +28,7 @@ from diffusionlab.data.arrays import ArrayDataset
 from diffusionlab.data.images import _digits_arrays, _folder, _square_resize, digits_split
 from diffusionlab.data.scaling import from_uint8, to_model
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.models.checks import choice, positive_int, real
+from diffusionlab.checks import choice, positive_int, real
 
 DIGIT = 8  #: side of sklearn's digits
 VIDEO_EXTENSIONS = (".gif", ".mp4", ".npy")

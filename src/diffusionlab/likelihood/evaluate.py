@@ -166,15 +166,12 @@ def baselines(train: torch.Tensor, x_eval_raw: torch.Tensor, x_eval: torch.Tenso
 
 # ---- the two metrics ------------------------------------------------------------------------------------------
 def _batches(x: torch.Tensor, batch_size: int, desc: str, progress: bool):
-    """``x`` split into batches of ``batch_size`` points, behind a tqdm bar (stderr) when ``progress``."""
+    """``x`` split into batches of ``batch_size`` points, behind a progress display (stderr) when ``progress``."""
+    from diffusionlab.progress import progress as progress_display
+
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DiffusionLabError(f"batch size must be an integer >= 1, got {batch_size!r}")
-    batches = torch.split(x, batch_size)
-    if not progress:
-        return batches
-    from tqdm.auto import tqdm
-
-    return tqdm(batches, desc=desc, leave=False)
+    return progress_display(torch.split(x, batch_size), desc=desc, enabled=progress)
 
 
 def nll_metrics(model, x: torch.Tensor, levels: int | None = None, batch_size: int = 128, divergence: str = "exact",

@@ -178,11 +178,9 @@ def dataset_log_likelihood(model, data, batch_size: int = 256, progress: bool = 
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DiffusionLabError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    batches = _batches(data, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    from diffusionlab.progress import progress as progress_display
 
-        batches = tqdm(batches, desc="log-likelihood", leave=False)
+    batches = progress_display(_batches(data, batch_size), desc="log-likelihood", enabled=progress)
     nll, se2, nfe, dim = [], [], 0, None
     for xb in batches:
         out = ode_log_likelihood(model, xb, **kwargs)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.models.checks import check_keys, positive_int
+from diffusionlab.checks import check_keys, positive_int
 from diffusionlab.models.mlp import MLP
 from diffusionlab.models.unet import UNet
 from diffusionlab.models.video_unet import VIDEO_UNET_OPTIONS, build_video_unet

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from diffusionlab.utils import per_batch
-from diffusionlab.models.checks import positive_int, real
+from diffusionlab.checks import positive_int, real
 
 
 def check_c_noise(c_noise, x: torch.Tensor) -> torch.Tensor:

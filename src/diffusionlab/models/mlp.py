@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.models.checks import positive_int
+from diffusionlab.checks import positive_int
 from diffusionlab.models.embedding import TimeEmbedding, check_c_noise, zero_init
 
 

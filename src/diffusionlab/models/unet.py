@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.models.checks import int_tuple, positive_int, real
+from diffusionlab.checks import int_tuple, positive_int, real
 from diffusionlab.models.embedding import TimeEmbedding, check_c_noise, zero_init
 
 

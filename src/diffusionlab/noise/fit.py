@@ -187,7 +187,7 @@ def save_covariance(cov: Covariance, path, size: int | None = None, meta: dict |
     and, for a fitted covariance, how it was fitted, plus ``meta``). Atomic: written to a temporary file, then
     renamed, under a unique name (every rank of a torchrun job may write the same file). ``size`` is needed only
     for the identity."""
-    from diffusionlab.training.checkpoint import save_safetensors_atomic
+    from diffusionlab.io import save_safetensors_atomic
 
     m = cov.matrix(size if size is not None else cov.size).to(_F64).contiguous()
     info = {"format": FORMAT, "axis": cov.axis, "name": getattr(cov, "name", type(cov).__name__),

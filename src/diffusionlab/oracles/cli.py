@@ -139,7 +139,7 @@ def _check_out(path: str, suffix: str = ".npy") -> Path:
 
 
 def _save_npy(out: Path, arr: np.ndarray) -> None:
-    from diffusionlab.training.checkpoint import atomic_write_bytes
+    from diffusionlab.io import atomic_write_bytes
 
     buf = io.BytesIO()
     np.save(buf, arr)
@@ -303,7 +303,7 @@ def cmd_bench_samplers(args) -> int:
         payload = {"gmm": args.gmm, "process": args.process, "noise": args.noise, "num": args.num,
                    "budgets": budgets, "records": records, "floor_checks": checks, "seconds": seconds,
                    "machine": machine}
-        from diffusionlab.training.checkpoint import atomic_write_bytes
+        from diffusionlab.io import atomic_write_bytes
 
         atomic_write_bytes(Path(args.json), json.dumps(payload, indent=1).encode())
     return 0

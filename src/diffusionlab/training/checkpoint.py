@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffusionlab.errors import DiffusionLabError
+from diffusionlab.io import default_mode, fsync_dir, fsync_file
 
 CKPT_DIR = "checkpoints"
 FILES = ("model.safetensors", "ema.safetensors", "state.safetensors")
@@ -38,83 +39,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _default_mode(directory: bool = False) -> int:
-    """Permissions a plain ``open(..., "w")`` / ``mkdir`` would give (``mkstemp``/``mkdtemp`` use 0600/0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """``safetensors`` serialisation written through :func:`atomic_write_bytes`."""
-    from safetensors.torch import save
-
-    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
-
-
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a weights file without unpickling: safetensors, or ``torch.load(weights_only=True)`` for
-    ``.pt``/``.pth``/``.bin`` files from elsewhere. A file carrying pickled code is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise DiffusionLabError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path), device=str(device))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise DiffusionLabError(f"{path} is not a valid safetensors file ({e})") from None
-    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        import pickle
-
-        try:
-            obj = torch.load(str(path), map_location=device, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DiffusionLabError(
-                f"refused to load {path}: it is not a plain weights file (weights_only load failed: {first}); "
-                "nothing in it was executed"
-            ) from None
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise DiffusionLabError(f"{path} does not hold a flat mapping of tensors")
-        return obj
-    raise DiffusionLabError(f"unsupported weights file {path}: use .safetensors (or .pt/.pth loaded weights-only)")
 
 
 # -- optimizer / RNG state <-> flat tensors ----------------------------------------------------------------
@@ -172,7 +96,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_sd: dict, ema_sd: dict
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.", dir=root))
-    os.chmod(tmp, _default_mode(directory=True))
+    os.chmod(tmp, default_mode(directory=True))
     try:
         opt_tensors, opt_meta = _pack_optimizer(optimizer)
         save_file({k: v.detach().contiguous().cpu() for k, v in model_sd.items()}, str(tmp / FILES[0]))
@@ -181,18 +105,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model_sd: dict, ema_sd: dict
         save_file(state, str(tmp / FILES[2]))
         files = {}
         for name in FILES:
-            _fsync_file(tmp / name)
+            fsync_file(tmp / name)
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
         meta = {"step": step, "optimizer": opt_meta, "files": files, "extra": extra or {}}
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

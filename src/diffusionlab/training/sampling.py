@@ -9,7 +9,7 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.training.build import build_dataset, build_model, build_process, resolve_device
-from diffusionlab.training.checkpoint import load_weights
+from diffusionlab.io import load_weights
 from diffusionlab.training.config import load_config
 
 # options of the run's `sample` section that a sampler may accept

@@ -19,14 +19,8 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.training.build import build_dataset, build_model, build_process
-from diffusionlab.training.checkpoint import (
-    atomic_write_bytes,
-    list_checkpoints,
-    load_latest_checkpoint,
-    restore_rng,
-    save_checkpoint,
-    save_safetensors_atomic,
-)
+from diffusionlab.io import atomic_write_bytes, save_safetensors_atomic
+from diffusionlab.training.checkpoint import list_checkpoints, load_latest_checkpoint, restore_rng, save_checkpoint
 from diffusionlab.training.config import dump
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "bad_steps"]
@@ -296,8 +290,7 @@ def train(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool =
     each rank takes its slice of the same global batch (``train.batch_size``, which must divide by the number of
     processes); rank 0 alone logs, checkpoints and writes the final weights.
     """
-    from tqdm.auto import tqdm
-
+    from diffusionlab.progress import progress as progress_display
     from diffusionlab.training.distributed import Distributed
 
     out = Path(out_dir)
@@ -356,8 +349,8 @@ def train(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool =
                     "lower train.lr or check the data"
                 )
 
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not (progress and dist.is_main), desc="train",
-               dynamic_ncols=True)
+    bar = progress_display(range(start, steps), total=steps, initial=start, desc="train",
+                           enabled=progress and dist.is_main)
     p.model.train()
     logf = open(log_path, "a", newline="") if dist.is_main else None
     writer = csv.DictWriter(logf, fieldnames=LOG_FIELDS) if logf else None

@@ -1,6 +1,6 @@
 """Validation of user options (network and dataset configs), each failure a :class:`DiffusionLabError`.
 
-Shared by :mod:`diffusionlab.models` and :mod:`diffusionlab.data`: every message names the option, the bad
+Used by every package (networks, datasets, processes, samplers, the config): every message names the option, the bad
 value and what is allowed.
 """
 

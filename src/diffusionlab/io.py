@@ -1,0 +1,119 @@
+"""Writing files so that nothing is ever half-written, and reading weights without unpickling.
+
+Every file the package writes goes through :func:`atomic_write_bytes` (bytes) or :func:`atomic_path` (a writer that
+needs a path, e.g. imageio or matplotlib): the data go to a temporary file in the target's directory, are
+fsync'ed, and the file is renamed over the target (then the directory is fsync'ed). A kill at any moment leaves
+either the previous file or the new one. :func:`load_weights` reads safetensors, or ``.pt`` files with
+``torch.load(weights_only=True)``: a pickle that carries code is refused and never executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from diffusionlab.errors import DiffusionLabError
+
+#: prefix of every temporary file or directory the package writes next to its target
+TMP_PREFIX = ".dltmp."
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory entry (after a rename inside it); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permissions a plain ``open(..., "w")`` / ``mkdir`` would give (``mkstemp``/``mkdtemp`` use 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def _temp_name(path: Path) -> str:
+    """A unique temporary path next to ``path`` that keeps its suffix (imageio picks the format from it) and
+    names the writing process (so stale temporaries of dead writers can be recognised)."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}.{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """``with atomic_path(p) as tmp: write(tmp)``: the file written to ``tmp`` replaces ``p`` only when the block
+    succeeds (fsync'ed, renamed); on any error the temporary is removed and ``p`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        yield Path(tmp)
+        fsync_file(tmp)
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (module docstring)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """``safetensors`` serialisation written through :func:`atomic_write_bytes`."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a weights file without unpickling: safetensors, or ``torch.load(weights_only=True)`` for
+    ``.pt``/``.pth``/``.bin``/``.ckpt`` files from elsewhere. A file carrying pickled code is refused."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DiffusionLabError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device=str(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DiffusionLabError(f"{path} is not a valid safetensors file ({e})") from None
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        import pickle
+
+        try:
+            obj = torch.load(str(path), map_location=device, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DiffusionLabError(
+                f"refused to load {path}: it is not a plain weights file (weights_only load failed: {first}); "
+                "nothing in it was executed"
+            ) from None
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise DiffusionLabError(f"{path} does not hold a flat mapping of tensors")
+        return obj
+    raise DiffusionLabError(f"unsupported weights file {path}: use .safetensors (or .pt/.pth loaded weights-only)")

@@ -161,7 +161,7 @@ def test_marginal_matches_simulated_chain(chain_name, cov_name):
     x = x0
     n_rows = N * D
     for t in range(1, chain.T + 1):
-        x = chain.transition(x, t, generator=g)
+        x = chain.forward_step(x, t, generator=g)
         mean, std = chain.marginal(x0, t)
         std = float(std.reshape(-1)[0])
         # mean of each entry: 5 standard errors sigma_t sqrt(C_ff) / sqrt(N) over N chains (the run is seeded;
@@ -190,7 +190,7 @@ def test_erratum_1_forward_mean_sqrt_abar():
     x0 = _x0_fixed()
     x = x0
     for t in range(1, chain.T + 1):
-        x = chain.transition(x, t, generator=g)
+        x = chain.forward_step(x, t, generator=g)
     T = chain.T
     se = math.sqrt(1 - abar[T]) / math.sqrt(N)  # C has unit diagonal
     emp = x.mean(0)
@@ -218,7 +218,7 @@ def test_transition_with_given_noise_and_per_sample_steps():
     x = torch.randn(4, 2, 3, 2, 2, dtype=F64)
     z = torch.randn(4, 2, 3, 2, 2, dtype=F64)
     t = torch.tensor([1, 5, 12, 3])
-    out = chain.transition(x, t, noise=z)
+    out = chain.forward_step(x, t, noise=z)
     for i, ti in enumerate(t.tolist()):
         b = USER_BETAS[ti - 1]
         assert torch.allclose(out[i], math.sqrt(1 - b) * x[i] + math.sqrt(b) * z[i], atol=1e-14)
@@ -278,7 +278,7 @@ def _posterior_regression(chain, t, seed):
     g = torch.Generator().manual_seed(seed)
     x0 = 1.3 * torch.randn(N, F, D, generator=g, dtype=F64)
     x_prev, _ = chain.sample_marginal(x0, t - 1, generator=g)
-    x_t = chain.transition(x_prev, t, generator=g)
+    x_t = chain.forward_step(x_prev, t, generator=g)
     X = torch.cat([_frame_rows(x_t), _frame_rows(x0)], 1)  # (N D, 2F)
     Y = _frame_rows(x_prev)  # (N D, F)
     coef = torch.linalg.lstsq(X, Y).solution
@@ -410,4 +410,4 @@ def test_chain_input_errors():
     with pytest.raises(DiffusionLabError, match="equal lengths"):
         GaussianChain([0.9, 0.9], [0.1])
     with pytest.raises(DiffusionLabError, match="has 3 entries"):
-        VPChain(USER_BETAS, Mixed(0.5, F, 1)).transition(torch.zeros(2, 3, D), 1)
+        VPChain(USER_BETAS, Mixed(0.5, F, 1)).forward_step(torch.zeros(2, 3, D), 1)

@@ -30,8 +30,7 @@ import math
 import torch
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.samplers.continuous import probability_flow_drift, stop_at_end
-from diffusionlab.samplers.grids import check_continuous
+from diffusionlab.odeint import solve
 from diffusionlab.utils import sum_except_batch
 
 _F64 = torch.float64
@@ -85,7 +84,7 @@ def drift_and_divergence(model, x: torch.Tensor, t, divergence: str = "exact", p
     or ``(K, B)`` (Hutchinson, one row per probe). Both detached; one model evaluation."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        v = probability_flow_drift(model, xg, t)
+        v = model.process.ode_drift(xg, t, model.c_score(xg, t))
         if divergence == "exact":
             div = exact_divergence(v, xg)[None]
         else:
@@ -123,13 +122,11 @@ def ode_log_likelihood(model, x: torch.Tensor, eps: float = 1e-5, method: str = 
     ``z`` (the points mapped to ``T``).
     """
     process = model.process
-    check_continuous(process)
+    process.require_continuous("the probability-flow ODE likelihood")
     _check_options(divergence, probe, num_probes)
     T = float(process.T)
     if not (0.0 < float(eps) < T):
         raise DiffusionLabError(f"eps must lie in (0, T = {T}), got {eps!r}")
-    from torchdiffeq import odeint
-
     x = x.detach().to(dtype)
     process.cov.check(x)
     b = x.shape[0]
@@ -142,12 +139,9 @@ def ode_log_likelihood(model, x: torch.Tensor, eps: float = 1e-5, method: str = 
     def augmented(t, state):
         return drift_and_divergence(model, state[0], t, divergence, probes)
 
-    span = torch.tensor([float(eps), T], dtype=_F64, device=x.device)
     state0 = (x, torch.zeros(rows, b, dtype=dtype, device=x.device))
     with torch.no_grad():
-        zs, ints = odeint(augmented, state0, span, method=method, rtol=rtol, atol=atol,
-                          options=stop_at_end(options, span, method))
-    z, int_div = zs[-1], ints[-1]
+        z, int_div = solve(augmented, state0, float(eps), T, method, rtol, atol, options)
     prior = process.prior_log_prob(z)
     per_probe = prior[None] + int_div  # (rows, B)
     ll = per_probe.mean(0)

@@ -108,21 +108,17 @@ class ChainAsSDE(DiffusionModel):
         super().__init__(model.net, sde, prediction=model.prediction, learn_variance=model.learn_variance,
                          scale_input=model.scale_input)
         chain = model.process
-        ab = chain.alpha_bar[1:]
         self.chain_T = int(chain.T)
-        self.register_buffer("neg_logsnr", -(torch.log(ab) - torch.log1p(-ab)), persistent=False)  # increasing
+        neg = -chain.logsnr(torch.arange(1, chain.T + 1))
+        self.register_buffer("neg_logsnr", neg, persistent=False)  # increasing
 
     def time_of_step(self, i) -> torch.Tensor:
         """SDE time (float64) whose log-SNR equals the chain's at step ``i`` (1..T)."""
-        from diffusionlab.samplers.grids import t_from_logsnr
-
         i = torch.as_tensor(i)
-        return t_from_logsnr(self.process, -self.neg_logsnr.cpu()[i.long() - 1])
+        return self.process.time_at_logsnr(-self.neg_logsnr.cpu()[i.long() - 1])
 
     def c_noise(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        from diffusionlab.samplers.grids import logsnr
-
-        nl = -logsnr(self.process, t.to(_F64))
+        nl = -self.process.logsnr(t.to(_F64))
         grid = self.neg_logsnr.to(nl.device)
         k = torch.searchsorted(grid, nl.contiguous()).clamp(1, grid.numel() - 1)
         lo, hi = grid[k - 1], grid[k]
@@ -133,10 +129,10 @@ class ChainAsSDE(DiffusionModel):
 def sde_view(model, beta_min: float = 0.1, beta_max: float = 20.0) -> ChainAsSDE:
     """A model trained on a VP chain as a model of ``VPSDE(beta_min, beta_max)`` with the same noise covariance
     (:class:`ChainAsSDE`: conditioning matched by log-SNR, so any chain schedule works)."""
-    from diffusionlab.processes import VPChain, VPSDE
+    from diffusionlab.processes import VPSDE
 
-    if not isinstance(model.process, VPChain):
-        raise DiffusionLabError(f"sde_view needs a model trained on a VP chain, got {model.process!r}")
+    if not (model.process.discrete and model.process.variance_preserving):
+        raise DiffusionLabError(f"sde_view needs a model trained on a variance-preserving (VP) chain, got {model.process!r}")
     return ChainAsSDE(model, VPSDE(beta_min, beta_max, cov=model.process.cov))
 
 

@@ -6,27 +6,18 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.parametrization import Prediction, batch_t, coeffs_like, output_from_eps_x0
-from diffusionlab.processes.discrete import GaussianChain
 
 
-def require_chain(process, what: str) -> GaussianChain:
-    if not isinstance(process, GaussianChain):
-        raise DiffusionLabError(f"{what} needs a discrete chain (VPChain, VEChain, GaussianChain), got {process!r}")
+def require_chain(process, what: str):
+    """``process`` if it is a discrete chain; :class:`DiffusionLabError` naming ``what`` otherwise."""
+    process.require_discrete(what)
     return process
 
 
 def draw_t(process, x0: torch.Tensor, generator: torch.Generator | None = None, t_min: float = 1e-5) -> torch.Tensor:
-    """``t ~ U{1..T}`` for a chain (int64), ``t ~ U(t_min, T)`` for an SDE (float64); ``(B,)`` on ``x0``'s device.
-
-    Drawn on the generator's device, then moved (a CPU generator works for accelerator data)."""
-    dev = generator.device if generator is not None else x0.device
-    b = x0.shape[0]
-    if isinstance(process, GaussianChain):
-        t = torch.randint(1, process.T + 1, (b,), generator=generator, device=dev)
-    else:
-        T = float(process.T)
-        t = t_min + (T - t_min) * torch.rand(b, generator=generator, device=dev, dtype=torch.float64)
-    return t.to(x0.device)
+    """Training times for the batch ``x0`` (:meth:`~diffusionlab.processes.GaussianProcess.draw_t`): ``U{1..T}`` on
+    a chain, ``U(t_min, T)`` on an SDE; drawn on the generator's device, then moved to ``x0``'s."""
+    return process.draw_t(x0.shape[0], generator, x0.device, t_min)
 
 
 def draw_noise(process, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

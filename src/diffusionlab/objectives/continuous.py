@@ -28,7 +28,7 @@ The objective is the uniform-time average ``E_{t ~ U[eps, T]} E_{x_0, eps}[loss]
   by ``1 / ((T - eps) p(t))`` so the estimator stays unbiased for the same objective (Song et al. 2021, MLE
   paper, Sec. 5). For any linear SDE ``g^2 / sigma^2 = -d lambda_snr / dt`` with ``lambda_snr = log(s^2 / sigma^2)``
   (from ``d sigma^2 / dt = 2 f sigma^2 + g^2``), so this density is *uniform in log-SNR*: ``t`` is the inverse
-  log-SNR (:func:`~diffusionlab.samplers.grids.t_from_logsnr`) of a uniform draw, and the weight is
+  log-SNR (:meth:`~diffusionlab.processes.GaussianProcess.time_at_logsnr`) of a uniform draw, and the weight is
   ``(lambda_snr(eps) - lambda_snr(T)) sigma^2 / ((T - eps) g^2)``. With ``weighting="likelihood"`` the weighted
   loss is then ``sigma^2``-weighted times a constant, removing the ``1/t`` spike of ``g^2 / sigma^2``.
 """
@@ -40,7 +40,6 @@ import torch
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.objectives.common import check_keys, draw_noise
 from diffusionlab.parametrization import batch_t
-from diffusionlab.samplers.grids import check_continuous, check_eps, logsnr, t_from_logsnr
 from diffusionlab.utils import bcast, per_sample_dim
 
 _F64 = torch.float64
@@ -62,19 +61,19 @@ class ContinuousDSM:
     """
 
     def __init__(self, process, weighting: str = "sigma2", t_sampling: str = "uniform", eps: float = 1e-5):
-        check_continuous(process)
+        process.require_continuous("continuous-time denoising score matching")
         if weighting not in WEIGHTINGS:
             raise DiffusionLabError(f"unknown DSM weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
         if t_sampling not in T_SAMPLINGS:
             raise DiffusionLabError(f"unknown time sampling {t_sampling!r}; allowed: {', '.join(T_SAMPLINGS)}")
-        eps = check_eps(process, eps)
+        eps = process.check_eps(eps)
         self.process = process
         self.weighting = weighting
         self.t_sampling = t_sampling
         self.eps = eps
         self.T = float(process.T)
-        self._lam_T = float(logsnr(process, self.T))
-        self._lam_eps = float(logsnr(process, eps))
+        self._lam_T = float(process.logsnr(self.T))
+        self._lam_eps = float(process.logsnr(eps))
 
     # -- time -----------------------------------------------------------------------------------------------
     def sample_t(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -86,7 +85,7 @@ class ContinuousDSM:
             u = (perm + u) / batch
         if self.t_sampling == "importance":
             lam = self._lam_T + u * (self._lam_eps - self._lam_T)  # uniform in log-SNR
-            t = t_from_logsnr(self.process, lam, lo=self.eps, hi=self.T).clamp(self.eps, self.T)
+            t = self.process.time_at_logsnr(lam).clamp(self.eps, self.T)
         else:
             t = self.eps + (self.T - self.eps) * u
         return t.to(device) if device is not None else t

@@ -24,7 +24,7 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.covariance import Covariance
-from diffusionlab.processes.base import GaussianProcess
+from diffusionlab.processes.base import GaussianProcess, as_f64, posterior_coefficients_between
 from diffusionlab.schedules import as_betas, as_sigmas
 from diffusionlab.utils import bcast
 
@@ -43,6 +43,8 @@ class GaussianChain(GaussianProcess):
     :meth:`~diffusionlab.processes.sde.LinearSDE.discretize` returns for the sub-VP SDE.
     """
 
+    discrete = True
+
     def __init__(self, a, b, cov: Covariance | None = None, prior_std: float | None = None):
         super().__init__(cov)
         a = torch.as_tensor(a, dtype=_F64).reshape(-1)
@@ -58,15 +60,10 @@ class GaussianChain(GaussianProcess):
         self.mean_scale = s  # s_t, index 0..T
         self.sigma = sigma  # sigma_t, index 0..T
         self.prior_std = float(sigma[-1]) if prior_std is None else float(prior_std)
-        # posterior coefficients, index 1..T (index 0 unused, set to the t = 1 values' limits)
-        s2 = sigma**2
-        A = torch.zeros(self.T + 1, dtype=_F64)
-        B = torch.zeros(self.T + 1, dtype=_F64)
-        V = torch.zeros(self.T + 1, dtype=_F64)
-        A[1:] = self.a[1:] * s2[:-1] / s2[1:]
-        B[1:] = s[:-1] * self.b[1:] ** 2 / s2[1:]
-        V[1:] = self.b[1:] ** 2 * s2[:-1] / s2[1:]
-        self.post_A, self.post_B, self.post_var = A, B, V
+        # posterior coefficients of consecutive steps, index 1..T (index 0 unused: zeros)
+        zero = torch.zeros(1, dtype=_F64)
+        A, B, V = posterior_coefficients_between(s[1:], sigma[1:], s[:-1], sigma[:-1])
+        self.post_A, self.post_B, self.post_var = (torch.cat([zero, v]) for v in (A, B, V))
         self._dev_cache: dict = {}
 
     def _closed_form_coeffs(self):
@@ -106,8 +103,21 @@ class GaussianChain(GaussianProcess):
     def coeffs_like(self, t, x):
         return self.at("mean_scale", t, x), self.at("sigma", t, x)
 
+    def time_at_logsnr(self, lam) -> torch.Tensor:
+        """The step ``1..T`` whose log-SNR is nearest to ``lam`` (int64, shaped like ``lam``)."""
+        lam = as_f64(lam)
+        table = self.logsnr(torch.arange(1, self.T + 1))  # decreasing in t
+        return (lam.reshape(-1, 1) - table[None, :]).abs().argmin(1).reshape(lam.shape) + 1
+
+    def draw_t(self, batch: int, generator: torch.Generator | None = None, device=None,
+               t_min: float = 1e-5) -> torch.Tensor:
+        """``t ~ U{1..T}`` (int64 ``(B,)``; ``t_min`` applies to SDEs only)."""
+        dev = generator.device if generator is not None else device
+        t = torch.randint(1, self.T + 1, (batch,), generator=generator, device=dev)
+        return t if device is None else t.to(device)
+
     # -- the chain ------------------------------------------------------------------------------------------
-    def transition(self, x_prev: torch.Tensor, t, noise: torch.Tensor | None = None, generator=None):
+    def forward_step(self, x_prev: torch.Tensor, t, noise: torch.Tensor | None = None, generator=None):
         """One forward step ``x_t = a_t x_{t-1} + b_t eps``, ``eps ~ N(0, C)``."""
         if noise is None:
             self.cov.check(x_prev)
@@ -135,6 +145,8 @@ class VPChain(GaussianChain):
     ``alpha``, ``alpha_bar``, ``beta_tilde`` (the posterior variance factor ``C_t^2``).
     """
 
+    variance_preserving = True
+
     def __init__(self, betas, cov: Covariance | None = None):
         betas = as_betas(betas)
         self.beta = _pad(betas, 0.0)
@@ -155,6 +167,8 @@ class VEChain(GaussianChain):
     Built from the levels ``sigma_1 < ... < sigma_T`` (``g^2(t) = sigma_t^2 - sigma_{t-1}^2``, ``sigma_0 = 0``)
     or, with :meth:`from_g`, from ``g``. ``q(x_t | x_0) = N(x_0, sigma_t^2 C)``, prior ``N(0, sigma_T^2 C)``.
     """
+
+    unit_scale = True
 
     def __init__(self, sigmas, cov: Covariance | None = None):
         sig = as_sigmas(sigmas)

@@ -20,9 +20,16 @@ the SDE run from ``t = -inf`` (where ``sigma -> 0``), i.e. the data at ``t = 0``
 ``sigma_min`` noise; started exactly at ``x_0`` the variance would be ``sigma(t)^2 - sigma_min^2``. This keeps
 the VE-SDE the exact limit of the NCSN chain with geometric levels.
 
-Reverse-time SDE and probability-flow ODE in forward-time notation (ERRATA 8), used by the samplers::
+Reverse-time SDE and probability-flow ODE in forward-time notation (Song et al. 2021, eqs. 6 and 13, with the
+covariance C: the score enters as ``C grad log p_t``), :meth:`LinearSDE.reverse_drift` and
+:meth:`LinearSDE.ode_drift`::
 
     dX = [f(t) X - g(t)^2 C grad log p_t(X)] dt + g(t) L dW-bar,       dX = [f(t) X - g(t)^2 C grad log p_t(X) / 2] dt
+
+The inverse of the log-SNR ``lambda(t) = log(s^2 / sigma^2)`` (:meth:`time_at_logsnr`) is in closed form for the
+three SDEs: VP ``lambda = -log(expm1(B))``, so ``B = softplus(-lambda)``; sub-VP ``lambda = B - 2 log(expm1(B))``,
+so with ``c = exp(-lambda)``, ``y = e^B`` solves ``(y - 1)^2 = c y`` and ``B = log1p((c + sqrt(c (c + 4))) / 2)``;
+then ``t`` from the quadratic ``B(t) = B``; VE ``lambda = -2 log sigma(t)``. Any other linear SDE: bisection.
 """
 
 from __future__ import annotations
@@ -33,16 +40,12 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.covariance import Covariance
-from diffusionlab.processes.base import GaussianProcess
+from diffusionlab.processes.base import GaussianProcess, as_f64, bisect_decreasing, check_time_fraction
 from diffusionlab.processes.discrete import GaussianChain, VEChain, VPChain
 from diffusionlab.schedules import geometric_sigmas
 from diffusionlab.utils import bcast
 
 _F64 = torch.float64
-
-
-def _t64(t) -> torch.Tensor:
-    return torch.as_tensor(t, dtype=_F64) if not torch.is_tensor(t) else t.to(_F64)
 
 
 def _positive(name: str, v) -> float:
@@ -60,6 +63,8 @@ class LinearSDE(GaussianProcess):
     ``diffusion_sq`` and :meth:`coeffs`; everything else is shared."""
 
     T = 1.0
+    #: the time samplers stop at by default (score_sde's sampling ``eps``: 1e-3 for VP / sub-VP, 1e-5 for VE)
+    default_eps = 1e-3
 
     def drift_coef(self, t) -> torch.Tensor:
         """``f(t)`` with drift ``f(t) x`` (float64)."""
@@ -76,6 +81,36 @@ class LinearSDE(GaussianProcess):
     def drift(self, x: torch.Tensor, t) -> torch.Tensor:
         """Forward drift ``f(t) x``."""
         return bcast(self.drift_coef(t).to(device=x.device, dtype=x.dtype), x) * x
+
+    def _g2_like(self, t, x: torch.Tensor) -> torch.Tensor:
+        return bcast(self.diffusion_sq(t).to(device=x.device, dtype=x.dtype), x)
+
+    def reverse_drift(self, x: torch.Tensor, t, c_score: torch.Tensor) -> torch.Tensor:
+        """``f(t) x - g(t)^2 C grad log p_t(x)``: the reverse SDE's drift in forward-time notation, from the
+        C-score ``c_score = C grad log p_t(x)`` (Song et al. 2021, eq. 6)."""
+        return self.drift(x, t) - self._g2_like(t, x) * c_score
+
+    def ode_drift(self, x: torch.Tensor, t, c_score: torch.Tensor) -> torch.Tensor:
+        """``f(t) x - g(t)^2 C grad log p_t(x) / 2``: the probability-flow ODE's velocity (Song et al. 2021,
+        eq. 13) from the C-score."""
+        return self.drift(x, t) - 0.5 * self._g2_like(t, x) * c_score
+
+    def check_eps(self, eps) -> float:
+        """The smallest time ``eps`` as a float in ``(0, T)``; :class:`DiffusionLabError` otherwise."""
+        return check_time_fraction("eps", eps, self.T)
+
+    def time_at_logsnr(self, lam) -> torch.Tensor:
+        """The time in ``[0, T]`` whose log-SNR is ``lam``: float64 bisection (subclasses: closed forms)."""
+        lam = as_f64(lam)
+        return bisect_decreasing(self.logsnr, lam, 0.0, float(self.T))
+
+    def draw_t(self, batch: int, generator: torch.Generator | None = None, device=None,
+               t_min: float = 1e-5) -> torch.Tensor:
+        """``t ~ U(t_min, T)`` (float64 ``(B,)``)."""
+        dev = generator.device if generator is not None else device
+        T = float(self.T)
+        t = t_min + (T - t_min) * torch.rand(batch, generator=generator, device=dev, dtype=_F64)
+        return t if device is None else t.to(device)
 
     def discretize(self, N: int):
         """The discrete chain this SDE is the limit of, with the SDE time of each chain step.
@@ -97,6 +132,8 @@ class VPSDE(LinearSDE):
     betas from 1e-4 to 0.02.
     """
 
+    variance_preserving = True
+
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, cov: Covariance | None = None):
         super().__init__(cov)
         self.beta_min = _positive("beta_min", beta_min)
@@ -109,11 +146,11 @@ class VPSDE(LinearSDE):
         return f"beta_min={self.beta_min}, beta_max={self.beta_max}"
 
     def beta(self, t) -> torch.Tensor:
-        return self.beta_min + _t64(t) * (self.beta_max - self.beta_min)
+        return self.beta_min + as_f64(t) * (self.beta_max - self.beta_min)
 
     def integral_beta(self, t) -> torch.Tensor:
         """``B(t) = int_0^t beta(s) ds``."""
-        t = _t64(t)
+        t = as_f64(t)
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
 
     def drift_coef(self, t):
@@ -125,6 +162,18 @@ class VPSDE(LinearSDE):
     def coeffs(self, t):
         B = self.integral_beta(t)
         return torch.exp(-0.5 * B), torch.sqrt(-torch.expm1(-B))
+
+    def time_at_integral_beta(self, B: torch.Tensor) -> torch.Tensor:
+        """The ``t`` with ``B(t) = beta_min t + (beta_max - beta_min) t^2 / 2 = B`` (the stable root)."""
+        a = 0.5 * (self.beta_max - self.beta_min)
+        b = self.beta_min
+        if a == 0.0:
+            return B / b
+        return 2.0 * B / (b + torch.sqrt(b * b + 4.0 * a * B))
+
+    def time_at_logsnr(self, lam) -> torch.Tensor:
+        """Closed form (module docstring): ``B = softplus(-lambda)``."""
+        return self.time_at_integral_beta(torch.nn.functional.softplus(-as_f64(lam)))
 
     def discretize(self, N: int):
         """DDPM's chain: ``beta_i = beta(tau_i) / N``, ``tau_i = (i - 1) / (N - 1)`` (score_sde), matched to
@@ -140,12 +189,19 @@ class SubVPSDE(VPSDE):
     Same mean as VP, std ``1 - exp(-B(t))`` (variance below VP's at every t), prior ``N(0, C)``.
     """
 
+    variance_preserving = False
+
     def diffusion_sq(self, t):
         return self.beta(t) * -torch.expm1(-2.0 * self.integral_beta(t))
 
     def coeffs(self, t):
         B = self.integral_beta(t)
         return torch.exp(-0.5 * B), -torch.expm1(-B)
+
+    def time_at_logsnr(self, lam) -> torch.Tensor:
+        """Closed form (module docstring): ``B = log1p((c + sqrt(c (c + 4))) / 2)``, ``c = exp(-lambda)``."""
+        c = torch.exp(-as_f64(lam))
+        return self.time_at_integral_beta(torch.log1p(0.5 * (c + torch.sqrt(c * (c + 4.0)))))
 
     def discretize(self, N: int):
         """No classical discrete chain exists; this is the Euler-Maruyama chain
@@ -169,6 +225,9 @@ class VESDE(LinearSDE):
     """Variance-exploding SDE ``dX = sqrt(d sigma^2(t) / dt) L dW``, ``sigma(t) = sigma_min (sigma_max/sigma_min)^t``,
     prior ``N(0, sigma_max^2 C)``; the limit of the NCSN chain with geometric levels (see the module note)."""
 
+    unit_scale = True
+    default_eps = 1e-5
+
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, cov: Covariance | None = None):
         super().__init__(cov)
         self.sigma_min = _positive("sigma_min", sigma_min)
@@ -182,10 +241,10 @@ class VESDE(LinearSDE):
         return f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}"
 
     def sigma(self, t) -> torch.Tensor:
-        return self.sigma_min * torch.exp(_t64(t) * self._log_ratio)
+        return self.sigma_min * torch.exp(as_f64(t) * self._log_ratio)
 
     def drift_coef(self, t):
-        return torch.zeros_like(_t64(t))
+        return torch.zeros_like(as_f64(t))
 
     def diffusion_sq(self, t):
         return self.sigma(t) ** 2 * (2.0 * self._log_ratio)
@@ -193,6 +252,10 @@ class VESDE(LinearSDE):
     def coeffs(self, t):
         sig = self.sigma(t)
         return torch.ones_like(sig), sig
+
+    def time_at_logsnr(self, lam) -> torch.Tensor:
+        """Closed form: ``lambda = -2 log sigma(t)``."""
+        return (-0.5 * as_f64(lam) - math.log(self.sigma_min)) / self._log_ratio
 
     def discretize(self, N: int):
         """NCSN's chain with ``N`` geometric levels ``sigma_min .. sigma_max``, level ``i`` matched to

@@ -119,17 +119,13 @@ def _scalar(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def reverse_sde_drift(model, x: torch.Tensor, t) -> torch.Tensor:
-    """``f(t) x - g(t)^2 C grad log p_t(x)``: the reverse SDE's drift in forward-time notation (one evaluation)."""
-    process = model.process
-    return process.drift(x, t) - _g2(process, t, x) * model.c_score(x, t)
+    """The reverse SDE's drift at ``(x, t)`` (one evaluation): :meth:`~diffusionlab.processes.LinearSDE.reverse_drift`."""
+    return model.process.reverse_drift(x, t, model.c_score(x, t))
 
 
 def probability_flow_drift(model, x: torch.Tensor, t) -> torch.Tensor:
-    """``f(t) x - g(t)^2 C grad log p_t(x) / 2``: the probability-flow ODE's velocity (one evaluation).
-
-    ``t`` is a 0-d tensor or float, or a ``(B,)`` tensor."""
-    process = model.process
-    return process.drift(x, t) - 0.5 * _g2(process, t, x) * model.c_score(x, t)
+    """The probability-flow ODE's velocity at ``(x, t)`` (one evaluation): :meth:`~diffusionlab.processes.LinearSDE.ode_drift`."""
+    return model.process.ode_drift(x, t, model.c_score(x, t))
 
 
 def _final(model, x: torch.Tensor, t_last, denoise) -> torch.Tensor:
@@ -167,13 +163,8 @@ def euler_maruyama(model, x: torch.Tensor, times=None, noise=None, progress: boo
 
 # ---- predictor-corrector --------------------------------------------------------------------------------------
 def transition_coeffs(process, t, t_next) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, G^2)`` of the exact forward transition ``x_t = a x_{t'} + G L z`` from ``t' = t_next`` to ``t``:
-    ``a = s_t / s_{t'}``, ``G^2 = sigma_t^2 - a^2 sigma_{t'}^2`` (float64). VP: ``G^2 = 1 - a^2 = beta_i``, the
-    DDPM step of the grid; VE: ``a = 1``, ``G^2 = sigma_t^2 - sigma_{t'}^2``, NCSN's step."""
-    s, sig = process.coeffs(t)
-    s_n, sig_n = process.coeffs(t_next)
-    a = s / s_n
-    return a, sig**2 - (a * sig_n) ** 2
+    """``(a, G^2)`` of the exact forward transition from ``t_next`` to ``t`` (:meth:`~diffusionlab.processes.GaussianProcess.transition`)."""
+    return process.transition(t, t_next)
 
 
 def langevin_corrector_step(model, x: torch.Tensor, t, noise, snr: float = 0.16, alpha=1.0):
@@ -320,18 +311,7 @@ def ode_adaptive(model, x: torch.Tensor, times=None, noise=None, progress: bool 
     return (out, model.nfe - start) if return_nfe else out
 
 
-def stop_at_end(options: dict | None, span: torch.Tensor, method: str) -> dict | None:
-    """torchdiffeq's adaptive solvers step past the last time and interpolate back, which would evaluate the
-    model outside ``[eps, T]`` (at ``t < 0`` the VP marginal has no real ``sigma``); ``step_t`` makes them land
-    on the end exactly. Fixed-grid methods take their options unchanged."""
-    if method not in _ADAPTIVE:
-        return options
-    opts = dict(options or {})
-    opts.setdefault("step_t", span[-1:].clone())
-    return opts
-
-
-_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "tsit5")
+from diffusionlab.odeint import stop_at_end  # noqa: E402,F401 (the bench imports it from here until it moves)
 
 CONTINUOUS_SAMPLERS = {
     "euler_maruyama": euler_maruyama,

@@ -25,31 +25,23 @@ Default ``eps`` (:func:`default_eps`): ``1e-5`` for VE, ``1e-3`` otherwise (scor
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from diffusionlab.errors import DiffusionLabError
+from diffusionlab.processes.base import bisect_decreasing
 
 _F64 = torch.float64
 GRIDS = ("uniform", "quadratic", "logsnr", "karras")
 
 
 def default_eps(process) -> float:
-    """The time a sampler stops at by default: ``1e-5`` for the VE-SDE, ``1e-3`` for VP / sub-VP (score_sde)."""
-    from diffusionlab.processes.sde import VESDE
-
-    return 1e-5 if isinstance(process, VESDE) else 1e-3
+    """The time a sampler stops at by default (the process's ``default_eps``)."""
+    return process.default_eps
 
 
 def check_continuous(process) -> None:
     """Refuse a process that is not a continuous linear SDE (a discrete chain has integer times)."""
-    from diffusionlab.processes.sde import LinearSDE
-
-    if not isinstance(process, LinearSDE):
-        raise DiffusionLabError(
-            f"continuous-time sampling needs an SDE process (VPSDE, SubVPSDE, VESDE), got {type(process).__name__}"
-        )
+    process.require_continuous("continuous-time sampling")
 
 
 def _check_steps_eps(process, steps, eps) -> tuple[int, float]:
@@ -60,62 +52,17 @@ def _check_steps_eps(process, steps, eps) -> tuple[int, float]:
 
 def check_eps(process, eps) -> float:
     """The smallest time ``eps`` as a float in ``(0, T)``; :class:`DiffusionLabError` otherwise."""
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise DiffusionLabError(f"eps must be a number in (0, T), got {eps!r}") from None
-    if not (0.0 < eps < float(process.T)):
-        raise DiffusionLabError(f"eps must lie in (0, T = {process.T}), got {eps!r}")
-    return eps
+    return process.check_eps(eps)
 
 
 def logsnr(process, t) -> torch.Tensor:
     """``lambda(t) = log(s_t^2 / sigma_t^2)`` in float64."""
-    s, sigma = process.coeffs(torch.as_tensor(t, dtype=_F64))
-    return 2.0 * (torch.log(s) - torch.log(sigma))
-
-
-def bisect_decreasing(fn, target: torch.Tensor, lo: float, hi: float, iters: int = 100) -> torch.Tensor:
-    """Solve ``fn(t) = target`` for a decreasing ``fn`` on ``[lo, hi]`` by vectorised float64 bisection."""
-    a = torch.full_like(target, lo)
-    b = torch.full_like(target, hi)
-    for _ in range(iters):
-        mid = 0.5 * (a + b)
-        above = fn(mid) > target  # fn decreasing: the root lies to the right of mid
-        a = torch.where(above, mid, a)
-        b = torch.where(above, b, mid)
-    return 0.5 * (a + b)
-
-
-def _t_from_integral_beta(process, B: torch.Tensor) -> torch.Tensor:
-    """VP / sub-VP: the ``t`` with ``B(t) = beta_min t + (beta_max - beta_min) t^2 / 2 = B`` (stable root)."""
-    a = 0.5 * (process.beta_max - process.beta_min)
-    b = process.beta_min
-    if a == 0.0:
-        return B / b
-    return 2.0 * B / (b + torch.sqrt(b * b + 4.0 * a * B))
+    return process.logsnr(torch.as_tensor(t, dtype=_F64))
 
 
 def t_from_logsnr(process, lam, lo: float = 0.0, hi: float | None = None) -> torch.Tensor:
-    """The time ``t`` with ``logsnr(process, t) = lam`` (float64).
-
-    Closed forms: VP ``lambda = -log(expm1(B))``, so ``B = softplus(-lambda)``; sub-VP
-    ``lambda = B - 2 log(expm1(B))``, so with ``c = exp(-lambda)``, ``y = e^B`` solves ``(y - 1)^2 = c y`` and
-    ``B = log1p((c + sqrt(c (c + 4))) / 2)``; then ``t`` from the quadratic ``B(t) = B``. VE
-    ``lambda = -2 log sigma(t)``. Any other process: bisection on ``[lo, hi]`` (``hi = T`` by default).
-    """
-    from diffusionlab.processes.sde import SubVPSDE, VESDE, VPSDE
-
-    lam = torch.as_tensor(lam, dtype=_F64)
-    if isinstance(process, SubVPSDE):
-        c = torch.exp(-lam)
-        return _t_from_integral_beta(process, torch.log1p(0.5 * (c + torch.sqrt(c * (c + 4.0)))))
-    if isinstance(process, VPSDE):
-        return _t_from_integral_beta(process, torch.nn.functional.softplus(-lam))
-    if isinstance(process, VESDE):
-        return (-0.5 * lam - math.log(process.sigma_min)) / process._log_ratio
-    hi = float(process.T) if hi is None else hi
-    return bisect_decreasing(lambda t: logsnr(process, t), lam, lo, hi)
+    """The time ``t`` with ``logsnr(process, t) = lam`` (float64): :meth:`time_at_logsnr` of the process."""
+    return process.time_at_logsnr(lam)
 
 
 def time_grid(process, steps: int, kind: str = "uniform", eps: float | None = None, rho: float = 7.0) -> torch.Tensor:

@@ -147,10 +147,11 @@ ELBO_KEYS = (NLL_KEYS - {"divergence"}) | {"terms", "decoder", "variance", "T"}
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     assert main(["train", "toy2d_sde", "--out", str(root / "sde"), *TINY_RING]) == 0
-    assert main(["train", "toy2d", "--out", str(root / "chain"), *TINY_RING, "--set", "process.T=40"]) == 0
+    assert main(["train", "toy2d", "--out", str(root / "chain"), *TINY_RING, "--set", "process.T=40",
+                 "--set", "sample.steps=20"]) == 0
     assert main(["train", "digits", "--out", str(root / "digits"), "--set", "train.steps=3", "--set", "train.threads=1",
-                 "--set", "data.split=train", "--set", "process.T=20", "--set", "model.base_channels=8",
-                 "--set", "model.attn_resolutions=[]", "--quiet"]) == 0
+                 "--set", "data.split=train", "--set", "process.T=20", "--set", "sample.steps=10",
+                 "--set", "model.base_channels=8", "--set", "model.attn_resolutions=[]", "--quiet"]) == 0
     return root
 
 

@@ -36,7 +36,7 @@ from diffusionlab.likelihood import (
 from diffusionlab.noise.covariance import Identity, Progressive
 from diffusionlab.oracles import GaussianOracle
 from diffusionlab.processes.sde import VESDE, VPSDE
-from diffusionlab.samplers.continuous import probability_flow_drift
+from diffusionlab.samplers.ode import velocity as probability_flow_drift
 
 F64 = torch.float64
 EPS = 1e-5

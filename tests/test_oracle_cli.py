@@ -12,8 +12,8 @@ import diffusionlab.cli as cli
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.oracles import bench as B
 from diffusionlab.oracles.mixture import GaussianMixtureOracle, make_process
-from diffusionlab.samplers.continuous import ode_adaptive
-from diffusionlab.samplers.grids import time_grid
+from diffusionlab.processes.grid import make_grid
+from diffusionlab.samplers import ode_adaptive
 
 F64 = torch.float64
 
@@ -69,10 +69,10 @@ def test_sample_json_and_output(run, tmp_path):
 
 @pytest.mark.parametrize("process,sampler,budget,expect", [
     ("vp-sde", "heun", 10, 10), ("vp-sde", "heun", 5, 4), ("vp", "heun", 5, 5), ("vp", "heun", 10, 9),
-    ("vp-sde", "euler", 7, 7), ("vp-sde", "dpmpp-3m", 6, 6), ("vp-sde", "unipc", 6, 6), ("vp-sde", "unipc-3", 6, 6),
-    ("vp-sde", "ddim", 6, 6), ("vp", "ddim", 6, 6), ("vp", "ddpm", 6, 6), ("vp-sde", "euler-maruyama", 6, 6),
-    ("vp-sde", "pc", 7, 6), ("ve-sde", "pc", 6, 6), ("subvp-sde", "dpmpp-2m", 5, 5), ("ve", "langevin", 41, 41),
-    ("ve", "langevin", 5, 5), ("ve", "unipc", 5, 5), ("ve-sde", "heun", 9, 8),
+    ("vp-sde", "euler", 7, 7), ("vp-sde", "dpmpp-3m", 6, 6), ("vp-sde", "unipc", 6, 6), ("vp-sde", "unipc:order=3", 6, 6),
+    ("vp-sde", "ddim", 6, 6), ("vp", "ddim", 6, 6), ("vp", "ddpm", 6, 6), ("vp-sde", "euler-maruyama", 6, 6), ("vp-sde", "ddpm", 6, 6), ("ve", "ve-reverse", 6, 6),
+    ("vp-sde", "pc", 7, 6), ("ve-sde", "pc", 6, 6), ("subvp-sde", "dpmpp-2m", 5, 5), ("ve", "annealed-langevin", 41, 41),
+    ("ve", "annealed-langevin", 5, 5), ("ve", "unipc", 5, 5), ("ve-sde", "heun", 9, 8),
 ])
 def test_actual_nfe_never_exceeds_the_budget(run, tmp_path, process, sampler, budget, expect):
     code, stdout, stderr = run("oracle", "sample", "--gmm", "ring8", "--process", process, "--sampler", sampler,
@@ -81,8 +81,8 @@ def test_actual_nfe_never_exceeds_the_budget(run, tmp_path, process, sampler, bu
     assert json.loads(stdout)["nfe"] == expect <= budget
 
 
-def test_rk45_reports_its_count(run, tmp_path):
-    code, stdout, _ = run("oracle", "sample", "--gmm", "ring8", "--sampler", "rk45", "--num", 20,
+def test_adaptive_solver_reports_its_count(run, tmp_path):
+    code, stdout, _ = run("oracle", "sample", "--gmm", "ring8", "--sampler", "ode-adaptive", "--num", 20,
                           "--out", tmp_path / "x.npy")
     info = json.loads(stdout)
     assert code == 0 and info["nfe"] > 20 and info["budget_applies"] is False
@@ -104,7 +104,7 @@ def test_init_shapes_and_shared_start(run, tmp_path, frames_spec):
         outs[name] = np.load(tmp_path / f"o_{name}.npy")
         assert outs[name].shape == (30, 3, 2) and json.loads(stdout)["num"] == 30
     np.testing.assert_array_equal(outs["flat"], outs["frames"])
-    code, _, _ = run("oracle", "sample", "--gmm", frames_spec, "--noise", "mixed:0.5", "--sampler", "rk45", "--init",
+    code, _, _ = run("oracle", "sample", "--gmm", frames_spec, "--noise", "mixed:0.5", "--sampler", "ode-adaptive", "--init",
                      tmp_path / "flat.npy", "--out", tmp_path / "ref.npy")
     assert code == 0
     assert np.sqrt(((np.load(tmp_path / "ref.npy") - outs["flat"]) ** 2).sum((1, 2)).mean()) < 2e-2
@@ -122,10 +122,12 @@ def test_init_shapes_and_shared_start(run, tmp_path, frames_spec):
     (["--sampler", "euler", "--nfe", 4, "--grid", "cubic"], "unknown time grid"),
     (["--sampler", "euler", "--nfe", 4, "--noise", "mixed"], "needs a parameter"),
     (["--sampler", "euler"], "needs --nfe"),
-    (["--sampler", "heun", "--nfe", 1], "heun needs --nfe >= 2"),
-    (["--sampler", "pc", "--nfe", 4, "--process", "vp"], "needs an SDE"),
-    (["--sampler", "ddpm", "--nfe", 4], "needs a discrete chain"),
-    (["--sampler", "langevin", "--nfe", 40, "--process", "vp"], "needs the VE chain"),
+    (["--sampler", "heun", "--nfe", 1], "heun needs a budget of at least 2"),
+    (["--sampler", "pc", "--nfe", 4, "--process", "vp"], "needs a continuous-time SDE"),
+    (["--sampler", "ve-reverse", "--nfe", 4], "needs a variance-exploding process"),
+    (["--sampler", "annealed-langevin", "--nfe", 40, "--process", "vp"], "needs a variance-exploding process"),
+    (["--sampler", "unipc:order=5", "--nfe", 4], "order must be an integer in [1, 3]"),
+    (["--sampler", "unipc:magic=1", "--nfe", 4], "takes no option magic"),
     (["--sampler", "euler", "--nfe", 4, "--num", 0], "--num"),
     (["--sampler", "euler", "--nfe", 1001, "--process", "vp"], "more than the chain"),
 ])
@@ -237,10 +239,10 @@ def test_reference_solution_is_the_flow():
     torch.testing.assert_close(y_zero, m + (y0 - m) @ A0.T, rtol=0, atol=1e-7)
     mix = GaussianMixtureOracle.from_spec(B.ring_spec(), "vp-sde")
     proc = mix.process
-    grid = time_grid(proc, 1)
+    grid = make_grid(proc, 1).t
     (s0, s1), (sg0, sg1) = (v.tolist() for v in proc.coeffs(grid))
     x = proc.prior_sample((20, 2), generator=g, dtype=F64)
-    via_t = ode_adaptive(mix, x, times=grid, rtol=1e-11, atol=1e-11) / s1
+    via_t = ode_adaptive(mix, x, grid, rtol=1e-11, atol=1e-11) / s1
     via_sig, _ = B.reference_solution(mix, x / s0, sg0 / s0, sg1 / s1)
     assert B.coupled_error(via_t, via_sig) < 1e-6
 
@@ -250,13 +252,17 @@ def test_floors_and_plans():
     pb = B.Problem(oracle, num=500, seed=0, projections=64, repeats=4)
     fl = pb.floors(0.0)
     assert 0 < fl["sw2_floor"] < 0.5 and fl["sw2_floor_std"] > 0 and 0 < fl["weight_floor"] < 0.2
+    from diffusionlab.samplers import get_sampler, sampler_names
+
     for proc_name in ("vp", "ve", "vp-sde", "subvp-sde", "ve-sde"):
         proc = make_process(proc_name)
-        for name in B.SAMPLER_NAMES:
-            if not B._runs_on(name, proc):
+        for name in sampler_names() + list(B.BENCH_VARIANTS):
+            spec = get_sampler(name.split(":")[0])
+            if not spec.runs_on(proc):
                 with pytest.raises(DiffusionLabError):
                     B.plan(name, proc, 10)
                 continue
-            p = B.plan(name, proc, None if name == "rk45" else 10)
+            assert name in B.bench_samplers(proc)
+            p = B.plan(name, proc, None if spec.adaptive else 10)
             assert p.nfe is None or p.nfe <= 10
             assert p.sig_start > p.sig_end >= 0

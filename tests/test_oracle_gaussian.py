@@ -93,9 +93,9 @@ def test_forward_encodes_prediction_and_counts_nfe(prediction):
     raw = oracle(x, 50)
     torch.testing.assert_close(raw, p.out, rtol=0, atol=0)
     # the generic decoder recovers the exact eps from the encoded output
-    from diffusionlab.parametrization import eps_x0_from_output
+    from diffusionlab.parametrization import get_parametrization
 
-    eps, _ = eps_x0_from_output(prediction, raw, x, p.s, p.sigma)
+    eps, _ = get_parametrization(prediction).decode(raw, x, p.s, p.sigma)
     torch.testing.assert_close(eps, p.eps, rtol=1e-10, atol=1e-10)
     assert oracle.nfe == 2
     oracle.score(x, 50), oracle.c_score(x, 50), oracle.eps(x, 50)

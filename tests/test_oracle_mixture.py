@@ -90,7 +90,7 @@ def test_equals_autograd_of_mixture_marginal(process, frames, d, K):
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v", "score"])
 def test_forward_encodes_the_prediction(prediction):
     """forward returns the raw output of the parametrization: decoding it gives back eps and x0."""
-    from diffusionlab.parametrization import eps_x0_from_output
+    from diffusionlab.parametrization import get_parametrization
 
     g = torch.Generator().manual_seed(2)
     w, m, S = _random_mixture(2, 2, g)
@@ -99,7 +99,7 @@ def test_forward_encodes_the_prediction(prediction):
     t = torch.full((5,), 0.4, dtype=F64)
     out = oracle(x, t)
     _, s, sigma = oracle.coeffs(t, x)
-    eps, x0 = eps_x0_from_output(prediction, out, x, s, sigma)
+    eps, x0 = get_parametrization(prediction).decode(out, x, s, sigma)
     p = oracle.predict(x, t)
     torch.testing.assert_close(eps, p.eps, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(x0, p.x0, rtol=1e-6, atol=1e-7)

@@ -10,9 +10,8 @@ from diffusionlab.noise import Identity, Mixed, Progressive
 from diffusionlab.parametrization import (
     PREDICTIONS,
     DiffusionModel,
-    eps_x0_from_output,
+    get_parametrization,
     learned_log_variance,
-    output_from_eps_x0,
     reverse_variances,
 )
 from diffusionlab.processes import VEChain, VESDE, VPChain, VPSDE
@@ -44,9 +43,32 @@ def test_decode_is_consistent_and_inverts_encode(shape, prediction):
     x_t, out = torch.randn(shape, generator=g, dtype=F64), torch.randn(shape, generator=g, dtype=F64)
     s = (0.2 + torch.rand(shape[0], generator=g, dtype=F64)).reshape(-1, *([1] * (len(shape) - 1)))
     sigma = (0.1 + 3 * torch.rand(shape[0], generator=g, dtype=F64)).reshape(s.shape)
-    eps, x0 = eps_x0_from_output(prediction, out, x_t, s, sigma)
+    param = get_parametrization(prediction)
+    eps, x0 = param.decode(out, x_t, s, sigma)
     torch.testing.assert_close(s * x0 + sigma * eps, x_t, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(output_from_eps_x0(prediction, eps, x0, s, sigma), out, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(param.target(eps, x0, s, sigma), out, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_x0_error_scale_and_min_snr_weight_follow_from_the_decoding(prediction):
+    """x_theta - x_0 = -c (d_theta - d) with c^2 = error_scale2 (checked by decoding a perturbed output), and the
+    Min-SNR weight is min(SNR, gamma) c^2 (Hang et al. 2023): the x0-error weight written for this output."""
+    param = get_parametrization(prediction)
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(7, 3, generator=g, dtype=F64), torch.randn(7, 3, generator=g, dtype=F64)
+    s = (0.05 + torch.rand(7, 1, generator=g, dtype=F64))
+    sigma = (0.05 + 2 * torch.rand(7, 1, generator=g, dtype=F64))
+    x_t = s * x0 + sigma * eps
+    d = param.target(eps, x0, s, sigma)
+    delta = 1e-3 * torch.randn(7, 3, generator=g, dtype=F64)
+    eps_h, x0_h = param.decode(d + delta, x_t, s, sigma)
+    c2 = param.error_scale2(s, sigma)
+    torch.testing.assert_close((x0_h - x0) ** 2, c2 * delta**2, rtol=1e-8, atol=1e-14)
+    snr = (s / sigma).reshape(-1) ** 2
+    torch.testing.assert_close(param.min_snr_weight(snr, 5.0), snr.clamp(max=5.0) * c2.reshape(-1), rtol=1e-12,
+                               atol=0)
+    with pytest.raises(DiffusionLabError, match="unknown prediction 'noise'"):
+        get_parametrization("noise")
 
 
 def test_v_is_salimans_ho_on_vp_and_score_is_sigma_c_score():

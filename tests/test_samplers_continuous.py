@@ -24,18 +24,22 @@ from diffusionlab.noise.covariance import Identity, Progressive
 from diffusionlab.oracles import GaussianOracle
 from diffusionlab.processes import VPChain
 from diffusionlab.processes.sde import SubVPSDE, VESDE, VPSDE
-from diffusionlab.samplers.continuous import (
-    euler_maruyama,
-    langevin_corrector_step,
-    ode_adaptive,
-    ode_euler,
-    ode_heun,
-    reverse_diffusion_pc,
-)
-from diffusionlab.samplers.grids import bisect_decreasing, default_eps, logsnr, t_from_logsnr, time_grid
+from diffusionlab.processes.base import bisect_decreasing
+from diffusionlab.processes.grid import make_grid
+from diffusionlab.samplers import euler_maruyama, ode_adaptive, ode_euler, ode_heun, reverse_diffusion_pc
+from diffusionlab.samplers.langevin import langevin_corrector_step
 from diffusionlab.samplers.noise import NoiseSource
 
 F64 = torch.float64
+
+
+def time_grid(process, steps, kind="uniform", eps=None):
+    """The float64 times of an SDE grid (:func:`~diffusionlab.processes.grid.make_grid`)."""
+    return make_grid(process, steps, kind, eps=eps).t
+
+
+def logsnr(process, t):
+    return process.logsnr(t)
 Z = 4.5
 SHAPE = (3, 2)  # F = 3 correlated frames, d = 2 entries each: D = 6
 PROCESSES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
@@ -171,7 +175,7 @@ def test_grids_shape_ends_and_spacing(name, kind):
     proc = PROCESSES[name]()
     ts = time_grid(proc, 20, kind)
     assert ts.dtype == F64 and ts.shape == (21,)
-    assert ts[0] == proc.T and ts[-1] == default_eps(proc)
+    assert ts[0] == proc.T and ts[-1] == proc.default_eps
     assert (ts[1:] < ts[:-1]).all()
     if kind == "uniform":
         torch.testing.assert_close(ts[:-1] - ts[1:], torch.full((20,), (1 - ts[-1].item()) / 20, dtype=F64))
@@ -188,7 +192,7 @@ def test_logsnr_inverse(proc):
     """The closed-form inverses recover t from lambda(t), and agree with plain bisection on lambda."""
     t = torch.cat([torch.tensor([1e-5], dtype=F64), torch.linspace(1e-4, 1.0, 57, dtype=F64)])
     lam = logsnr(proc, t)
-    torch.testing.assert_close(t_from_logsnr(proc, lam), t, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(proc.time_at_logsnr(lam), t, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(bisect_decreasing(lambda u: logsnr(proc, u), lam, 0.0, 1.0), t, rtol=1e-9, atol=1e-12)
 
 
@@ -199,8 +203,11 @@ def test_grid_and_time_validation():
         time_grid(VPSDE(), 10, "cosine")
     with pytest.raises(DiffusionLabError, match="eps"):
         time_grid(VPSDE(), 10, eps=1.5)
-    with pytest.raises(DiffusionLabError, match="SDE"):
+    with pytest.raises(DiffusionLabError, match="steps must be <= T = 2"):
         time_grid(VPChain([0.1, 0.2]), 10)
+    chain_oracle = GaussianOracle.random((2,), VPChain([0.1, 0.2]), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(DiffusionLabError, match="continuous-time SDE"):
+        euler_maruyama(chain_oracle, torch.zeros(3, 2, dtype=F64), 2)
     orc = make_oracle("vp")
     x = prior(orc, 4, None)
     with pytest.raises(DiffusionLabError, match="strictly decreasing"):
@@ -441,8 +448,9 @@ def test_adaptive_ode_sampler(name):
 
     orc.c_score = spy
     orc.nfe = 0
-    y, nfe = ode_adaptive(orc, x, ts, rtol=1e-7, atol=1e-7, return_nfe=True)
-    assert nfe == orc.nfe == len(seen) and 10 < nfe < 2000
+    y = ode_adaptive(orc, x, ts, rtol=1e-7, atol=1e-7)
+    nfe = orc.nfe
+    assert nfe == len(seen) and 10 < nfe < 2000
     assert min(seen) >= ts[-1].item() * (1 - 1e-9)  # never evaluated past eps (VP has no sigma at t < 0)
     # against the exact ODE map, integrated independently (scipy's DOP853 on the affine flow, rtol 1e-11)
     A, b = exact_ode_map(orc, ts)
@@ -471,21 +479,25 @@ def test_ode_orders_heun_2_euler_1():
     assert all(1.7 < r < 2.3 for r in r_euler), r_euler
 
 
-def test_registry_signature_defaults_and_aliases():
-    """``times`` may be omitted (1000 uniform steps), an int, or passed as ``timesteps=``; ``generator=`` seeds
-    the default noise source (the samplers registry's common call ``fn(model, x_T, **options)``)."""
+def test_grid_forms_and_the_noise_channel():
+    """A grid may be omitted (1000 uniform steps), an int, explicit times or a TimeGrid; a generator passed as
+    ``noise`` seeds the default source N(0, C), exactly as that source would; the catalogue entry runs the same
+    function with its default grid and steps."""
+    from diffusionlab.samplers import get_sampler
+
     orc = make_oracle("vp")
     x = prior(orc, 8, torch.Generator().manual_seed(13))
     orc.nfe = 0
     ode_euler(orc, x)
     assert orc.nfe == 1000
-    a = euler_maruyama(orc, x, 20, generator=torch.Generator().manual_seed(14))
-    b = euler_maruyama(orc, x, timesteps=time_grid(orc.process, 20), generator=torch.Generator().manual_seed(14))
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    c = reverse_diffusion_pc(orc, x, timesteps=10, generator=torch.Generator().manual_seed(15))
-    d = reverse_diffusion_pc(orc, x, 10, noise=NoiseSource(orc.process.cov, torch.Generator().manual_seed(15)))
-    torch.testing.assert_close(c, d, rtol=0, atol=0)
-    y, nfe = ode_adaptive(orc, x, return_nfe=True)
-    assert torch.isfinite(y).all() and nfe > 0
-    with pytest.raises(DiffusionLabError, match="once"):
-        ode_heun(orc, x, 10, timesteps=10)
+    a = euler_maruyama(orc, x, 20, noise=torch.Generator().manual_seed(14))
+    b = euler_maruyama(orc, x, time_grid(orc.process, 20), noise=torch.Generator().manual_seed(14))
+    c = euler_maruyama(orc, x, make_grid(orc.process, 20), noise=NoiseSource(orc.process.cov,
+                                                                           torch.Generator().manual_seed(14)))
+    assert torch.equal(a, b) and torch.equal(a, c)  # the very same operations
+    spec = get_sampler("euler_maruyama")
+    d = spec.run(orc, x, 20, noise=torch.Generator().manual_seed(14))
+    assert torch.equal(a, d)
+    orc.nfe = 0
+    y = ode_adaptive(orc, x)
+    assert torch.isfinite(y).all() and orc.nfe > 0

@@ -21,18 +21,15 @@ from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise import Identity, Progressive
 from diffusionlab.oracles import GaussianOracle
 from diffusionlab.processes import VEChain, VPChain
+from diffusionlab.processes.grid import TimeGrid, make_grid
 from diffusionlab.samplers import (
     SAMPLERS,
     NoiseSource,
     annealed_langevin,
-    check_timesteps,
     ddim,
     ddpm,
     get_sampler,
-    make_timesteps,
-    respace,
     sample_in_chunks,
-    ve_ancestral,
     ve_reverse,
 )
 from diffusionlab.schedules import geometric_sigmas, linear_betas
@@ -182,6 +179,16 @@ def langevin_law(oracle, n_each, step_lr, denoise=True):
 
 
 # -- time grids ----------------------------------------------------------------------------------------------
+def make_timesteps(T: int, steps=None, kind: str = "uniform") -> torch.Tensor:
+    """The integer steps of a chain grid (the final data point 0 left out)."""
+    return torch.tensor(make_grid(VPChain(linear_betas(T)), steps, kind).times[:-1], dtype=torch.long)
+
+
+def ve_ancestral(oracle, x, grid=None, noise=None):
+    """NCSN's posterior sampler: DDPM with the posterior variance on the VE chain."""
+    return ddpm(oracle, x, grid, noise=noise, variance="beta_tilde")
+
+
 @pytest.mark.parametrize("kind", ["uniform", "quadratic"])
 @pytest.mark.parametrize("T,steps", [(1000, 50), (1000, 100), (1000, 1000), (10, 9), (7, 2), (5, 1), (1000, 999)])
 def test_make_timesteps(kind, T, steps):
@@ -205,42 +212,47 @@ def test_trailing_timesteps_values():
     assert make_timesteps(1000, 10, "trailing").tolist() == list(range(1000, 0, -100))
     assert make_timesteps(7, 3, "trailing").tolist() == [7, 5, 2]
     assert torch.equal(make_timesteps(50, 50, "trailing"), make_timesteps(50))
-    assert torch.equal(check_timesteps(4, 1000, "trailing"), torch.tensor([1000, 750, 500, 250]))
+    assert make_grid(VPChain(linear_betas(1000)), 4, "trailing").times == [1000, 750, 500, 250, 0]
 
 
 def test_timestep_validation():
+    chain = VPChain(linear_betas(10))
     assert torch.equal(make_timesteps(4), torch.tensor([4, 3, 2, 1]))
     assert torch.equal(make_timesteps(1000, 4), torch.tensor([1000, 667, 334, 1]))
-    for bad, msg in [((10, 11), "<= T = 10"), ((10, 0), ">= 1"), ((0, 1), "T must be"), ((10, 2.5), "integer")]:
+    for bad, msg in [(11, "<= T = 10"), (0, ">= 1"), (2.5, "integer")]:
         with pytest.raises(DiffusionLabError, match=msg):
-            make_timesteps(*bad)
-    with pytest.raises(DiffusionLabError, match="spacing 'log'"):
-        make_timesteps(10, 5, "log")
+            make_grid(chain, bad)
+    with pytest.raises(DiffusionLabError, match="unknown time grid 'log'"):
+        make_grid(chain, 5, "log")
     with pytest.raises(DiffusionLabError, match="strictly decreasing"):
-        check_timesteps([5, 5, 1], 10)
+        TimeGrid(chain, [5, 5, 1])
     with pytest.raises(DiffusionLabError, match="lie in 1..10"):
-        check_timesteps([11, 1], 10)
-    with pytest.raises(DiffusionLabError, match="integers"):
-        check_timesteps([5.0, 1.0], 10)
-    assert torch.equal(check_timesteps(3, 10), make_timesteps(10, 3))
+        TimeGrid(chain, [11, 1])
+    with pytest.raises(DiffusionLabError, match="integer steps"):
+        TimeGrid(chain, [5.5, 1.0])
+    assert TimeGrid(chain, [5, 3, 1]).times == [5, 3, 1, 0] == TimeGrid(chain, [5, 3, 1, 0]).times
 
 
-def test_respace_full_grid_is_the_chain_and_subgrid_betas_come_from_alpha_bar():
+def test_grid_steps_on_the_full_chain_are_the_chains_own_and_subgrid_betas_come_from_alpha_bar():
+    """The grid's transition and posterior of each step: on every step of the chain its own beta, A, B and
+    beta-tilde; on a sub-sequence, the respaced beta 1 - abar_t / abar_t' (improved-diffusion)."""
     chain = VPChain(linear_betas(100, 1e-3, 0.2))
-    r = respace(chain, make_timesteps(100))
+    g = make_grid(chain)
     t = torch.arange(100, 0, -1)
-    for got, want in [(r.A, chain.post_A[t]), (r.B, chain.post_B[t]), (r.post_var, chain.beta_tilde[t]),
-                      (r.b2, chain.beta[t])]:
+    post = torch.tensor([g.posterior(i) for i in range(g.steps)], dtype=F64)
+    b2 = torch.tensor([g.transition(i)[1] for i in range(g.steps)], dtype=F64)
+    for got, want in [(post[:, 0], chain.post_A[t]), (post[:, 1], chain.post_B[t]), (post[:, 2], chain.beta_tilde[t]),
+                      (b2, chain.beta[t])]:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-15)
-    ts = make_timesteps(100, 7, "quadratic")
-    r = respace(chain, ts)
-    prev = torch.cat([ts[1:], torch.zeros(1, dtype=torch.long)])
-    torch.testing.assert_close(r.b2, 1 - chain.alpha_bar[ts] / chain.alpha_bar[prev], rtol=1e-12, atol=0)
+    g = make_grid(chain, 7, "quadratic")
+    ts = torch.tensor(g.times, dtype=torch.long)
+    b2 = torch.tensor([g.transition(i)[1] for i in range(g.steps)], dtype=F64)
+    torch.testing.assert_close(b2, 1 - chain.alpha_bar[ts[:-1]] / chain.alpha_bar[ts[1:]], rtol=1e-12, atol=0)
 
 
 def test_registry():
-    assert set(SAMPLERS) >= {"ddpm", "ddim", "ve_reverse", "ve_ancestral", "annealed_langevin"}
-    assert get_sampler("ddim") is ddim
+    assert set(SAMPLERS) >= {"ddpm", "ddim", "ve-reverse", "annealed-langevin"}
+    assert get_sampler("ddim").fn is ddim and get_sampler("annealed_langevin").name == "annealed-langevin"
     with pytest.raises(DiffusionLabError, match="unknown sampler 'no-such-sampler'; allowed: .*ddim.*ddpm"):
         get_sampler("no-such-sampler")
 
@@ -267,38 +279,40 @@ def test_ddpm_full_chain_returns_the_data(kind, variance):
     law = ddpm_law(oracle, make_timesteps(1000), variance)
     assert law.error()[1] < 0.03
     x, g = _prior(oracle, _n(kind), 1)
-    x = ddpm(oracle, x, variance=variance, generator=g)
+    x = ddpm(oracle, x, variance=variance, noise=g)
     _assert_law(x, oracle.mean_flat, oracle.Sigma)
     assert oracle.nfe == 1000
 
 
 def test_ddim_on_a_trailing_grid_follows_its_exact_law():
     """DDIM eta = 0 on 20 trailing steps (correlated C): the samples match the exact law of that deterministic
-    chain, and the spacing keyword gives the very grid passed explicitly."""
+    chain, and the catalogue's grid kind gives the very grid passed explicitly."""
     oracle = _oracle("fd", VPChain(linear_betas(1000), cov=_cov("fd")))
     ts = make_timesteps(1000, 20, "trailing")
     law = ddim_law(oracle, ts, 0.0)
     x, _ = _prior(oracle, _n("fd"), 4)
-    a = ddim(oracle, x, 20, eta=0.0, spacing="trailing")
+    a = get_sampler("ddim").run(oracle, x, 20, kind="trailing", eta=0.0)
     assert oracle.nfe == 20
     _assert_law(a, law.mu, law.V)
-    torch.testing.assert_close(ddim(oracle, x, ts, eta=0.0), a, rtol=0, atol=0)
+    assert torch.equal(ddim(oracle, x, ts, eta=0.0), a)  # the very same steps
 
 
-def test_sample_spacing_from_a_config_reaches_the_sampler():
-    """``sample.spacing`` is validated and ``generate`` passes it on: the same draws as DDIM on the explicit grid."""
+def test_sample_grid_from_a_config_reaches_the_sampler():
+    """``sample.grid`` is validated and ``generate`` passes it on: the same draws as DDIM on the explicit grid."""
     from diffusionlab.training.config import resolve
     from diffusionlab.training.sampling import generate
 
-    with pytest.raises(DiffusionLabError, match="sample.spacing must be one of uniform, quadratic, trailing"):
-        resolve({"data": {"name": "ring"}}, ["sample.spacing=log"])
+    with pytest.raises(DiffusionLabError, match="sample.grid must be one of uniform, trailing, quadratic"):
+        resolve({"data": {"name": "ring"}}, ["sample.grid=log"])
+    with pytest.raises(DiffusionLabError, match="renamed sample.grid"):
+        resolve({"data": {"name": "ring"}}, ["sample.spacing=trailing"])
     oracle = _oracle("2d", VPChain(linear_betas(1000)))
-    scfg = {"sampler": "ddim", "steps": 8, "eta": 0.0, "clip_x0": False, "spacing": "trailing"}
+    scfg = {"sampler": "ddim", "steps": 8, "eta": 0.0, "clip_x0": False, "grid": "trailing"}
     got = generate(oracle, scfg, num=64, seed=3, device="cpu", shape=(2,))
     want = sample_in_chunks(ddim, oracle, (2,), 64, generator=torch.Generator().manual_seed(3), device="cpu",
-                            timesteps=make_timesteps(1000, 8, "trailing"), eta=0.0, clip_x0=False)
+                            grid=make_timesteps(1000, 8, "trailing"), eta=0.0, clip_x0=False)
     assert torch.equal(got, want.cpu())
-    uniform = generate(oracle, dict(scfg, spacing="uniform"), num=64, seed=3, device="cpu", shape=(2,))
+    uniform = generate(oracle, dict(scfg, grid="uniform"), num=64, seed=3, device="cpu", shape=(2,))
     assert not torch.allclose(got, uniform)
 
 
@@ -325,9 +339,9 @@ def test_ddim_eta_one_is_ancestral_beta_tilde():
     ts = make_timesteps(1000, 100, "quadratic")
     law = ddim_law(oracle, ts, 1.0)
     x_T, g = _prior(oracle, NFD, 3)
-    x = ddim(oracle, x_T, ts, eta=1.0, generator=torch.Generator().manual_seed(9))
+    x = ddim(oracle, x_T, ts, eta=1.0, noise=torch.Generator().manual_seed(9))
     _assert_law(x, law.mu, law.V)
-    y = ddpm(oracle, x_T, ts, variance="beta_tilde", generator=torch.Generator().manual_seed(9))
+    y = ddpm(oracle, x_T, ts, variance="beta_tilde", noise=torch.Generator().manual_seed(9))
     torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
 
 
@@ -338,7 +352,7 @@ def test_identity_noise_with_correlated_C_fails():
     ts = make_timesteps(1000, 100)
     law = ddpm_law(oracle, ts, "beta")
     x_T, g = _prior(oracle, NFD, 4)
-    _assert_law(ddpm(oracle, x_T, ts, generator=g), law.mu, law.V)
+    _assert_law(ddpm(oracle, x_T, ts, noise=g), law.mu, law.V)
     wrong = ddpm(oracle, x_T, ts, noise=NoiseSource(Identity(), g))
     assert _z_scores(wrong, law.mu, law.V)[1] > 20
     assert _z_scores(wrong, oracle.mean_flat, oracle.Sigma)[1] > 20
@@ -347,21 +361,21 @@ def test_identity_noise_with_correlated_C_fails():
 def test_clip_x0_and_learned_variance_paths():
     oracle = _oracle("2d", VPChain(linear_betas(1000)))
     x_T, _ = _prior(oracle, 500, 5)
-    x = ddpm(oracle, x_T, 20, clip_x0=True, generator=torch.Generator().manual_seed(0))
+    x = ddpm(oracle, x_T, 20, clip_x0=True, noise=torch.Generator().manual_seed(0))
     assert x.abs().max() <= 1.0  # the last step returns the clamped x0 prediction
     y = ddim(oracle, x_T, 20, clip_x0=True)
     assert y.abs().max() <= 1.0
 
     class Learned:  # the oracle with a learned-variance head saying "use beta" (v_var = 1)
-        process, prediction, learn_variance = oracle.process, "eps", True
+        process, parametrization, learn_variance = oracle.process, oracle.parametrization, True
 
         def predict(self, x, t):
             p = oracle.predict(x, t)
             p.v_var = torch.ones_like(p.eps)
             return p
 
-    a = ddpm(Learned(), x_T, 20, variance="learned", generator=torch.Generator().manual_seed(1))
-    b = ddpm(oracle, x_T, 20, variance="beta", generator=torch.Generator().manual_seed(1))
+    a = ddpm(Learned(), x_T, 20, variance="learned", noise=torch.Generator().manual_seed(1))
+    b = ddpm(oracle, x_T, 20, variance="beta", noise=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with pytest.raises(DiffusionLabError, match="learn_variance=True"):
         ddpm(oracle, x_T, 20, variance="learned")
@@ -374,12 +388,12 @@ def test_clip_x0_and_learned_variance_paths():
 def test_float32_and_sample_in_chunks():
     oracle = _oracle("fd", VPChain(linear_betas(1000), cov=_cov("fd")))
     x = sample_in_chunks("ddim", oracle, (4, 2), num=10, chunk=4, generator=torch.Generator().manual_seed(0),
-                         timesteps=5, store_device="cpu", progress=True)
+                         grid=5, store_device="cpu", progress=True)
     assert x.shape == (10, 4, 2) and x.dtype == torch.float32 and torch.isfinite(x).all()
     assert oracle.nfe == 3 * 5  # 3 chunks of 5 steps
-    a = sample_in_chunks(ddpm, oracle, (4, 2), num=3, generator=torch.Generator().manual_seed(0), timesteps=5,
+    a = sample_in_chunks(ddpm, oracle, (4, 2), num=3, generator=torch.Generator().manual_seed(0), grid=5,
                          dtype=F64)
-    b = sample_in_chunks(ddpm, oracle, (4, 2), num=3, generator=torch.Generator().manual_seed(0), timesteps=5,
+    b = sample_in_chunks(ddpm, oracle, (4, 2), num=3, generator=torch.Generator().manual_seed(0), grid=5,
                          dtype=F64)
     assert torch.equal(a, b)
 
@@ -397,7 +411,7 @@ def test_ve_reverse_kernel(kind):
     oracle = _ve(kind)
     law = ve_reverse_law(oracle)
     x, g = _prior(oracle, _n(kind), 6)
-    _assert_law(ve_reverse(oracle, x, generator=g), law.mu, law.V)
+    _assert_law(ve_reverse(oracle, x, noise=g), law.mu, law.V)
     e200 = law.error()[1]
     e400 = ve_reverse_law(_ve(kind, L=400)).error()[1]
     assert e200 < 0.12 and e400 < 0.6 * e200, (e200, e400)
@@ -409,7 +423,7 @@ def test_ve_ancestral(kind):
     oracle = _ve(kind)
     law = ve_ancestral_law(oracle)
     x, g = _prior(oracle, _n(kind), 7)
-    _assert_law(ve_ancestral(oracle, x, generator=g), law.mu, law.V)
+    _assert_law(ve_ancestral(oracle, x, noise=g), law.mu, law.V)
     assert law.error()[1] < 0.12
 
 
@@ -424,10 +438,10 @@ def test_annealed_langevin(kind):
     lr = 0.05**2
     law = langevin_law(oracle, 40, lr)
     x, g = _prior(oracle, _n(kind), 8)
-    x = annealed_langevin(oracle, x, n_steps_each=40, step_lr=lr, generator=g)
+    x = annealed_langevin(oracle, x, n_steps_each=40, step_lr=lr, noise=g)
     _assert_law(x, law.mu, law.V)
     err = law.error()[1]
     assert err < 0.1 and langevin_law(oracle, 160, lr).error()[1] < 0.4 * err
     assert oracle.nfe == 10 * 40 + 1
-    with pytest.raises(DiffusionLabError, match="needs a VEChain"):
+    with pytest.raises(DiffusionLabError, match="needs a variance-exploding process"):
         annealed_langevin(_oracle("2d", VPChain(linear_betas(10))), x[:, :2].reshape(-1, 2))

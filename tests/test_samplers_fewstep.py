@@ -15,21 +15,19 @@ from diffusionlab.noise import Mixed
 from diffusionlab.oracles.bench import Problem, weight_error
 from diffusionlab.oracles.mixture import GaussianMixtureOracle, make_process
 from diffusionlab.processes import VESDE, VPSDE
-from diffusionlab.samplers import SAMPLERS, get_sampler
-from diffusionlab.samplers.continuous import ode_adaptive
-from diffusionlab.samplers.discrete import ddim
-from diffusionlab.samplers.fewstep import (
-    chain_timesteps,
-    ddim_continuous,
-    dpmpp_2m,
-    dpmpp_3m,
-    edm_euler,
-    edm_heun,
-    nfe_per_path,
-    phi_weights,
-    unipc,
-)
-from diffusionlab.samplers.grids import time_grid
+from diffusionlab.processes.grid import make_grid
+from diffusionlab.samplers import SAMPLERS, ddim, get_sampler, ode_adaptive
+from diffusionlab.samplers.fewstep import dpmpp_2m, dpmpp_3m, edm_euler, edm_heun, phi_weights, unipc
+
+
+def time_grid(process, steps, kind="uniform"):
+    """The float64 times of an SDE grid."""
+    return make_grid(process, steps, kind).t
+
+
+def chain_timesteps(chain, steps, kind="uniform"):
+    """The integer steps of a chain grid (the data point 0 left out)."""
+    return torch.tensor(make_grid(chain, steps, kind).times[:-1], dtype=torch.long)
 
 F64 = torch.float64
 
@@ -82,7 +80,7 @@ def test_3m_weights_integrate_a_quadratic_exactly():
 
 
 def _reference(oracle, x):
-    return ode_adaptive(oracle, x, times=time_grid(oracle.process, 1), rtol=1e-12, atol=1e-12)
+    return ode_adaptive(oracle, x, time_grid(oracle.process, 1), rtol=1e-12, atol=1e-12)
 
 
 def _coupled(out, ref):
@@ -112,10 +110,10 @@ def test_orders_of_convergence(process, frames):
     ref = _reference(oracle, x)
     steps = [16, 32, 64, 128]
     for name, fn, opts, order in ORDERS:
-        errs = [_median_error(fn(oracle, x, times=time_grid(process, n, "logsnr"), **opts), ref) for n in steps]
+        errs = [_median_error(fn(oracle, x, time_grid(process, n, "logsnr"), **opts), ref) for n in steps]
         slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
         assert abs(slope - order) <= 0.35, (name, errs, slope)
-    errs = [_median_error(unipc(oracle, x, times=time_grid(process, n, "logsnr"), order=3), ref) for n in steps]
+    errs = [_median_error(unipc(oracle, x, time_grid(process, n, "logsnr"), order=3), ref) for n in steps]
     assert -np.polyfit(np.log(steps), np.log(errs), 1)[0] > 3.3  # UniPC-3 with corrector: order 4 asymptotically
 
 
@@ -125,7 +123,7 @@ def _floor_problem(oracle, num=2000, seed=3):
 
 @pytest.mark.parametrize("name,fn,steps,opts", [
     ("euler", edm_euler, 200, {}), ("heun", edm_heun, 60, {}), ("dpmpp-2m", dpmpp_2m, 60, {}),
-    ("dpmpp-3m", dpmpp_3m, 60, {}), ("unipc", unipc, 60, {}), ("ddim", ddim_continuous, 200, {}),
+    ("dpmpp-3m", dpmpp_3m, 60, {}), ("unipc", unipc, 60, {}), ("ddim", ddim, 200, {}),
     ("heun-churn", edm_heun, 60, {"s_churn": 10.0, "s_tmin": 0.05, "s_tmax": 10.0}),
 ])
 def test_many_steps_reach_the_noise_floor(name, fn, steps, opts):
@@ -139,7 +137,8 @@ def test_many_steps_reach_the_noise_floor(name, fn, steps, opts):
     s0, sg0 = (float(v) for v in proc.coeffs(grid[0]))
     s1, sg1 = (float(v) for v in proc.coeffs(grid[-1]))
     x = s0 * pb.start(sg0 / s0)
-    out = fn(oracle, x, times=grid, generator=torch.Generator().manual_seed(1), **opts) / s1
+    noise = {"noise": torch.Generator().manual_seed(1)} if get_sampler(name.split("-churn")[0]).takes_noise else {}
+    out = fn(oracle, x, grid, **noise, **opts) / s1
     fl = pb.floors(sg1 / s1)
     assert pb.sliced_w2(out, sg1 / s1) <= fl["sw2_floor"] + 3 * fl["sw2_floor_std"]
     assert weight_error(oracle, out, sg1 / s1) <= fl["weight_floor"] + 3 * fl["weight_floor_std"]
@@ -154,12 +153,12 @@ def test_the_floor_test_can_fail():
     grid = time_grid(proc, 2, "logsnr")
     s0, sg0 = (float(v) for v in proc.coeffs(grid[0]))
     s1, sg1 = (float(v) for v in proc.coeffs(grid[-1]))
-    out = edm_euler(oracle, s0 * pb.start(sg0 / s0), times=grid) / s1
+    out = edm_euler(oracle, s0 * pb.start(sg0 / s0), grid) / s1
     fl = pb.floors(sg1 / s1)
     assert pb.sliced_w2(out, sg1 / s1) > fl["sw2_floor"] + 5 * fl["sw2_floor_std"]
     grid = time_grid(proc, 60, "logsnr")
-    out = edm_heun(oracle, s0 * pb.start(sg0 / s0), times=grid, s_churn=30.0, s_noise=3.0,
-                   generator=torch.Generator().manual_seed(1)) / s1
+    out = edm_heun(oracle, s0 * pb.start(sg0 / s0), grid, s_churn=30.0, s_noise=3.0,
+                   noise=torch.Generator().manual_seed(1)) / s1
     assert pb.sliced_w2(out, sg1 / s1) > fl["sw2_floor"] + 5 * fl["sw2_floor_std"]
 
 
@@ -171,23 +170,23 @@ def test_chain_many_steps_reach_the_data():
     sT, sgT = float(proc.mean_scale[1000]), float(proc.sigma[1000])
     fl = pb.floors(0.0)
     for fn in (edm_heun, dpmpp_2m, dpmpp_3m, unipc):
-        out = fn(oracle, sT * pb.start(sgT / sT), timesteps=chain_timesteps(proc, 60, "logsnr"))
+        out = fn(oracle, sT * pb.start(sgT / sT), chain_timesteps(proc, 60, "logsnr"))
         assert pb.sliced_w2(out, 0.0) <= fl["sw2_floor"] + 3 * fl["sw2_floor_std"], fn.__name__
 
 
-def test_ddim_is_dpm_solver_1_and_euler_and_the_discrete_ddim():
-    """DDIM (eta = 0) = DPM-Solver++(1) = EDM Euler algebraically; on a chain it equals the discrete DDIM of
-    samplers.discrete on the same integer grid."""
+def test_ddim_is_dpm_solver_1_and_euler():
+    """DDIM (eta = 0) = DPM-Solver++(1) = EDM Euler algebraically, on an SDE and on a chain (the same DDIM runs on
+    both): EDM Euler without churn takes the very DDIM step, DPM-Solver++(1) is written in y = x / s."""
+    from diffusionlab.samplers.fewstep import _multistep
+
     proc = VPSDE()
     oracle = _smooth_mixture(proc)
     x = proc.prior_sample((16, 2), generator=torch.Generator().manual_seed(0), dtype=F64)
-    grid = time_grid(proc, 12, "karras")
-    torch.testing.assert_close(ddim_continuous(oracle, x, times=grid), edm_euler(oracle, x, times=grid),
-                               rtol=1e-9, atol=1e-10)
-    chain = make_process("vp")
-    oc = _smooth_mixture(chain)
-    ts = chain_timesteps(chain, 15, "quadratic")
-    torch.testing.assert_close(ddim_continuous(oc, x, timesteps=ts), ddim(oc, x, timesteps=ts), rtol=1e-9, atol=1e-10)
+    for p, orc in ((proc, oracle), (make_process("vp"), _smooth_mixture(make_process("vp")))):
+        grid = make_grid(p, 12, "karras")
+        a = ddim(orc, x, grid)
+        assert torch.equal(edm_euler(orc, x, grid), a)  # the same operations
+        torch.testing.assert_close(_multistep(orc, x, grid, False, 1), a, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("process_name", ["vp-sde", "ve-sde", "vp", "ve"])
@@ -196,15 +195,16 @@ def test_nfe_counts_and_registry(process_name):
     oracle = _smooth_mixture(proc)
     chain = process_name in ("vp", "ve")
     x = proc.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=F64)
-    for name in ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "unipc", "ddim_continuous"):
-        fn = get_sampler(name)
-        assert SAMPLERS[name] is fn
+    for name in ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "unipc", "ddim"):
+        spec = get_sampler(name)
+        assert SAMPLERS[name] is spec
         for steps in (1, 2, 7):
             oracle.nfe = 0
-            grid = chain_timesteps(proc, steps, "logsnr") if chain else time_grid(proc, steps, "logsnr")
-            out = fn(oracle, x, timesteps=grid)
+            grid = make_grid(proc, steps, "logsnr")
+            out = spec.run(oracle, x, grid)
             assert torch.isfinite(out).all()
-            assert oracle.nfe == nfe_per_path(name, steps, ends_at_zero=chain), (name, steps)
+            expected = 2 * steps - (1 if chain else 0) if name == "heun" else steps
+            assert oracle.nfe == spec.count(grid) == expected, (name, steps)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "quadratic", "logsnr", "karras"])
@@ -228,15 +228,17 @@ def test_bad_options():
     oracle = _smooth_mixture(proc)
     x = torch.zeros(2, 2, dtype=F64)
     with pytest.raises(DiffusionLabError, match="churn"):
-        edm_heun(oracle, x, timesteps=5, s_churn=1.0)
-    with pytest.raises(DiffusionLabError, match="S_noise"):
-        edm_heun(oracle, x, timesteps=5, s_noise=-1)
+        edm_heun(oracle, x, 5, s_churn=1.0)
+    with pytest.raises(DiffusionLabError, match="s_noise must be a number >= 0"):
+        get_sampler("heun").run(oracle, x, 5, s_noise=-1)
     with pytest.raises(DiffusionLabError, match="order"):
-        unipc(oracle, x, timesteps=5, order=4)
+        unipc(oracle, x, 5, order=4)
+    with pytest.raises(DiffusionLabError, match="order must be an integer in"):
+        get_sampler("unipc").run(oracle, x, 5, order=4)
     with pytest.raises(DiffusionLabError, match="solver_type"):
-        dpmpp_2m(oracle, x, timesteps=5, solver_type="rk4")
-    with pytest.raises(DiffusionLabError, match="once"):
-        dpmpp_2m(oracle, x, times=5, timesteps=5)
+        dpmpp_2m(oracle, x, 5, solver_type="rk4")
+    with pytest.raises(DiffusionLabError, match="takes no option eta; its options: lower_order_final, solver_type"):
+        get_sampler("dpmpp-2m").run(oracle, x, 5, eta=0.5)
 
 
 @pytest.mark.parametrize("name", ["unipc", "dpmpp-2m"])
@@ -251,10 +253,10 @@ def test_step_for_step_agreement_with_diffusers(name):
     steps = 12
     if name == "unipc":
         sched = diffusers.UniPCMultistepScheduler(timestep_spacing="trailing")
-        ours = lambda ts: unipc(oracle, x, timesteps=ts)  # noqa: E731
+        ours = lambda ts: unipc(oracle, x, ts)  # noqa: E731
     else:
         sched = diffusers.DPMSolverMultistepScheduler(timestep_spacing="trailing", solver_order=2)
-        ours = lambda ts: dpmpp_2m(oracle, x, timesteps=ts)  # noqa: E731
+        ours = lambda ts: dpmpp_2m(oracle, x, ts)  # noqa: E731
     sched.set_timesteps(steps)
     ts = sched.timesteps.long() + 1  # diffusers' index t is our step t + 1
     sample = x.clone()
@@ -267,7 +269,7 @@ def test_step_for_step_agreement_with_diffusers(name):
 
 
 def test_float32_through_sample_in_chunks():
-    """The registry's common call (training.sampling.generate: timesteps=int, generator, float32 prior draws) works
+    """The catalogue's common call (training.sampling.generate: a number of steps, generator, float32 prior draws) works
     for every few-step solver on a chain and an SDE; a float32 run stays within float32 rounding (the scaled state
     y = x / s reaches ~150) of the float64 run from the same start."""
     from diffusionlab.samplers import sample_in_chunks
@@ -278,9 +280,9 @@ def test_float32_through_sample_in_chunks():
         x = proc.prior_sample((64, 2), generator=torch.Generator().manual_seed(0), dtype=F64)
         for name in ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "unipc"):
             out = sample_in_chunks(name, oracle, (2,), 64, chunk=32, generator=torch.Generator().manual_seed(0),
-                                   dtype=torch.float32, timesteps=12)
+                                   dtype=torch.float32, grid=12)
             assert out.dtype == torch.float32 and out.shape == (64, 2) and torch.isfinite(out).all()
-            fn = get_sampler(name)
-            out32, out64 = fn(oracle, x.float(), timesteps=12), fn(oracle, x, timesteps=12)
+            spec = get_sampler(name)
+            out32, out64 = spec.run(oracle, x.float(), 12), spec.run(oracle, x, 12)
             assert out32.dtype == torch.float32
             torch.testing.assert_close(out32.double(), out64, rtol=0, atol=2e-4)

@@ -27,9 +27,8 @@ from diffusionlab.objectives import SimpleLoss, full_vlb, vlb_terms
 from diffusionlab.oracles import GaussianOracle
 from diffusionlab.parametrization import DiffusionModel
 from diffusionlab.processes import VPChain, VPSDE
-from diffusionlab.samplers import NoiseSource, ddim, ddpm
-from diffusionlab.samplers.continuous import euler_maruyama, ode_heun
-from diffusionlab.samplers.grids import time_grid
+from diffusionlab.processes.grid import make_grid
+from diffusionlab.samplers import NoiseSource, ddim, ddpm, euler_maruyama, ode_heun
 from diffusionlab.schedules import linear_betas
 
 F64 = torch.float64
@@ -105,7 +104,7 @@ def test_ddpm_reproduces_frame_covariance_and_fails_with_iid_noise(name):
     g = torch.Generator().manual_seed(3)
     x_T = orc.process.prior_sample((N_SAMPLES, *SHAPE), generator=g, dtype=F64)  # N(0, C)
     tol = tolerance()
-    assert rel_error(ddpm(orc, x_T, 200, generator=g), orc.Sigma) < tol
+    assert rel_error(ddpm(orc, x_T, 200, noise=g), orc.Sigma) < tol
     wrong = ddpm(orc, x_T, 200, noise=NoiseSource(Identity(), g))
     assert rel_error(wrong, orc.Sigma) > 5 * tol
 
@@ -115,10 +114,10 @@ def test_reverse_sde_reproduces_frame_covariance_and_fails_with_iid_noise(name):
     sde = VPSDE(cov=COVS[name]())
     orc = oracle(sde)
     g = torch.Generator().manual_seed(4)
-    ts = time_grid(sde, 200)
+    ts = make_grid(sde, 200)
     x_T = sde.prior_sample((N_SAMPLES, *SHAPE), generator=g, dtype=F64)
     tol = tolerance()
-    assert rel_error(euler_maruyama(orc, x_T, ts, generator=g), orc.Sigma) < tol
+    assert rel_error(euler_maruyama(orc, x_T, ts, noise=g), orc.Sigma) < tol
     wrong = euler_maruyama(orc, x_T, ts, noise=NoiseSource(Identity(), g))
     assert rel_error(wrong, orc.Sigma) > 5 * tol
 
@@ -130,7 +129,7 @@ def test_ode_reproduces_frame_covariance_and_fails_from_iid_start(name):
     sde = VPSDE(cov=COVS[name]())
     orc = oracle(sde)
     g = torch.Generator().manual_seed(6)
-    ts = time_grid(sde, 50)
+    ts = make_grid(sde, 50)
     tol = tolerance()
     assert rel_error(ode_heun(orc, sde.prior_sample((N_SAMPLES, *SHAPE), generator=g, dtype=F64), ts), orc.Sigma) < tol
     wrong = ode_heun(orc, torch.randn((N_SAMPLES, *SHAPE), generator=g, dtype=F64), ts)
@@ -142,7 +141,7 @@ def test_ddim_runs_on_videos_with_correlated_C():
     orc = oracle(VPChain(linear_betas(1000), cov=COVS["progressive"]()))
     g = torch.Generator().manual_seed(7)
     x_T = orc.process.prior_sample((N_SAMPLES, *SHAPE), generator=g, dtype=F64)
-    assert rel_error(ddim(orc, x_T, 200, eta=1.0, generator=g), orc.Sigma) < tolerance()
+    assert rel_error(ddim(orc, x_T, 200, eta=1.0, noise=g), orc.Sigma) < tolerance()
 
 
 # ---- ELBO and loss on video tensors ---------------------------------------------------------------------------

@@ -88,33 +88,72 @@ def _check_out_dir(out: Path) -> None:
         raise DiffusionLabError(f"cannot write {out}: directory {parent} is not writable")
 
 
-def cmd_sample(args) -> int:
+def sample_section(cfg: dict, sampler: str | None = None, steps: int | None = None, grid: str | None = None,
+                   overrides: list[str] | None = None, eta: float | None = None) -> dict:
+    """The ``sample:`` section a command uses: the run's own (its sampler, steps, grid and options) unless
+    ``sampler`` names another one, which then gets its own default steps, grid and options; ``steps``, ``grid``,
+    ``--set KEY=VALUE`` options (``eta`` as a shortcut) override, each validated against the sampler."""
+    from diffusionlab.configuration import parse_scalar
+    from diffusionlab.samplers import canonical, get_sampler
+    from diffusionlab.training.config import _check_sample
+
+    run = dict(cfg["sample"])
+    if sampler is not None and canonical(sampler) != canonical(run["sampler"]):
+        get_sampler(sampler)  # a clear error for an unknown name before anything else
+        scfg = {"sampler": sampler}
+    else:
+        scfg = run
+    for key, value in (("steps", steps), ("grid", grid), ("eta", eta)):
+        if value is not None:
+            scfg[key] = value
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise DiffusionLabError(f"--set expects KEY=VALUE (a sampler option, e.g. eta=0.5), got {item!r}")
+        scfg[key.removeprefix("sample.")] = parse_scalar(raw)
+    scfg.pop("num", None)
+    _check_sample(dict(scfg))
+    return scfg
+
+
+def _nfe_line(model, scfg: dict, num: int) -> dict:
+    """What the sampling cost: the sampler's evaluations per sample path (by its catalogue entry) and the
+    evaluations counted by the model over all batches."""
     from diffusionlab.samplers import get_sampler
+    from diffusionlab.training.sampling import sampler_options
+
+    spec = get_sampler(scfg["sampler"])
+    grid = spec.grid(model.process, scfg.get("steps"), scfg.get("grid"),
+                     **({"rho": scfg["rho"]} if "rho" in scfg else {}))
+    return {"steps": grid.steps, "grid": grid.kind, "nfe_per_sample": spec.count(grid, sampler_options(scfg))}
+
+
+def cmd_sample(args) -> int:
     from diffusionlab.training.sampling import generate, load_run
 
     out = Path(args.out)
     if out.suffix not in SAMPLE_SUFFIXES:
         raise DiffusionLabError(f"--out must end in one of {', '.join(SAMPLE_SUFFIXES)}, got {out}")
     _check_out_dir(out)
-    get_sampler(args.sampler)  # validate the name before any work
+    if args.sampler is not None:
+        from diffusionlab.samplers import get_sampler
+
+        get_sampler(args.sampler)  # validate the name before any work
     cfg, ds, model = load_run(args.run, device=args.device)
-    scfg = dict(cfg["sample"], sampler=args.sampler)
-    if args.steps is not None:
-        scfg["steps"] = args.steps
-    if args.eta is not None:
-        scfg["eta"] = args.eta
+    scfg = sample_section(cfg, args.sampler, args.steps, args.grid, args.set, args.eta)
     t0 = time.time()
     x = generate(model, scfg, num=args.num, seed=args.seed, device=next(model.parameters()).device,
                  shape=ds.sample_shape, progress=not args.quiet)
     _write_samples(ds.to_display(x), ds.kind, out)
-    print(json.dumps({"out": str(out), "num": args.num, "sampler": args.sampler, "steps": scfg["steps"],
-                      "nfe_per_sample": model.nfe // max(1, -(-args.num // 1000)), "seconds": round(time.time() - t0, 2)}))
+    print(json.dumps({"out": str(out), "num": args.num, "sampler": scfg["sampler"], **_nfe_line(model, scfg, args.num),
+                      "seconds": round(time.time() - t0, 2)}))
     return 0
 
 
 # -- evaluate -----------------------------------------------------------------------------------------------
 def evaluate_run(run: str, num: int = 1000, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-                 device: str = "auto", progress: bool = False) -> dict:
+                 device: str = "auto", progress: bool = False, grid: str | None = None,
+                 overrides: list[str] | None = None) -> dict:
     """Sample ``num`` items from a run and score them with the digits metric (digits runs only)."""
     from diffusionlab.metrics import evaluate_digits
     from diffusionlab.training.sampling import generate, load_run
@@ -122,17 +161,13 @@ def evaluate_run(run: str, num: int = 1000, seed: int = 0, sampler: str | None =
     cfg, ds, model = load_run(run, device=device)
     if ds.name != "digits":
         raise DiffusionLabError(f"the digits metric needs a run trained on digits; {run} was trained on {ds.name!r}")
-    scfg = dict(cfg["sample"])
-    if sampler:
-        scfg["sampler"] = sampler
-    if steps:
-        scfg["steps"] = steps
+    scfg = sample_section(cfg, sampler, steps, grid, overrides)
     t0 = time.time()
     x = generate(model, scfg, num=num, seed=seed, device=next(model.parameters()).device, shape=ds.sample_shape,
                  progress=progress)
     seconds = time.time() - t0
     metrics = evaluate_digits(ds.to_display(x))
-    metrics.update({"sampler": scfg["sampler"], "steps": scfg["steps"], "sampling_seconds": round(seconds, 2),
+    metrics.update({"sampler": scfg["sampler"], **_nfe_line(model, scfg, num), "sampling_seconds": round(seconds, 2),
                     "seed": seed})
     return metrics, ds.to_display(x)
 
@@ -146,12 +181,13 @@ def cmd_evaluate(args) -> int:
             if value != default:
                 raise DiffusionLabError(f"{flag} applies to --metric nll or elbo, not to --metric digits")
         metrics, _ = evaluate_run(args.run, num=args.num, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                                  device=args.device, progress=not args.quiet)
+                                  device=args.device, progress=not args.quiet, grid=args.grid, overrides=args.set)
     else:
         from diffusionlab.likelihood.evaluate import evaluate_likelihood
 
-        if args.sampler is not None or args.steps is not None:
-            raise DiffusionLabError(f"--sampler and --steps apply to --metric digits, not to --metric {args.metric}")
+        if args.sampler is not None or args.steps is not None or args.grid is not None or args.set:
+            raise DiffusionLabError(f"--sampler, --steps, --grid and --set apply to --metric digits, not to --metric "
+                                    f"{args.metric}")
         metrics = evaluate_likelihood(args.run, args.metric, num=args.num, seed=args.seed,
                                       batch_size=args.batch_size, divergence=args.divergence, probes=args.probes,
                                       rtol=args.rtol, atol=args.atol, variance=args.variance, device=args.device,
@@ -198,7 +234,7 @@ def cmd_demo(args) -> int:
     print(f"  training curve:  {out / 'loss.png'}")
     print(f"  metrics:         {out / 'metrics.json'}  (FD {metrics['fd']:.2f}, class coverage {metrics['class_coverage']:.2f})")
     print(f"  weights:         {out / 'model.safetensors'}")
-    print(f"  more samples:    diffusionlab sample --run {out} --sampler ddim --steps 50 --num 64 --seed 1 --out more.png")
+    print(f"  more samples:    diffusionlab sample --run {out} --num 64 --seed 1 --out more.png")
     return 0
 
 
@@ -218,11 +254,21 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="draw samples from a trained run")
+    from diffusionlab.processes.grid import GRID_KINDS
+    from diffusionlab.samplers import sampler_names
+
+    names = ", ".join(sampler_names())
+    p = sub.add_parser("sample", help="draw samples from a trained run",
+                       description="Samples with the run's own sampler, steps, grid and options (its config's sample: "
+                                   "section) unless --sampler names another, which then gets its own defaults. "
+                                   f"Samplers: {names}.")
     p.add_argument("--run", required=True, help="run directory (from train or demo)")
-    p.add_argument("--sampler", default="ddim", help="sampler name (see diffusionlab.samplers.SAMPLERS)")
-    p.add_argument("--steps", type=int, default=None, help="number of sampler steps")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta in [0, 1]")
+    p.add_argument("--sampler", default=None, help=f"sampler (default: the run's): {names}")
+    p.add_argument("--steps", type=int, default=None, help="number of sampler steps (default: the sampler's)")
+    p.add_argument("--grid", default=None, choices=GRID_KINDS, help="time grid (default: the sampler's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampler option, e.g. eta=0.5 (refused if the sampler has no such option)")
+    p.add_argument("--eta", type=float, default=None, help="shortcut for --set eta=VALUE (ddim)")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .npz (key x), .npy or .png")
@@ -240,8 +286,10 @@ def register(sub) -> None:
                    help="digits (default), nll (SDE runs) or elbo (chain runs)")
     p.add_argument("--num", type=int, default=1000, help="samples (digits) or evaluation points (nll, elbo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default=None, help="digits: sampler (default: the run's)")
-    p.add_argument("--steps", type=int, default=None, help="digits: sampler steps (default: the run's)")
+    p.add_argument("--sampler", default=None, help=f"digits: sampler (default: the run's): {names}")
+    p.add_argument("--steps", type=int, default=None, help="digits: sampler steps (default: the sampler's)")
+    p.add_argument("--grid", default=None, choices=GRID_KINDS, help="digits: time grid (default: the sampler's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="digits: a sampler option")
     p.add_argument("--batch-size", type=int, default=None, help="nll, elbo: points per batch (default 128)")
     p.add_argument("--divergence", default="exact", choices=("exact", "hutchinson"),
                    help="nll: exact divergence (D backward passes per evaluation) or Hutchinson's estimator")

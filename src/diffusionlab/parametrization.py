@@ -45,9 +45,6 @@ from torch import nn
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.utils import per_batch
 
-PREDICTIONS = ("eps", "x0", "v", "score")
-
-
 def batch_t(t, x: torch.Tensor) -> torch.Tensor:
     """``t`` (an int/float, a 0-d tensor or a ``(B,)`` tensor) as a ``(B,)`` tensor on ``x``'s device."""
     return per_batch(torch.as_tensor(t, device=x.device), x, "time t")
@@ -84,33 +81,139 @@ class Prediction:
         return -self.eps / self.sigma
 
 
-def eps_x0_from_output(prediction: str, out: torch.Tensor, x_t: torch.Tensor, s, sigma):
-    """Decode a raw output of parametrization ``prediction`` into ``(eps, x0)`` (module docstring)."""
-    if prediction == "eps":
+class Parametrization:
+    """What a network output means: a small object owning the decoding, the training target and the weights that
+    depend on it (module docstring), so nothing else compares prediction names. Subclasses: :class:`EpsPrediction`,
+    :class:`X0Prediction`, :class:`VPrediction`, :class:`ScorePrediction`."""
+
+    name: str = ""
+
+    def decode(self, out: torch.Tensor, x_t: torch.Tensor, s, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(eps, x0)`` from a raw output ``out`` at ``x_t = s x0 + sigma eps``."""
+        raise NotImplementedError
+
+    def target(self, eps: torch.Tensor, x0: torch.Tensor, s, sigma) -> torch.Tensor:
+        """The raw output (training target) for given ``eps`` and ``x0``."""
+        raise NotImplementedError
+
+    def error_scale2(self, s, sigma):
+        """``c^2`` with ``x_theta - x_0 = -c (d_theta - d)`` for an error ``d_theta - d`` in the output."""
+        raise NotImplementedError
+
+    def x0_error(self, pred: "Prediction", x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """``x_theta - x_0`` computed in the output's own terms, so no cancellation is introduced:
+        ``-c (d_theta - d)`` (:meth:`error_scale2`)."""
+        c = self.error_scale2(pred.s, pred.sigma).sqrt()
+        return -c * (pred.out - self.target(eps, x0, pred.s, pred.sigma))
+
+    def min_snr_weight(self, snr: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al. 2023, eq. 12): the loss ``min(SNR, gamma) ||x_theta - x_0||^2`` written for this
+        output's error, a weight ``min(SNR, gamma) c^2`` (:meth:`error_scale2`): ``min(SNR, gamma) / SNR`` for eps
+        and score, ``min(SNR, gamma)`` for x0, ``min(SNR, gamma) / (SNR + 1)`` for v."""
+        raise NotImplementedError
+
+    def posterior_mean(self, x_t: torch.Tensor, pred: "Prediction", A: float, B: float) -> torch.Tensor:
+        """``A x_t + B x_theta``, through ``eps``: ``(A + B / s) x_t - (B sigma / s) eps_theta``, which stays well
+        conditioned where ``s`` is small (:class:`X0Prediction` uses ``x_theta`` directly)."""
+        return (A + B / pred.s) * x_t - (B * pred.sigma / pred.s) * pred.eps
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class EpsPrediction(Parametrization):
+    """The net predicts the noise ``eps`` (Ho et al. 2020): ``x0 = (x_t - sigma eps) / s``."""
+
+    name = "eps"
+
+    def decode(self, out, x_t, s, sigma):
         return out, (x_t - sigma * out) / s
-    if prediction == "x0":
+
+    def target(self, eps, x0, s, sigma):
+        return eps
+
+    def error_scale2(self, s, sigma):
+        return (sigma / s) ** 2
+
+    def x0_error(self, pred, x0, eps):
+        return -(pred.sigma / pred.s) * (pred.eps - eps)
+
+    def min_snr_weight(self, snr, gamma):
+        return snr.clamp(max=gamma) / snr
+
+
+class ScorePrediction(EpsPrediction):
+    """NCSN's "divide by sigma" parametrization (Song & Ermon 2020, technique 3): the net outputs
+    ``sigma_t C grad log p_t(x_t) = -eps``; its training target is ``-eps``."""
+
+    name = "score"
+
+    def decode(self, out, x_t, s, sigma):
+        eps = -out
+        return eps, (x_t - sigma * eps) / s
+
+    def target(self, eps, x0, s, sigma):
+        return -eps
+
+
+class X0Prediction(Parametrization):
+    """The net predicts the data ``x0``: ``eps = (x_t - s x0) / sigma``."""
+
+    name = "x0"
+
+    def decode(self, out, x_t, s, sigma):
         return (x_t - s * out) / sigma, out
-    if prediction == "v":
+
+    def target(self, eps, x0, s, sigma):
+        return x0
+
+    def error_scale2(self, s, sigma):
+        return torch.ones_like(s)
+
+    def x0_error(self, pred, x0, eps):
+        return pred.x0 - x0
+
+    def min_snr_weight(self, snr, gamma):
+        return snr.clamp(max=gamma)
+
+    def posterior_mean(self, x_t, pred, A, B):
+        return A * x_t + B * pred.x0
+
+
+class VPrediction(Parametrization):
+    """The net predicts ``v = (s eps - sigma x0) / r``, ``r = sqrt(s^2 + sigma^2)`` (Salimans & Ho 2022 for VP,
+    where ``r = 1``): ``x0 = (s x_t - sigma r v) / r^2``, ``eps = (sigma x_t + s r v) / r^2``."""
+
+    name = "v"
+
+    def decode(self, out, x_t, s, sigma):
         r2 = s * s + sigma * sigma
         r = r2.sqrt()
         return (sigma * x_t + s * r * out) / r2, (s * x_t - sigma * r * out) / r2
-    if prediction == "score":
-        eps = -out
-        return eps, (x_t - sigma * eps) / s
-    raise DiffusionLabError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
 
-
-def output_from_eps_x0(prediction: str, eps: torch.Tensor, x0: torch.Tensor, s, sigma) -> torch.Tensor:
-    """The raw output (training target) of parametrization ``prediction`` for given ``eps`` and ``x0``."""
-    if prediction == "eps":
-        return eps
-    if prediction == "x0":
-        return x0
-    if prediction == "v":
+    def target(self, eps, x0, s, sigma):
         return (s * eps - sigma * x0) / (s * s + sigma * sigma).sqrt()
-    if prediction == "score":
-        return -eps
-    raise DiffusionLabError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+    def error_scale2(self, s, sigma):
+        return sigma**2 / (s**2 + sigma**2)
+
+    def min_snr_weight(self, snr, gamma):
+        return snr.clamp(max=gamma) / (snr + 1.0)
+
+
+PARAMETRIZATIONS: dict[str, Parametrization] = {
+    p.name: p for p in (EpsPrediction(), X0Prediction(), VPrediction(), ScorePrediction())
+}
+PREDICTIONS = tuple(PARAMETRIZATIONS)
+
+
+def get_parametrization(name) -> Parametrization:
+    """The parametrization called ``name`` (or ``name`` itself if it already is one)."""
+    if isinstance(name, Parametrization):
+        return name
+    if name not in PARAMETRIZATIONS:
+        raise DiffusionLabError(f"unknown prediction {name!r}; allowed: {', '.join(PARAMETRIZATIONS)}")
+    return PARAMETRIZATIONS[name]
 
 
 class DiffusionModel(nn.Module):
@@ -119,7 +222,7 @@ class DiffusionModel(nn.Module):
     Args:
         net: ``net(x, c_noise) -> out`` with ``out`` shaped like ``x`` except dim 1 times ``out_mult``.
         process: a :class:`~diffusionlab.processes.GaussianProcess` (chain or SDE).
-        prediction: ``"eps" | "x0" | "v" | "score"`` (module docstring).
+        prediction: ``"eps" | "x0" | "v" | "score"`` or a :class:`Parametrization` (module docstring).
         learn_variance: the net also outputs ``v_var`` (Nichol & Dhariwal 2021).
         scale_input: feed the net ``c_in x_t``, ``c_in = 1 / sqrt(s_t^2 + sigma_t^2)``.
 
@@ -130,14 +233,17 @@ class DiffusionModel(nn.Module):
     def __init__(self, net: nn.Module | None, process, prediction: str = "eps", learn_variance: bool = False,
                  scale_input: bool = True):
         super().__init__()
-        if prediction not in PREDICTIONS:
-            raise DiffusionLabError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+        self.parametrization = get_parametrization(prediction)
         self.net = net
         self.process = process
-        self.prediction = prediction
         self.learn_variance = bool(learn_variance)
         self.scale_input = bool(scale_input)
         self.nfe = 0
+
+    @property
+    def prediction(self) -> str:
+        """The parametrization's name (``eps``, ``x0``, ``v``, ``score``)."""
+        return self.parametrization.name
 
     @property
     def out_mult(self) -> int:
@@ -189,13 +295,13 @@ class DiffusionModel(nn.Module):
         out = self._raw(x_t, tb, s, sigma)
         self.nfe += 1
         mean, v_var = self.split(out)
-        eps, x0 = eps_x0_from_output(self.prediction, mean, x_t, s, sigma)
+        eps, x0 = self.parametrization.decode(mean, x_t, s, sigma)
         return Prediction(eps=eps, x0=x0, out=mean, s=s, sigma=sigma, v_var=v_var)
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
         """What the raw (mean) output should be for ``x_t = s_t x0 + sigma_t eps``: eps, x0, v or ``-eps``."""
         _, s, sigma = self.coeffs(t, x0)
-        return output_from_eps_x0(self.prediction, eps, x0, s, sigma)
+        return self.parametrization.target(eps, x0, s, sigma)
 
     def eps(self, x_t: torch.Tensor, t) -> torch.Tensor:
         """``E[eps | x_t]`` as predicted."""

@@ -98,7 +98,7 @@ def run_config(prior_spec: str, seed: int, o: dict) -> dict:
                   "grad_clip": 1.0, "ema_decay": 0.999, "seed": int(seed), "checkpoint_every": o["steps"],
                   "keep_checkpoints": 1, "log_every": max(1, o["steps"] // 20), "device": o["device"],
                   "threads": o["threads"]},
-        "sample": {"sampler": "ddpm", "steps": o["sample_steps"], "num": o["samples"], "eta": 0.0, "clip_x0": True},
+        "sample": {"sampler": "ddpm", "steps": o["sample_steps"], "num": o["samples"], "clip_x0": True},
     }
     return resolve(user)
 

@@ -250,23 +250,16 @@ def _term(values: torch.Tensor, dim: int) -> dict:
 
 
 # ---- a run ----------------------------------------------------------------------------------------------------
-def is_continuous(process) -> bool:
-    """Whether ``process`` is a continuous-time SDE (else a discrete chain)."""
-    from diffusionlab.processes.sde import LinearSDE
-
-    return isinstance(process, LinearSDE)
-
-
 def check_metric(metric: str, process, process_name: str, run) -> None:
     """Refuse ``nll`` on a chain and ``elbo`` on an SDE, naming the metric to use instead."""
     if metric not in LIKELIHOOD_METRICS:
         raise DiffusionLabError(f"unknown likelihood metric {metric!r}; allowed: {', '.join(LIKELIHOOD_METRICS)}")
-    if metric == "nll" and not is_continuous(process):
+    if metric == "nll" and process.discrete:
         raise DiffusionLabError(
             f"--metric nll needs a continuous-time run (process vp-sde, subvp-sde or ve-sde); {run} uses the discrete "
             f"chain {process_name!r}: use --metric elbo"
         )
-    if metric == "elbo" and is_continuous(process):
+    if metric == "elbo" and not process.discrete:
         raise DiffusionLabError(
             f"--metric elbo needs a discrete-chain run (process vp or ve); {run} uses the SDE {process_name!r}: "
             "use --metric nll"

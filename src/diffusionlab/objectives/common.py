@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.parametrization import Prediction, batch_t, coeffs_like, output_from_eps_x0
+from diffusionlab.parametrization import batch_t, coeffs_like
 
 
 def require_chain(process, what: str):
@@ -33,18 +33,6 @@ def noisy_inputs(process, x0: torch.Tensor, generator=None, t=None, noise=None, 
     eps = draw_noise(process, x0, generator) if noise is None else noise
     s, sigma = coeffs_like(process, tb, x0)
     return tb, eps, s * x0 + sigma * eps, s, sigma
-
-
-def x0_error(prediction: str, pred: Prediction, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """``x_theta - x_0``, computed in the model's own parametrization so no cancellation is introduced:
-    ``-(sigma / s)(eps_theta - eps)`` for eps/score, ``-(sigma / r)(v_theta - v)`` for v, ``x_theta - x_0`` for x0."""
-    s, sigma = pred.s, pred.sigma
-    if prediction in ("eps", "score"):
-        return -(sigma / s) * (pred.eps - eps)
-    if prediction == "v":
-        v = output_from_eps_x0("v", eps, x0, s, sigma)
-        return -(sigma / (s * s + sigma * sigma).sqrt()) * (pred.out - v)
-    return pred.x0 - x0
 
 
 def check_keys(name: str, cfg: dict, allowed: tuple) -> None:

@@ -31,24 +31,19 @@ import torch
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.covariance import Identity
 from diffusionlab.objectives.common import check_keys, noisy_inputs, require_chain
-from diffusionlab.parametrization import reverse_variances
+from diffusionlab.parametrization import get_parametrization, reverse_variances
 from diffusionlab.utils import per_sample_dim
 
 WEIGHTINGS = ("simple", "elbo", "mse", "min_snr")
 _IDENTITY = Identity()
 
 
-def elbo_weights(process, prediction: str) -> torch.Tensor:
+def elbo_weights(process, parametrization) -> torch.Tensor:
     """Float64 ``(T + 1,)`` weights ``w_t = B_t^2 c_t^2 / (2 v_t)`` making ``w_t ||d - d_theta||^2_{C^{-1}}`` the
-    KL ``L_{t-1}`` with reverse variance ``v_t = beta-tilde_t`` (clipped at ``t = 1``; module docstring)."""
+    KL ``L_{t-1}`` with reverse variance ``v_t = beta-tilde_t`` (clipped at ``t = 1``; module docstring);
+    ``parametrization`` a :class:`~diffusionlab.parametrization.Parametrization` or its name."""
     chain = require_chain(process, "the ELBO weighting")
-    s, sigma = chain.mean_scale, chain.sigma
-    if prediction in ("eps", "score"):
-        c2 = sigma**2 / s**2
-    elif prediction == "x0":
-        c2 = torch.ones_like(s)
-    else:  # v
-        c2 = sigma**2 / (s**2 + sigma**2)
+    c2 = get_parametrization(parametrization).error_scale2(chain.mean_scale, chain.sigma)
     _, lower = reverse_variances(chain.b**2, chain.post_var)
     w = chain.post_B**2 * c2 / (2.0 * lower)
     w[0] = 0.0
@@ -79,21 +74,16 @@ class SimpleLoss:
         self.t_min = float(t_min)
         self._elbo_w: dict = {}
 
-    def weight(self, prediction: str, t: torch.Tensor, s: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample weight ``(B,)`` (None for 1)."""
+    def weight(self, parametrization, t: torch.Tensor, s: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weight ``(B,)`` (None for 1) for a model of ``parametrization``."""
         if self.weighting in ("simple", "mse"):
             return None
+        param = get_parametrization(parametrization)
         if self.weighting == "min_snr":
-            snr = (s / sigma).reshape(-1) ** 2
-            clipped = snr.clamp(max=self.gamma)
-            if prediction in ("eps", "score"):
-                return clipped / snr
-            if prediction == "x0":
-                return clipped
-            return clipped / (snr + 1.0)
-        key = (prediction, t.device)
+            return param.min_snr_weight((s / sigma).reshape(-1) ** 2, self.gamma)
+        key = (param.name, t.device)
         if key not in self._elbo_w:
-            self._elbo_w[key] = elbo_weights(self.process, prediction).to(t.device)
+            self._elbo_w[key] = elbo_weights(self.process, param).to(t.device)
         return self._elbo_w[key][t].to(s.dtype)
 
     def __call__(self, model, x0: torch.Tensor, generator=None, t=None, noise=None) -> torch.Tensor:
@@ -103,7 +93,7 @@ class SimpleLoss:
         if self.weighting == "mse":
             return _IDENTITY.mahalanobis(diff) / per_sample_dim(x0)
         loss = self.process.cov.mahalanobis(diff)
-        w = self.weight(model.prediction, t, s, sigma)
+        w = self.weight(model.parametrization, t, s, sigma)
         if self.weighting == "elbo":
             return w * loss
         loss = loss / per_sample_dim(x0)

@@ -32,7 +32,7 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.gaussian import LOG_2PI, structured_kl, structured_log_prob
-from diffusionlab.objectives.common import check_keys, noisy_inputs, require_chain, x0_error
+from diffusionlab.objectives.common import check_keys, noisy_inputs, require_chain
 from diffusionlab.parametrization import Prediction, batch_t, learned_log_variance, reverse_variances
 from diffusionlab.utils import per_sample_dim, sum_except_batch
 
@@ -149,7 +149,7 @@ def vlb_from_prediction(model, pred: Prediction, x0, eps, t, variance=None, deco
     chain = require_chain(model.process, "the variational bound")
     variance = resolve_variance(variance, model)
     _check_choice("decoder", decoder, DECODERS)
-    err = x0_error(model.prediction, pred, x0, eps)
+    err = model.parametrization.x0_error(pred, x0, eps)
     if detach_mean:
         err = err.detach()
     log_var = reverse_log_variance(chain, t, x0, variance, pred.v_var)

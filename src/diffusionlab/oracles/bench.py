@@ -22,12 +22,12 @@ measures, each with its floor:
   ``p(y; sig_end)``), L1 distance between the assignment frequencies and the true weights. Floor: the same for
   exact sets of that size.
 
-Samplers by CLI name (:func:`plan`) and how a budget ``--nfe N`` becomes steps (actual NFE <= N):
-``euler``, ``ddim``, ``dpmpp-2m``, ``dpmpp-3m``, ``unipc`` (bh2, order 2), ``unipc-3`` (bh2, order 3),
-``unipc-bh1`` (bh1, order 3), ``ddpm``, ``euler-maruyama``: ``N`` steps; ``heun``: ``N // 2`` steps on an SDE grid (2 per step), ``(N + 1) // 2`` on a chain (its last step, to the
-data, costs 1); ``pc``: ``N // 2`` steps (predictor and one corrector); ``langevin`` (VE chain): ``n`` steps on
-each of ``L`` levels plus a denoising step, ``n = max(1, (N - 1) // 10)``, ``L = (N - 1) // n``; ``rk45``:
-adaptive (dopri5, ``rtol = atol = 1e-7``), the budget does not apply and the actual count is reported.
+Samplers are the catalogue's (:mod:`diffusionlab.samplers`), by name with optional inline options
+(``unipc:order=3,variant=bh1``); a budget ``--nfe N`` becomes steps by each sampler's own ``steps_for_budget``
+(actual NFE <= N): one step per evaluation for most, ``heun`` ``N // 2`` steps on an SDE grid (``(N + 1) // 2`` on a
+chain, whose last step to the data costs 1), ``pc`` ``N // (1 + n_corrector)``, ``annealed-langevin`` levels of
+``n_steps_each = max(1, (N - 1) // 10)`` steps plus a denoising step; ``ode-adaptive`` is adaptive (dopri5,
+``rtol = atol = 1e-7`` here), the budget does not apply and the actual count is reported.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.oracles.mixture import GaussianMixtureOracle, load_spec
-from diffusionlab.processes.discrete import GaussianChain, VEChain
-from diffusionlab.samplers import continuous, discrete, fewstep
-from diffusionlab.samplers.grids import GRIDS, time_grid
+from diffusionlab.odeint import solve
+from diffusionlab.processes.grid import GRID_KINDS, make_grid
+from diffusionlab.samplers import NoiseSource, parse_sampler, sampler_names
 
 _F64 = torch.float64
 RK45_TOL = 1e-7
@@ -150,60 +150,48 @@ def reference_solution(oracle: GaussianMixtureOracle, y0: torch.Tensor, sig_star
                        rtol: float = REFERENCE_TOL, atol: float = REFERENCE_TOL) -> tuple[torch.Tensor, int]:
     """The probability-flow ODE ``dy/dsig = E[eps | y]`` (``y = x_0 + sig eps``) from ``sig_start`` to ``sig_end``
     (may be 0) by torchdiffeq's Dormand-Prince in float64: ``(y_end, evaluations)``."""
-    from torchdiffeq import odeint
-
-    span = torch.tensor([float(sig_start), float(sig_end)], dtype=_F64, device=y0.device)
     start = oracle.nfe
 
     def velocity(sig, y):
         return oracle.posterior_at(y, 1.0, float(sig))[0]
 
-    out = odeint(velocity, y0.to(_F64), span, method="dopri5", rtol=rtol, atol=atol,
-                 options=continuous.stop_at_end(None, span, "dopri5"))[-1]
+    out = solve(velocity, y0.to(_F64), float(sig_start), float(sig_end), "dopri5", rtol, atol)
     return out, oracle.nfe - start
 
 
-# ---- the samplers by CLI name ---------------------------------------------------------------------------------
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "unipc", "unipc-3", "unipc-bh1",
-                 "euler-maruyama", "pc", "langevin", "rk45")
-FEWSTEP = {"euler": (fewstep.edm_euler, {}), "heun": (fewstep.edm_heun, {}), "dpmpp-2m": (fewstep.dpmpp_2m, {}),
-           "dpmpp-3m": (fewstep.dpmpp_3m, {}), "unipc": (fewstep.unipc, {"order": 2}),
-           "unipc-3": (fewstep.unipc, {"order": 3}), "unipc-bh1": (fewstep.unipc, {"order": 3, "variant": "bh1"})}
-# the grid each sampler uses unless told: the best of the four on the VP-SDE benchmark (docs/samplers.md: the
-# quadratic grid in t for the multistep solvers and Euler, Karras's for Heun)
-DEFAULT_GRIDS = {"euler": "quadratic", "heun": "karras", "dpmpp-2m": "quadratic", "dpmpp-3m": "quadratic",
-                 "unipc": "quadratic", "unipc-3": "quadratic", "unipc-bh1": "quadratic", "ddim": "quadratic",
-                 "ddpm": "uniform", "euler-maruyama": "uniform", "pc": "uniform", "langevin": "uniform",
-                 "rk45": "uniform"}
+# ---- the samplers by name ------------------------------------------------------------------------------------
+#: variants the benchmark runs besides every registered sampler (the same algorithms with other options)
+BENCH_VARIANTS = ("unipc:order=3", "unipc:order=3,variant=bh1")
+
+
+def bench_samplers(process) -> list[str]:
+    """Every registered sampler that runs on ``process``, plus :data:`BENCH_VARIANTS`."""
+    names = sampler_names(process)
+    return names + [v for v in BENCH_VARIANTS if parse_sampler(v)[0].name in names]
 
 
 @dataclass
 class Plan:
-    """How to run sampler ``name`` within a budget: ``fn(model, x, <grid>, **options)``, its grid (``times``
-    float64 for SDEs, integer ``timesteps`` for chains, None for rk45), ``steps``, the ``nfe`` it will make
-    (None: adaptive), whether it is ``deterministic``, and its final EDM level ``sig_end``."""
+    """How to run sampler ``name`` (a catalogue name with optional inline options) within a budget: the spec, its
+    :class:`~diffusionlab.processes.grid.TimeGrid`, ``steps``, options, the ``nfe`` it will make (None: adaptive),
+    whether it is ``deterministic``, its noise source, and the start and end levels ``sig = sigma / s`` and scales."""
 
     name: str
-    fn: object
+    spec: object
     grid_kind: str
     steps: int | None
     grid: object
     options: dict = field(default_factory=dict)
     nfe: int | None = None
     deterministic: bool = True
+    noise: object = None
     sig_end: float = 0.0
     sig_start: float = 0.0
     s_start: float = 1.0
     s_end: float = 1.0
 
     def run(self, model, x: torch.Tensor) -> torch.Tensor:
-        key = "timesteps" if self.grid is not None and not torch.is_floating_point(self.grid) else "times"
-        return self.fn(model, x, **{key: self.grid}, **self.options)
-
-
-def _need(cond: bool, msg: str):
-    if not cond:
-        raise DiffusionLabError(msg)
+        return self.spec.run(model, x, self.grid, noise=self.noise, **self.options)
 
 
 def _check_budget(budget) -> int:
@@ -215,81 +203,32 @@ def _check_budget(budget) -> int:
 def plan(name: str, process, budget: int | None, grid: str | None = None, eps: float | None = None,
          generator: torch.Generator | None = None) -> Plan:
     """The :class:`Plan` of sampler ``name`` on ``process`` within ``budget`` evaluations per sample path
-    (module docstring); ``grid`` one of uniform, quadratic, logsnr, karras (None: :data:`DEFAULT_GRIDS`);
-    ``eps`` the last time of an SDE grid (default: the process's); ``generator`` seeds stochastic samplers."""
-    if name not in SAMPLER_NAMES:
-        raise DiffusionLabError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLER_NAMES)}")
-    kind = DEFAULT_GRIDS[name] if grid in (None, "auto") else grid
-    if kind not in GRIDS:
-        raise DiffusionLabError(f"unknown time grid {grid!r}; allowed: auto, {', '.join(GRIDS)}")
-    chain = isinstance(process, GaussianChain)
-    if name != "rk45":
+    (module docstring); ``grid`` one of :data:`~diffusionlab.processes.grid.GRID_KINDS` (None or ``auto``: the
+    sampler's default); ``eps`` the last time of an SDE grid (default: the process's); ``generator`` seeds
+    stochastic samplers."""
+    spec, options = parse_sampler(name)
+    spec.check_process(process)
+    kind = spec.default_grid if grid in (None, "auto") else grid
+    if kind not in GRID_KINDS:
+        raise DiffusionLabError(f"unknown time grid {grid!r}; allowed: auto, {', '.join(GRID_KINDS)}")
+    if process.discrete and eps is not None:
+        raise DiffusionLabError("--eps applies to SDE processes only (a chain ends at the data, t = 0)")
+    if spec.adaptive:
+        options = {"rtol": RK45_TOL, "atol": RK45_TOL, **options}
+        steps = 1
+    else:
         budget = _check_budget(budget)
-    if chain:
-        _need(name not in ("euler-maruyama", "pc", "rk45"),
-              f"sampler {name!r} needs an SDE process (vp-sde, subvp-sde, ve-sde); on a chain use ddpm, ddim, euler, "
-              "heun, dpmpp-2m, dpmpp-3m, unipc or langevin")
-        _need(eps is None, "--eps applies to SDE processes only (a chain ends at the data, t = 0)")
-    else:
-        _need(name not in ("ddpm", "langevin"),
-              f"sampler {name!r} needs a discrete chain (vp, or ve for langevin); on an SDE use euler-maruyama, pc or "
-              "the ODE solvers")
-    if name == "langevin":
-        _need(isinstance(process, VEChain), "sampler 'langevin' (annealed Langevin dynamics) needs the VE chain 've'")
-        _need(budget >= 2, "langevin needs --nfe >= 2 (one level and the denoising step)")
-        each = max(1, (budget - 1) // 10)
-        levels = min((budget - 1) // each, process.T)
-        ts = fewstep.chain_timesteps(process, levels, kind)
-        return _finish(Plan(name, discrete.annealed_langevin, kind, levels, ts, {"n_steps_each": each,
-                                                                                   "generator": generator},
-                            levels * each + 1, False), process)
-    if name == "heun":
-        steps = (budget + 1) // 2 if chain else budget // 2
-        _need(steps >= 1, "heun needs --nfe >= 2 on an SDE (two evaluations per step)")
-    elif name == "pc":
-        steps = budget // 2
-        _need(steps >= 1, "pc needs --nfe >= 2 (a predictor and a corrector evaluation per step)")
-    elif name == "rk45":
-        steps = None
-    else:
-        steps = budget
-    if chain:
-        _need(steps <= process.T, f"--nfe {budget} asks for {steps} steps, more than the chain's T = {process.T}")
-        ts = fewstep.chain_timesteps(process, steps, kind)
-    elif steps is None:
-        ts = time_grid(process, 1, "uniform", eps)
-    else:
-        ts = time_grid(process, steps, kind, eps)
-    if name in FEWSTEP:
-        fn, opts = FEWSTEP[name]
-        nfe = fewstep.nfe_per_path(name, steps, ends_at_zero=chain)
-        return _finish(Plan(name, fn, kind, steps, ts, dict(opts), nfe), process)
-    if name == "ddim":
-        fn = discrete.ddim if chain else fewstep.ddim_continuous
-        return _finish(Plan(name, fn, kind, steps, ts, {}, steps), process)
-    if name == "ddpm":
-        return _finish(Plan(name, discrete.ddpm, kind, steps, ts, {"generator": generator}, steps, False), process)
-    if name == "euler-maruyama":
-        return _finish(Plan(name, continuous.euler_maruyama, kind, steps, ts, {"generator": generator}, steps,
-                            False), process)
-    if name == "pc":
-        return _finish(Plan(name, continuous.reverse_diffusion_pc, kind, steps, ts, {"generator": generator},
-                            2 * steps, False), process)
-    return _finish(Plan(name, continuous.ode_adaptive, "adaptive", None, ts, {"rtol": RK45_TOL, "atol": RK45_TOL},
-                        None), process)
-
-
-def _finish(p: Plan, process) -> Plan:
-    """Fill in the start and end levels ``sig = sigma / s`` and scales of the plan's grid."""
-    if isinstance(process, GaussianChain):
-        t0, t1 = int(p.grid[0]), 0
-        s0, sg0 = float(process.mean_scale[t0]), float(process.sigma[t0])
-        s1, sg1 = 1.0, 0.0
-    else:
-        s, sg = process.coeffs(p.grid[[0, -1]])
-        s0, s1, sg0, sg1 = float(s[0]), float(s[1]), float(sg[0]), float(sg[1])
-    p.s_start, p.s_end, p.sig_start, p.sig_end = s0, s1, sg0 / s0, sg1 / s1
-    return p
+        if spec.name == "annealed-langevin":
+            options = {"n_steps_each": max(1, (budget - 1) // 10), **options}
+        steps = spec.steps_for_budget(budget, process, spec.resolve(options))
+        if process.discrete and steps > process.T:
+            raise DiffusionLabError(f"--nfe {budget} asks for {steps} steps, more than the chain's T = {process.T}")
+    g = make_grid(process, steps, kind, eps=eps)
+    deterministic = not spec.is_stochastic(options)
+    noise = None if deterministic else NoiseSource(process.cov, generator)
+    return Plan(name, spec, "adaptive" if spec.adaptive else kind, None if spec.adaptive else steps, g, options,
+                spec.count(g, options), deterministic, noise, sig_end=g.sig[-1], sig_start=g.sig[0],
+                s_start=g.s[0], s_end=g.s[-1])
 
 
 # ---- the benchmark --------------------------------------------------------------------------------------------
@@ -404,7 +343,7 @@ def run_diffusionlab(problem: Problem, process, name: str, budget: int | None, g
     seconds = time.perf_counter() - t0
     rec = {"family": "diffusionlab", "sampler": name, "grid": p.grid_kind, "budget": budget, "nfe": oracle.nfe,
            "steps": p.steps, "sig_start": p.sig_start, "sig_end": p.sig_end, "deterministic": p.deterministic,
-           "seconds": seconds}
+           "adaptive": p.spec.adaptive, "seconds": seconds}
     rec.update(problem.score(out.to(_F64) / p.s_end, p.sig_start, p.sig_end, p.deterministic, coupled))
     return rec
 
@@ -438,7 +377,7 @@ def floor_check(oracle: GaussianMixtureOracle, name: str, budget: int, grid: str
 
     m, se, f, fse, z = stats(sw, fl)
     wm, wse, wfm, wfse, wz = stats(we, wf)
-    return {"sampler": name, "budget": budget, "grid": grid or DEFAULT_GRIDS.get(name), "seeds": n, "num": num,
+    return {"sampler": name, "budget": budget, "grid": grid or parse_sampler(name)[0].default_grid, "seeds": n, "num": num,
             "sw2_mean": m, "sw2_se": se, "sw2_floor_mean": f, "sw2_floor_se": fse, "sw2_z": z,
             "weight_mean": wm, "weight_se": wse, "weight_floor_mean": wfm, "weight_floor_se": wfse, "weight_z": wz,
             "within": bool(z < 2 and wz < 2), "per_seed": {"sw2": sw, "sw2_floor": fl, "weight": we, "weight_floor": wf}}
@@ -449,14 +388,18 @@ def benchmark(problem: Problem, process, budgets, samplers=None, grids=None, ext
     all four for the deterministic few-step solvers, the default grid for the others) at every budget; ``extra``
     is a callable ``extra(problem, budget) -> list of records`` for peers. Returns the records."""
     if samplers is None:
-        samplers = [s for s in SAMPLER_NAMES if _runs_on(s, process)]
-    grids = list(GRIDS) if grids is None else list(grids)
+        samplers = bench_samplers(process)
+    grids = list(GRID_KINDS) if grids is None else list(grids)
+    if not process.discrete:
+        grids = [g for g in grids if g != "trailing"]
     records = []
     for budget in budgets:
         for name in samplers:
-            kinds = grids if (name in FEWSTEP or name == "ddim") else [None]
+            spec, opts = parse_sampler(name)
+            every_grid = not spec.adaptive and not spec.is_stochastic(opts)
+            kinds = grids if every_grid else [None]
             for kind in kinds:
-                if name == "rk45" and budget != budgets[0]:
+                if spec.adaptive and budget != budgets[0]:
                     continue
                 try:
                     rec = run_diffusionlab(problem, process, name, budget, kind)
@@ -473,17 +416,6 @@ def benchmark(problem: Problem, process, budgets, samplers=None, grids=None, ext
     return records
 
 
-def _runs_on(name: str, process) -> bool:
-    chain = isinstance(process, GaussianChain)
-    if name in ("euler-maruyama", "pc", "rk45"):
-        return not chain
-    if name == "ddpm":
-        return chain
-    if name == "langevin":
-        return isinstance(process, VEChain)
-    return True
-
-
 # ---- tables and plots -----------------------------------------------------------------------------------------
 def _label(rec: dict) -> str:
     g = rec.get("grid")
@@ -496,7 +428,7 @@ def best_by_budget(records: list[dict], family_pred, metric: str = "coupled") ->
     for r in records:
         if "skipped" in r or not r.get("deterministic") or metric not in r or not family_pred(r["family"]):
             continue
-        if r["sampler"] == "rk45":
+        if r.get("adaptive"):
             continue
         b = r["budget"]
         if b not in best or r[metric] < best[b][metric]:
@@ -552,7 +484,7 @@ def plot_records(records: list[dict], path, title: str = "") -> None:
 
     best: dict = {}
     for r in records:
-        if "skipped" in r or "coupled" not in r or r["sampler"] == "rk45":
+        if "skipped" in r or "coupled" not in r or r.get("adaptive"):
             continue
         key = (r["family"], r["sampler"])
         cur = best.setdefault(key, {}).get(r["budget"])
@@ -583,5 +515,5 @@ def plot_records(records: list[dict], path, title: str = "") -> None:
 
 
 __all__ = ["ring_spec", "anisotropic_spec", "BUILTIN_SPECS", "resolve_spec", "random_directions", "sliced_w2", "projected_quantiles",
-           "coupled_error", "weight_error", "reference_solution", "SAMPLER_NAMES", "Plan", "plan", "Problem",
+           "coupled_error", "weight_error", "reference_solution", "bench_samplers", "Plan", "plan", "Problem",
            "run_diffusionlab", "floor_check", "benchmark", "format_table", "summary_lines", "best_by_budget", "plot_records"]

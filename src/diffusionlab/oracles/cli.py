@@ -51,18 +51,21 @@ def _group(sub, name: str, help: str):
 
 def register(sub) -> None:
     """Add ``oracle sample``, ``oracle nll`` and ``bench samplers`` to the subcommands ``sub``."""
-    from diffusionlab.oracles.bench import SAMPLER_NAMES
     from diffusionlab.oracles.mixture import PROCESS_NAMES
+    from diffusionlab.processes.grid import GRID_KINDS
+    from diffusionlab.samplers import sampler_names
 
+    names = ", ".join(sampler_names())
     oracle = _group(sub, "oracle", "exact Gaussian-mixture oracles: sample with any sampler, exact likelihoods")
-    p = oracle.add_parser("sample", help="sample a Gaussian mixture through its exact model (JSON on stdout)")
+    p = oracle.add_parser("sample", help="sample a Gaussian mixture through its exact model (JSON on stdout)",
+                          description=f"Samplers: {names} (options inline: NAME:key=value,...).")
     _common(p, PROCESS_NAMES)
-    p.add_argument("--sampler", required=True, help=f"one of {', '.join(SAMPLER_NAMES)}")
-    p.add_argument("--nfe", type=int, default=None, help="evaluation budget per sample path (not for rk45)")
+    p.add_argument("--sampler", required=True, help=f"one of {names}; options inline, e.g. unipc:order=3")
+    p.add_argument("--nfe", type=int, default=None, help="evaluation budget per sample path (not for ode-adaptive)")
     p.add_argument("--num", type=int, default=None, help="number of samples (default 1000, or the rows of --init)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default=None, help="start x_T (.npy, shape (N, D) or (N, F, d)) in the process's scale")
-    p.add_argument("--grid", default="auto", help="auto, uniform, quadratic, logsnr or karras")
+    p.add_argument("--grid", default="auto", help=f"auto (the sampler's default) or one of {', '.join(GRID_KINDS)}")
     p.add_argument("--eps", type=float, default=None, help="last time of an SDE grid (default: the process's)")
     p.add_argument("--out", required=True, help="output .npy (float64, (N, D) or (N, F, d))")
     p.set_defaults(func=cmd_oracle_sample)
@@ -83,7 +86,7 @@ def register(sub) -> None:
     p.add_argument("--nfe", default="5,10,20,50", help="budgets, comma separated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samplers", default=None, help="comma-separated names (default: all that run on the process)")
-    p.add_argument("--grids", default=None, help="grids of the few-step solvers (default: all four)")
+    p.add_argument("--grids", default=None, help="grids of the deterministic solvers (default: all that apply)")
     p.add_argument("--projections", type=int, default=256)
     p.add_argument("--floor-seeds", type=int, default=16,
                    help="independent problems in the floor check of the best sampler at each budget (0: none)")
@@ -176,11 +179,10 @@ def _emit(obj: dict) -> None:
 def cmd_oracle_sample(args) -> int:
     """Sample with ``--sampler`` within ``--nfe`` evaluations per path; writes ``--out``, prints JSON."""
     from diffusionlab.oracles.bench import plan
-    from diffusionlab.oracles.bench import SAMPLER_NAMES
+    from diffusionlab.samplers import parse_sampler
 
-    if args.sampler not in SAMPLER_NAMES:
-        raise DiffusionLabError(f"unknown sampler {args.sampler!r}; allowed: {', '.join(SAMPLER_NAMES)}")
-    if args.sampler != "rk45" and args.nfe is None:
+    spec, _ = parse_sampler(args.sampler)
+    if not spec.adaptive and args.nfe is None:
         raise DiffusionLabError(f"sampler {args.sampler!r} needs --nfe (its evaluation budget per sample path)")
     out = _check_out(args.out)
     oracle = _oracle(args)
@@ -206,7 +208,7 @@ def cmd_oracle_sample(args) -> int:
     if not torch.isfinite(y).all():
         raise DiffusionLabError(f"sampler {args.sampler} produced non-finite samples (NFE {oracle.nfe}); try more --nfe")
     _save_npy(out, y.detach().cpu().to(_F64).numpy())
-    _emit({"nfe": oracle.nfe, "nfe_budget": args.nfe, "budget_applies": args.sampler != "rk45",
+    _emit({"nfe": oracle.nfe, "nfe_budget": args.nfe, "budget_applies": not spec.adaptive,
            "steps": p.steps, "sampler": args.sampler, "process": args.process, "noise": args.noise,
            "grid": p.grid_kind, "num": int(y.shape[0]), "shape": list(y.shape), "deterministic": p.deterministic,
            "sigma_start": p.sig_start, "sigma_end": p.sig_end, "seed": args.seed, "init": args.init,
@@ -218,11 +220,10 @@ def cmd_oracle_sample(args) -> int:
 def cmd_oracle_nll(args) -> int:
     """Probability-flow ODE NLL (exact divergence) of ``--points`` against the exact ``-log p_eps``."""
     from diffusionlab.likelihood.ode import ode_log_likelihood
-    from diffusionlab.samplers.grids import check_continuous
 
     out = _check_out(args.out)
     oracle = _oracle(args)
-    check_continuous(oracle.process)
+    oracle.process.require_continuous("oracle nll (the probability-flow ODE likelihood)")
     x = _load_points(args.points, oracle, "--points").to(oracle.means.device)
     oracle.nfe = 0
     t0 = time.perf_counter()
@@ -257,7 +258,8 @@ def cmd_bench_samplers(args) -> int:
     import platform
 
     from diffusionlab.oracles import bench as B
-    from diffusionlab.samplers.grids import GRIDS
+    from diffusionlab.processes.grid import GRID_KINDS
+    from diffusionlab.samplers import parse_sampler
 
     budgets = _budgets(args.nfe)
     if args.json is not None:
@@ -266,12 +268,11 @@ def cmd_bench_samplers(args) -> int:
         _check_out(args.plot, ".png")
     samplers = None if args.samplers is None else [s.strip() for s in args.samplers.split(",")]
     for s in samplers or []:
-        if s not in B.SAMPLER_NAMES:
-            raise DiffusionLabError(f"unknown sampler {s!r}; allowed: {', '.join(B.SAMPLER_NAMES)}")
+        parse_sampler(s)  # unknown names and options refused, listing the allowed ones
     grids = None if args.grids is None else [g.strip() for g in args.grids.split(",")]
     for g in grids or []:
-        if g not in GRIDS:
-            raise DiffusionLabError(f"unknown time grid {g!r}; allowed: {', '.join(GRIDS)}")
+        if g not in GRID_KINDS:
+            raise DiffusionLabError(f"unknown time grid {g!r}; allowed: {', '.join(GRID_KINDS)}")
     oracle = _oracle(args)
     t0 = time.perf_counter()
     problem = B.Problem(oracle, num=args.num, seed=args.seed, projections=args.projections,

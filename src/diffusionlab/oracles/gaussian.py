@@ -32,7 +32,6 @@ from diffusionlab.parametrization import (
     Prediction,
     batch_t,
     coeffs_like,
-    output_from_eps_x0,
     reverse_variances,
 )
 from diffusionlab.processes.discrete import GaussianChain
@@ -172,12 +171,12 @@ class GaussianOracle(DiffusionModel):
         self.nfe += 1
         eps, x0 = self._shape(eps, x_t), self._shape(x0, x_t)
         _, s_b, sig_b = self.coeffs(t, x_t)
-        out = output_from_eps_x0(self.prediction, eps, x0, s_b, sig_b)
+        out = self.parametrization.target(eps, x0, s_b, sig_b)
         return Prediction(eps=eps, x0=x0, out=out, s=s_b, sigma=sig_b, v_var=None)
 
     def _raw(self, x_t, tb, s, sigma):
         eps, x0, _, _, _ = self._exact(x_t, tb)
-        return output_from_eps_x0(self.prediction, self._shape(eps, x_t), self._shape(x0, x_t), s, sigma)
+        return self.parametrization.target(self._shape(eps, x_t), self._shape(x0, x_t), s, sigma)
 
     def score(self, x_t: torch.Tensor, t) -> torch.Tensor:
         """Exact ``grad log p_t(x_t) = -M_t^{-1} (x_t - s m)``."""

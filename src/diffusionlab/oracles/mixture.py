@@ -48,7 +48,7 @@ from diffusionlab.errors import DiffusionLabError
 from diffusionlab.gaussian import LOG_2PI
 from diffusionlab.noise.covariance import Covariance, check_psd, make_covariance
 from diffusionlab.oracles.gaussian import dense_noise_covariance
-from diffusionlab.parametrization import DiffusionModel, Prediction, batch_t, coeffs_like, output_from_eps_x0
+from diffusionlab.parametrization import DiffusionModel, Prediction, batch_t, coeffs_like
 from diffusionlab.processes import VEChain, VESDE, VPChain, VPSDE, SubVPSDE
 from diffusionlab.schedules import geometric_sigmas, linear_betas
 
@@ -280,7 +280,7 @@ class GaussianMixtureOracle(DiffusionModel):
         self.nfe += 1
         eps, x0 = self._shape(res["eps"], x_t), self._shape(res["x0"], x_t)
         _, s_b, sig_b = self.coeffs(t, x_t)
-        out = output_from_eps_x0(self.prediction, eps, x0, s_b, sig_b)
+        out = self.parametrization.target(eps, x0, s_b, sig_b)
         return Prediction(eps=eps, x0=x0, out=out, s=s_b, sigma=sig_b, v_var=None)
 
     def forward(self, x_t: torch.Tensor, t) -> torch.Tensor:
@@ -288,7 +288,7 @@ class GaussianMixtureOracle(DiffusionModel):
 
     def _raw(self, x_t, tb, s, sigma):
         res = self._by_time(x_t, tb)
-        return output_from_eps_x0(self.prediction, self._shape(res["eps"], x_t), self._shape(res["x0"], x_t), s, sigma)
+        return self.parametrization.target(self._shape(res["eps"], x_t), self._shape(res["x0"], x_t), s, sigma)
 
     def score(self, x_t: torch.Tensor, t) -> torch.Tensor:
         """Exact ``grad log p_t(x_t) = -sum_k gamma_k M_k^{-1} (x_t - s m_k)``."""

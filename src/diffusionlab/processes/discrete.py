@@ -154,6 +154,7 @@ class VPChain(GaussianChain):
         log_ab = torch.cumsum(torch.log1p(-self.beta), 0)
         self.alpha_bar = torch.exp(log_ab)
         self._one_minus_ab = -torch.expm1(log_ab)  # 1 - abar_t without cancellation
+        self._one_minus_ab[0] = 0.0  # -expm1(0) is -0.0
         super().__init__(torch.sqrt(1.0 - betas), torch.sqrt(betas), cov=cov, prior_std=1.0)
         self.beta_tilde = self.post_var
 

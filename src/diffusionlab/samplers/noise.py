@@ -1,14 +1,16 @@
-"""Where samplers get their noise: :class:`NoiseSource`, ``N(0, C)`` noise shaped like a tensor.
+"""Where stochastic samplers get their noise: :class:`NoiseSource`, the one injected channel of randomness.
 
-Samplers take ``noise=None`` meaning ``NoiseSource(model.process.cov)``; passing another source (for instance
-``NoiseSource(Identity())`` to inject i.i.d. noise into a model trained with correlated noise, or one with a
-seeded generator) changes nothing else.
+A stochastic sampler takes ``noise``: a :class:`NoiseSource`, a ``torch.Generator`` (seeding the default source),
+or None (the default source, unseeded). The default source draws ``N(0, C)`` of the model's process, ``L z`` with
+``L L^T = C``; passing another one (for instance ``NoiseSource(Identity())`` to inject i.i.d. noise into a model
+trained with correlated noise) changes nothing else. Deterministic samplers take no noise at all.
 """
 
 from __future__ import annotations
 
 import torch
 
+from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.covariance import Covariance, Identity
 
 
@@ -38,3 +40,19 @@ class NoiseSource:
 
     def __repr__(self) -> str:
         return f"NoiseSource({self.cov!r})"
+
+
+def noise_source(model, noise) -> NoiseSource:
+    """The source a stochastic sampler uses: ``noise`` itself, one seeded by a generator, or the default
+    ``N(0, C)`` of the model's process."""
+    if noise is None or isinstance(noise, torch.Generator):
+        return NoiseSource(model.process.cov, noise)
+    if not callable(noise):
+        raise DiffusionLabError(f"noise must be a NoiseSource, a torch.Generator or None, got {noise!r}")
+    return noise
+
+
+def require_unit_scale(process, what: str) -> None:
+    """Raise unless ``process`` is variance exploding (``s_t = 1``), as NCSN's kernels need."""
+    if not process.unit_scale:
+        raise DiffusionLabError(f"{what} needs a variance-exploding process (ve, ve-sde: s_t = 1), got {process!r}")

@@ -9,37 +9,16 @@ keys); the others are checked here: unknown keys, wrong types and out-of-range v
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.samplers.timesteps import KINDS as SPACINGS
+from diffusionlab.processes.grid import GRID_KINDS
 
 
-class _SafeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, with YAML 1.2 floats: ``1e-3`` is a number (YAML 1.1 reads it as a string)."""
-
-
-_SafeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def safe_load(text: str):
-    """Parse YAML text safely (no Python objects), reading ``1e-3`` as a float."""
-    return yaml.load(text, Loader=_SafeLoader)
+from diffusionlab.configuration import parse_scalar, safe_load, yaml_error  # noqa: E402
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -69,7 +48,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "channels_last": False,
         "compile": False,
     },
-    "sample": {"sampler": "ddim", "steps": 50, "num": 64, "eta": 0.0, "clip_x0": True},
+    "sample": {"sampler": "ddim", "num": 64},
 }
 
 # process-section keys allowed per process name
@@ -116,10 +95,9 @@ TRAIN_SCHEMA = {
 SAMPLE_SCHEMA = {
     "sampler": (str, lambda v: True, "a sampler name"),
     "steps": _POS_INT,
+    "grid": (str, lambda v: v in GRID_KINDS, f"one of {', '.join(GRID_KINDS)}"),
+    "rho": ((int, float), lambda v: 0 < v < float("inf"), "a number > 0 (the karras grid's exponent)"),
     "num": _POS_INT,
-    "eta": ((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "clip_x0": (bool, lambda v: True, "true or false"),
-    "spacing": (str, lambda v: v in SPACINGS, f"one of {', '.join(SPACINGS)}"),
 }
 PARAM_SCHEMA = {
     "prediction": (str, lambda v: v in ("eps", "x0", "v", "score"), "one of eps, x0, v, score"),
@@ -137,6 +115,29 @@ def _check_section(name: str, section: dict, schema: dict) -> None:
         wants_bool = types is bool
         if (is_bool and not wants_bool) or not isinstance(value, types) or not ok(value):
             raise DiffusionLabError(f"{name}.{key} must be {what}, got {value!r}")
+
+
+def _check_sample(section: dict) -> None:
+    """The generic keys of ``sample:`` by :data:`SAMPLE_SCHEMA`; every other key must be an option of the sampler
+    (:mod:`diffusionlab.samplers` validates it, naming the sampler's options)."""
+    from diffusionlab.samplers import get_sampler
+
+    if "spacing" in section:
+        raise DiffusionLabError("sample.spacing was renamed sample.grid (uniform, trailing, quadratic, logsnr, karras)")
+    if not isinstance(section.get("sampler"), str):
+        raise DiffusionLabError(f"sample.sampler must be a sampler name, got {section.get('sampler')!r}")
+    spec = get_sampler(section["sampler"])
+    _check_section("sample", {k: v for k, v in section.items() if k in SAMPLE_SCHEMA}, SAMPLE_SCHEMA)
+    for key, value in section.items():
+        if key in SAMPLE_SCHEMA:
+            continue
+        if key not in spec.options:
+            allowed = ", ".join([*SAMPLE_SCHEMA, *sorted(spec.options)])
+            raise DiffusionLabError(f"unknown key sample.{key} for sampler {spec.name!r}; allowed: {allowed}")
+        try:
+            spec.options[key].check(spec.name, key, value)
+        except DiffusionLabError as e:
+            raise DiffusionLabError(f"sample.{key}: {e}") from None
 
 
 def validate(cfg: dict) -> dict:
@@ -161,7 +162,7 @@ def validate(cfg: dict) -> dict:
             f"unknown key process.{sorted(extra)[0]} for process {pname!r}; allowed: {', '.join(sorted(PROCESS_KEYS[pname]))}"
         )
     _check_section("train", cfg["train"], TRAIN_SCHEMA)
-    _check_section("sample", cfg["sample"], SAMPLE_SCHEMA)
+    _check_sample(cfg["sample"])
     _check_section("parametrization", cfg["parametrization"], PARAM_SCHEMA)
     return cfg
 
@@ -187,10 +188,7 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
         section, _, name = key.partition(".")
         if section not in DEFAULTS:
             raise DiffusionLabError(f"--set {item!r}: unknown section {section!r}; allowed: {', '.join(DEFAULTS)}")
-        try:
-            value = safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
+        value = parse_scalar(raw)
         node = cfg.setdefault(section, {})
         parts = name.split(".")
         for p in parts[:-1]:
@@ -207,9 +205,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = safe_load(path.read_text())
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise DiffusionLabError(f"malformed YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+        raise yaml_error(e, str(path)) from None
     except UnicodeDecodeError:
         raise DiffusionLabError(f"config file {path} is not UTF-8 text") from None
     if data is None:
@@ -235,6 +231,9 @@ def resolve(user: dict, overrides: list[str] | None = None) -> dict:
         base["model"] = {}
     if "objective" in user and isinstance(user["objective"], dict):
         base["objective"] = {}
+    usample = user.get("sample")
+    if isinstance(usample, dict) and "sampler" in usample and usample["sampler"] != base["sample"]["sampler"]:
+        base["sample"] = {"num": base["sample"]["num"]}  # another sampler: its own default steps and options
     return validate(merge(base, user))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
@@ -12,28 +11,45 @@ from diffusionlab.training.build import build_dataset, build_model, build_proces
 from diffusionlab.io import load_weights
 from diffusionlab.training.config import load_config
 
-# options of the run's `sample` section that a sampler may accept
-_SAMPLER_OPTIONS = ("eta", "clip_x0", "variance", "spacing")
+#: keys of a ``sample:`` section that are not the sampler's own options
+SAMPLE_KEYS = ("sampler", "steps", "grid", "rho", "num")
+
+
+def sampler_options(scfg: dict) -> dict:
+    """The sampler's own options in a ``sample:`` section (every key but :data:`SAMPLE_KEYS`)."""
+    return {k: v for k, v in scfg.items() if k not in SAMPLE_KEYS}
+
+
+def check_sample_section(scfg: dict, process) -> None:
+    """Validate a ``sample:`` section against the sampler catalogue and the process: the sampler exists and runs on
+    the process, its options are its own, and its grid can be built (so ``train`` refuses a bad section before
+    training)."""
+    from diffusionlab.samplers import get_sampler
+
+    spec = get_sampler(scfg["sampler"])
+    spec.check_process(process)
+    spec.validate(sampler_options(scfg))
+    spec.grid(process, scfg.get("steps"), scfg.get("grid"), **({"rho": scfg["rho"]} if "rho" in scfg else {}))
 
 
 def generate(model, scfg: dict, num: int, seed: int, device, shape, chunk: int = 1000, progress: bool = False,
              noise=None) -> torch.Tensor:
-    """Draw ``num`` samples (model space, on the CPU) with the sampler and step count of ``scfg``, in chunks.
+    """Draw ``num`` samples (model space, on the CPU) with the sampler, grid and options of the ``sample:`` section
+    ``scfg`` (:data:`SAMPLE_KEYS` plus the sampler's own options), in chunks.
 
     Deterministic given ``seed``: one generator on ``device`` supplies the prior noise and every injected noise.
     """
     from diffusionlab.samplers import get_sampler, sample_in_chunks
 
-    fn = get_sampler(scfg["sampler"])
-    accepted = inspect.signature(fn).parameters
-    options = {k: scfg[k] for k in _SAMPLER_OPTIONS if k in scfg and k in accepted}
-    if noise is not None:
-        options["noise"] = noise
+    spec = get_sampler(scfg["sampler"])
+    grid = spec.grid(model.process, scfg.get("steps"), scfg.get("grid"),
+                     **({"rho": scfg["rho"]} if "rho" in scfg else {}))
     gen = torch.Generator(device=device).manual_seed(int(seed))
     model.eval()
     with torch.no_grad():
-        return sample_in_chunks(fn, model, shape, int(num), chunk=chunk, generator=gen, device=device,
-                                store_device="cpu", timesteps=int(scfg["steps"]), progress=progress, **options)
+        return sample_in_chunks(spec, model, shape, int(num), chunk=chunk, generator=gen, device=device,
+                                store_device="cpu", grid=grid, noise=noise, progress=progress,
+                                **sampler_options(scfg))
 
 
 def load_run(run_dir: str | Path, device: str = "auto", weights: str = "ema"):

@@ -185,6 +185,7 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
     from diffusionlab.noise.fit import resolve_fitted_noise
     from diffusionlab.objectives import make_objective
     from diffusionlab.training.distributed import Distributed
+    from diffusionlab.training.sampling import check_sample_section
 
     tcfg = cfg["train"]
     dist = dist or Distributed.from_env(tcfg["device"])
@@ -195,6 +196,7 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
         cfg = resolve_fitted_noise(cfg, ds.data, out, log)  # `process.noise: fitted`: fit C, save it with the run
     process = build_process(cfg["process"], ds.sample_shape)
     process.cov.check(ds.data[:1])
+    check_sample_section(cfg["sample"], process)  # a bad sample: section fails now, not after training
     model = build_model(cfg, ds.sample_shape, process, device)
     objective = make_objective(dict(cfg["objective"]), process)
     _check_model_takes(model, objective, ds, device)

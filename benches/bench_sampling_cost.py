@@ -124,21 +124,10 @@ def load_counted(run_dir: str):
 
 
 # ---- adapters: the same network behind each peer's model interface ----------------------------------------------
-def dl_eps(model, x: torch.Tensor, t_zero_based) -> torch.Tensor:
-    """The network's eps at a peer's 0-based timestep ``t`` (0..T-1): diffusionlab's chain step ``t + 1``
-    (``DiffusionModel.predict(x, t + 1).eps``; diffusionlab's steps are 1..T, index 0 is the data)."""
-    t = torch.as_tensor(t_zero_based).long() + 1
-    return model.predict(x, t.expand(x.shape[0]) if t.ndim == 0 else t).eps
-
-
-class DiffusersEps:
-    """diffusers' ``unet(sample, timestep).sample`` role: ``eps = net(x, t)`` with diffusers' 0-based ``t``."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        return dl_eps(self.model, x, t)
+# the network's eps at a peer's 0-based timestep t (diffusionlab's chain step t + 1), and that role for diffusers'
+# schedulers: shared with the package's diffusers interop
+from diffusionlab.interop.diffusers import DiffusersEps  # noqa: E402
+from diffusionlab.interop.diffusers import diffusionlab_eps as dl_eps  # noqa: E402
 
 
 class DDPMPytorchUnet(nn.Module):

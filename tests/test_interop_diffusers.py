@@ -12,7 +12,10 @@ from diffusionlab.errors import DiffusionLabError
 from diffusionlab.interop.optional import prepare_torchvision
 
 prepare_torchvision()  # diffusers imports torchvision where it is installed (interop.optional)
-diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("diffusers")
+from diffusionlab.interop.diffusers import import_diffusers  # noqa: E402
+
+diffusers = import_diffusers()
 
 from diffusionlab.interop.diffusers import (  # noqa: E402
     DiffusersEps, betas_from_scheduler, c_noise_to_timestep, export_blockers, load_diffusers, load_diffusers_run,

@@ -67,6 +67,8 @@ EXPORT_T = 1000
 
 def import_diffusers():
     """The ``diffusers`` module (extra ``diffusers``), or a :class:`DiffusionLabError` saying how to install it."""
+    import safetensors.torch  # noqa: F401 - older diffusers use safetensors.torch without importing it
+
     from diffusionlab.interop.optional import import_optional
 
     return import_optional("diffusers", "diffusers", "the diffusers interop")

@@ -12,7 +12,7 @@ The weights come from a file the user gives (``--inception PATH``); nothing is e
 is ``pt_inception-2015-12-05-6726825d.pth`` (pytorch-fid's release; torch-fidelity's
 ``weights-inception-2015-12-05-6726825d.pth`` is the same file, same name suffix -- torch hub names a file by the
 first 8 hex digits of its SHA-256). It is a pickled state dict: it is read with ``torch.load(weights_only=True)``
-(:func:`diffusionlab.training.checkpoint.load_weights`, which refuses anything but plain tensors); a
+(:func:`diffusionlab.io.load_weights`, which refuses anything but plain tensors); a
 ``.safetensors`` copy works too. torch-fidelity's constructor loads weights only from a path or file object (with
 a full unpickler), so the tensors read safely here are handed to it re-serialised in memory: the user's file is
 never unpickled with code allowed.
@@ -84,7 +84,7 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> Ince
     or ``.safetensors``), on ``device``. A missing file, a file that is not plain weights, or weights of another
     network are each one :class:`DiffusionLabError`."""
     from diffusionlab.interop.optional import import_optional
-    from diffusionlab.training.checkpoint import load_weights
+    from diffusionlab.io import load_weights
 
     path = Path(path).expanduser()
     if not path.is_file():

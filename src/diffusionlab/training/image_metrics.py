@@ -65,7 +65,7 @@ def reference_features(images01: torch.Tensor, data_cfg: dict, extractor, cache_
     else computed and cached (module docstring). ``info`` says where the entry is and whether it was reused."""
     from diffusionlab.metrics.frechet import feature_statistics
     from diffusionlab.metrics.standard import extract_features
-    from diffusionlab.training.checkpoint import save_safetensors_atomic
+    from diffusionlab.io import save_safetensors_atomic
 
     identity = getattr(extractor, "identity", None)
     if not isinstance(identity, str) or not identity:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusionlab.oracles import bench as B  # noqa: E402
 from diffusionlab.oracles.mixture import GaussianMixtureOracle  # noqa: E402
+from diffusionlab.processes.grid import make_grid  # noqa: E402
 
 
 def run_spec(spec_name: str, args) -> list[dict]:
@@ -39,9 +40,8 @@ def run_spec(spec_name: str, args) -> list[dict]:
     problem = B.Problem(oracle, num=args.num, seed=args.seed, projections=args.projections)
     process = oracle.process
     budgets = [int(v) for v in args.nfe.split(",")]
-    t_end = B.time_grid(process, 1)[-1]  # the process's default end: k-diffusion's grids span the same levels
-    s, sg = process.coeffs(torch.tensor([1.0, float(t_end)], dtype=torch.float64))
-    sig_max, sig_min = float(sg[0] / s[0]), float(sg[1] / s[1])
+    grid = make_grid(process, 1)  # the process's default ends: k-diffusion's grids span the same levels
+    sig_max, sig_min = grid.sig[0], grid.sig[-1]
 
     def extra(pb, budget):
         recs = []
@@ -108,7 +108,7 @@ def best_rows(records: list[dict], metric: str = "coupled") -> list[dict]:
     """One row per (family, sampler): at each budget the best grid of that sampler (for the compact table)."""
     rows: dict = {}
     for r in records:
-        if "skipped" in r or metric not in r or r["sampler"] == "rk45":
+        if "skipped" in r or metric not in r or r.get("adaptive"):
             continue
         key = (r["family"], r["sampler"])
         cur = rows.setdefault(key, {}).get(r["budget"])
@@ -127,7 +127,7 @@ def markdown(records: list[dict], checks: list[dict], spec: str, budgets: list[i
     recs = [r for r in records if r.get("spec") == spec and "skipped" not in r]
     best: dict = {}
     for r in recs:
-        if r["sampler"] == "rk45":
+        if r.get("adaptive"):
             continue
         key = (r["family"], r["sampler"])
         metric = "coupled" if r["deterministic"] else "sw2"
@@ -154,14 +154,14 @@ def markdown(records: list[dict], checks: list[dict], spec: str, budgets: list[i
     for b in budgets:
         for fam in ("diffusionlab", "diffusers", "k-diffusion"):
             cand = [r for r in recs if r["budget"] == b and r["family"] == fam and r["deterministic"]
-                    and "coupled" in r and r["sampler"] != "rk45"]
+                    and "coupled" in r and not r.get("adaptive")]
             if not cand:
                 continue
             r = min(cand, key=lambda v: v["coupled"])
             lines.append(f"| {b} | {fam} | {r['sampler']} [{r['grid']}] | {r['nfe']} | {r['coupled']:.2e} | "
                          f"{r['sw2']:.4f} ({r['sw2_floor']:.4f} +- {r['sw2_floor_std']:.4f}) | "
                          f"{r['weight_error']:.4f} ({r['weight_floor']:.4f}) |")
-    rk = [r for r in recs if r["sampler"] == "rk45"]
+    rk = [r for r in recs if r.get("adaptive")]
     if rk:
         r = rk[0]
         est = r["reference_error"]

@@ -124,21 +124,10 @@ def load_counted(run_dir: str):
 
 
 # ---- adapters: the same network behind each peer's model interface ----------------------------------------------
-def dl_eps(model, x: torch.Tensor, t_zero_based) -> torch.Tensor:
-    """The network's eps at a peer's 0-based timestep ``t`` (0..T-1): diffusionlab's chain step ``t + 1``
-    (``DiffusionModel.predict(x, t + 1).eps``; diffusionlab's steps are 1..T, index 0 is the data)."""
-    t = torch.as_tensor(t_zero_based).long() + 1
-    return model.predict(x, t.expand(x.shape[0]) if t.ndim == 0 else t).eps
-
-
-class DiffusersEps:
-    """diffusers' ``unet(sample, timestep).sample`` role: ``eps = net(x, t)`` with diffusers' 0-based ``t``."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        return dl_eps(self.model, x, t)
+# the network's eps at a peer's 0-based timestep t (diffusionlab's chain step t + 1), and that role for diffusers'
+# schedulers: shared with the package's diffusers interop
+from diffusionlab.interop.diffusers import DiffusersEps  # noqa: E402
+from diffusionlab.interop.diffusers import diffusionlab_eps as dl_eps  # noqa: E402
 
 
 class DDPMPytorchUnet(nn.Module):
@@ -244,14 +233,15 @@ def make_specs(nfes: tuple, ancestral: tuple = ANCESTRAL_NFE) -> list[Spec]:
 
 def dl_grid(model, steps: int, lambda_min: float | None):
     """diffusionlab's grid: ``steps`` uniform integer steps from ``T`` (an int, the samplers' default), or from the
-    largest ``t`` with ``lambda_t = log(s_t / sigma_t) >= lambda_min`` (``make_timesteps(t_max, steps)``)."""
+    largest ``t`` with ``lambda_t = log(s_t / sigma_t) >= lambda_min`` (a uniform grid started there)."""
     if lambda_min is None:
         return steps
-    from diffusionlab.samplers.timesteps import make_timesteps
+    from diffusionlab.processes.grid import make_grid
 
     chain = model.process
     lam = torch.log(chain.mean_scale[1:] / chain.sigma[1:])  # decreasing in t
-    return make_timesteps(int((lam >= lambda_min).sum()), steps)
+    t_max = int((lam >= lambda_min).sum())
+    return make_grid(chain, steps, "uniform", sig_max=float(chain.edm_sigma(t_max)))
 
 
 def run_diffusionlab(spec: Spec, ds, model, nfe: int, seed: int, num: int, batch: int) -> torch.Tensor:
@@ -265,7 +255,8 @@ def run_diffusionlab(spec: Spec, ds, model, nfe: int, seed: int, num: int, batch
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         x = sample_in_chunks(get_sampler(spec.options["sampler"]), model, ds.sample_shape, num, chunk=batch,
-                             generator=gen, device="cpu", store_device="cpu", timesteps=ts, **opts)
+                             generator=gen, device="cpu", store_device="cpu", grid=ts, kind="uniform",
+                             **opts)
     return ds.to_display(x)
 
 
@@ -436,7 +427,7 @@ def adapter_checks(ds, model, counter, available: set) -> dict:
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             return ds.to_display(sample_in_chunks(get_sampler(name), model, ds.sample_shape, 16, generator=g,
-                                                  timesteps=ts, **opts))
+                                                  grid=ts, kind="uniform", **opts))
 
     grid10 = list(range(T_TRAIN, 0, -T_TRAIN // 10))
     ddpm_dl = dl("ddpm", None, variance="beta_tilde", clip_x0=True)

@@ -55,6 +55,12 @@ def _garbage_npy(tmp):
     return str(p)
 
 
+def _garbage_pth(tmp):
+    p = tmp / "garbage.pth"
+    p.write_bytes(b"this is not a weights file")
+    return str(p)
+
+
 def _corrupt_weights(tmp):
     run = Path(_run(tmp))
     bad = tmp / "corrupt_run"
@@ -116,6 +122,19 @@ CASES = [
     ("evaluate on wrong data", "`evaluate` (digits metric) on a 2-D run",
      lambda t: ["evaluate", "--run", _run(t), "--num", "10"], "needs a run trained on digits"),
     ("unknown command", "`diffusionlab fly`", lambda t: ["fly"], "invalid choice"),
+    ("FID without weights", "`evaluate --metric fid` without `--inception`",
+     lambda t: ["evaluate", "--run", _run(t), "--metric", "fid"], "needs --inception PATH"),
+    ("missing Inception weights", "`evaluate --metric fid --inception` a file that does not exist",
+     lambda t: ["evaluate", "--run", _run(t), "--metric", "fid", "--inception", str(t / "nope.pth")],
+     "Inception weights file not found"),
+    ("Inception file that is not weights", "`--inception` a `.pth` holding garbage",
+     lambda t: ["evaluate", "--run", _run(t), "--metric", "fid", "--inception", _garbage_pth(t)], "refused to load"),
+    ("no model", "`sample` with neither `--run` nor `--diffusers`",
+     lambda t: ["sample", "--out", str(t / "o.npz")], "exactly one of --run"),
+    ("missing diffusers folder", "`sample --diffusers` a folder that does not exist",
+     lambda t: ["sample", "--diffusers", str(t / "nodir"), "--out", str(t / "o.npz")], "diffusers folder not found"),
+    ("export that does not map", "`export` of an MLP run",
+     lambda t: ["export", "--run", _run(t), "--out", str(t / "exp")], "cannot be exported to diffusers"),
 ]
 
 

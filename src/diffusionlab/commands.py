@@ -88,32 +88,40 @@ def _check_out_dir(out: Path) -> None:
         raise DiffusionLabError(f"cannot write {out}: directory {parent} is not writable")
 
 
-def sample_section(cfg: dict, sampler: str | None = None, steps: int | None = None, grid: str | None = None,
-                   overrides: list[str] | None = None, eta: float | None = None) -> dict:
-    """The ``sample:`` section a command uses: the run's own (its sampler, steps, grid and options) unless
-    ``sampler`` names another one, which then gets its own default steps, grid and options; ``steps``, ``grid``,
-    ``--set KEY=VALUE`` options (``eta`` as a shortcut) override, each validated against the sampler."""
-    from diffusionlab.configuration import parse_scalar
-    from diffusionlab.samplers import canonical, get_sampler
-    from diffusionlab.training.config import _check_sample
+# -- model sources: a run directory or a diffusers folder (diffusionlab.interop.diffusers) -------------------
+def _load_source(args, continuous: bool = False, default_data=None):
+    """``(cfg, ds, model)`` of ``--run DIR`` or ``--diffusers DIR`` (exactly one; ``--data`` with the latter,
+    else ``default_data``). ``continuous``: a diffusers model gets the VP-SDE instead of its chain."""
+    from diffusionlab.training.sampling import load_run
 
-    run = dict(cfg["sample"])
-    if sampler is not None and canonical(sampler) != canonical(run["sampler"]):
-        get_sampler(sampler)  # a clear error for an unknown name before anything else
-        scfg = {"sampler": sampler}
-    else:
-        scfg = run
-    for key, value in (("steps", steps), ("grid", grid), ("eta", eta)):
-        if value is not None:
-            scfg[key] = value
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise DiffusionLabError(f"--set expects KEY=VALUE (a sampler option, e.g. eta=0.5), got {item!r}")
-        scfg[key.removeprefix("sample.")] = parse_scalar(raw)
-    scfg.pop("num", None)
-    _check_sample(dict(scfg))
-    return scfg
+    _check_source(args)
+    run, folder, data = getattr(args, "run", None), getattr(args, "diffusers", None), getattr(args, "data", None)
+    if folder is None:
+        return load_run(run, device=args.device)
+    from diffusionlab.interop.diffusers import load_diffusers_run
+
+    return load_diffusers_run(folder, data=data if data is not None else default_data, device=args.device,
+                              continuous=continuous)
+
+
+def _check_source(args) -> None:
+    """Exactly one of ``--run`` and ``--diffusers``; ``--data`` only with the latter."""
+    run, folder = getattr(args, "run", None), getattr(args, "diffusers", None)
+    if (run is None) == (folder is None):
+        raise DiffusionLabError("give exactly one of --run DIR (a diffusionlab run) and --diffusers DIR")
+    if folder is None and getattr(args, "data", None) is not None:
+        raise DiffusionLabError("--data applies to --diffusers models; a run uses the data of its config.yaml")
+
+
+def _source_name(args) -> str:
+    return str(args.run if getattr(args, "run", None) is not None else args.diffusers)
+
+
+def _continuous_sampler(name: str | None) -> bool:
+    """Whether the sampler asked for needs a continuous-time SDE (a diffusers model then gets the VP-SDE)."""
+    from diffusionlab.samplers import get_sampler
+
+    return name is not None and "continuous" in get_sampler(name).requires
 
 
 def _nfe_line(model, scfg: dict, num: int) -> dict:
@@ -129,7 +137,7 @@ def _nfe_line(model, scfg: dict, num: int) -> dict:
 
 
 def cmd_sample(args) -> int:
-    from diffusionlab.training.sampling import generate, load_run
+    from diffusionlab.training.sampling import generate, sample_section
 
     out = Path(args.out)
     if out.suffix not in SAMPLE_SUFFIXES:
@@ -139,7 +147,7 @@ def cmd_sample(args) -> int:
         from diffusionlab.samplers import get_sampler
 
         get_sampler(args.sampler)  # validate the name before any work
-    cfg, ds, model = load_run(args.run, device=args.device)
+    cfg, ds, model = _load_source(args, continuous=_continuous_sampler(args.sampler))
     scfg = sample_section(cfg, args.sampler, args.steps, args.grid, args.set, args.eta)
     t0 = time.time()
     x = generate(model, scfg, num=args.num, seed=args.seed, device=next(model.parameters()).device,
@@ -153,12 +161,13 @@ def cmd_sample(args) -> int:
 # -- evaluate -----------------------------------------------------------------------------------------------
 def evaluate_run(run: str, num: int = 1000, seed: int = 0, sampler: str | None = None, steps: int | None = None,
                  device: str = "auto", progress: bool = False, grid: str | None = None,
-                 overrides: list[str] | None = None) -> dict:
-    """Sample ``num`` items from a run and score them with the digits metric (digits runs only)."""
+                 overrides: list[str] | None = None, loaded=None) -> dict:
+    """Sample ``num`` items from a run and score them with the digits metric (digits runs only); ``loaded``: an
+    already loaded ``(cfg, ds, model)`` (e.g. a diffusers model), ``run`` then only names it."""
     from diffusionlab.metrics import evaluate_digits
-    from diffusionlab.training.sampling import generate, load_run
+    from diffusionlab.training.sampling import generate, load_run, sample_section
 
-    cfg, ds, model = load_run(run, device=device)
+    cfg, ds, model = loaded if loaded is not None else load_run(run, device=device)
     if ds.name != "digits":
         raise DiffusionLabError(f"the digits metric needs a run trained on digits; {run} was trained on {ds.name!r}")
     scfg = sample_section(cfg, sampler, steps, grid, overrides)
@@ -173,25 +182,48 @@ def evaluate_run(run: str, num: int = 1000, seed: int = 0, sampler: str | None =
 
 
 def cmd_evaluate(args) -> int:
-    """``--metric digits``: sample and score digits; ``nll`` / ``elbo``: likelihood reports
-    (:mod:`diffusionlab.likelihood.evaluate`). One JSON object on stdout."""
-    if args.metric == "digits":
+    """``--metric digits``: sample and score digits; ``fid``: FID, KID, precision/recall
+    (:mod:`diffusionlab.training.image_metrics`); ``nll`` / ``elbo``: likelihood reports
+    (:mod:`diffusionlab.likelihood.evaluate`). A run (``--run``) or a diffusers model (``--diffusers``). One JSON
+    object on stdout."""
+    _check_source(args)
+    if args.metric != "fid":
+        for flag, value in (("--inception", args.inception), ("--stats-cache", args.stats_cache)):
+            if value is not None:
+                raise DiffusionLabError(f"{flag} applies to --metric fid, not to --metric {args.metric}")
+    if args.metric in ("digits", "fid"):
         for flag, value, default in (("--divergence", args.divergence, "exact"), ("--probes", args.probes, 1),
                                      ("--batch-size", args.batch_size, None), ("--variance", args.variance, None)):
             if value != default:
-                raise DiffusionLabError(f"{flag} applies to --metric nll or elbo, not to --metric digits")
-        metrics, _ = evaluate_run(args.run, num=args.num, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                                  device=args.device, progress=not args.quiet, grid=args.grid, overrides=args.set)
+                raise DiffusionLabError(f"{flag} applies to --metric nll or elbo, not to --metric {args.metric}")
+    if args.metric == "digits":
+        loaded = _load_source(args, default_data="digits")
+        metrics, _ = evaluate_run(_source_name(args), num=args.num, seed=args.seed, sampler=args.sampler,
+                                  steps=args.steps, device=args.device, progress=not args.quiet, grid=args.grid,
+                                  overrides=args.set, loaded=loaded)
+    elif args.metric == "fid":
+        from diffusionlab.interop.inception import load_inception
+        from diffusionlab.training.build import resolve_device
+        from diffusionlab.training.image_metrics import evaluate_image_metrics
+
+        if args.inception is None:
+            raise DiffusionLabError("--metric fid needs --inception PATH: a local copy of the FID Inception weights "
+                                    "(pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)")
+        extractor = load_inception(args.inception, device=resolve_device(args.device))  # fails before any sampling
+        metrics = evaluate_image_metrics(_load_source(args), extractor, _source_name(args), num=args.num,
+                                         seed=args.seed, sampler=args.sampler, steps=args.steps,
+                                         cache_dir=args.stats_cache, progress=not args.quiet, log=_stderr)
     else:
         from diffusionlab.likelihood.evaluate import evaluate_likelihood
 
         if args.sampler is not None or args.steps is not None or args.grid is not None or args.set:
             raise DiffusionLabError(f"--sampler, --steps, --grid and --set apply to --metric digits, not to --metric "
                                     f"{args.metric}")
-        metrics = evaluate_likelihood(args.run, args.metric, num=args.num, seed=args.seed,
+        loaded = None if args.diffusers is None else _load_source(args, continuous=args.metric == "nll")
+        metrics = evaluate_likelihood(_source_name(args), args.metric, num=args.num, seed=args.seed,
                                       batch_size=args.batch_size, divergence=args.divergence, probes=args.probes,
                                       rtol=args.rtol, atol=args.atol, variance=args.variance, device=args.device,
-                                      progress=not args.quiet, log=_stderr)
+                                      progress=not args.quiet, log=_stderr, loaded=loaded)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -242,6 +274,14 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _add_diffusers_args(p) -> None:
+    """``--diffusers DIR`` and ``--data`` (:mod:`diffusionlab.interop.diffusers`): a diffusers model instead of a run."""
+    p.add_argument("--diffusers", default=None, metavar="DIR",
+                   help="a diffusers UNet2DModel folder (save_pretrained) or DDPMPipeline folder, instead of --run")
+    p.add_argument("--data", default=None, metavar="NAME|YAML",
+                   help="with --diffusers: the model's dataset (a name such as digits, or a YAML data section)")
+
+
 def register(sub) -> None:
     from diffusionlab.experiments import register as register_experiments
     from diffusionlab.oracles.cli import register as register_oracles
@@ -258,11 +298,12 @@ def register(sub) -> None:
     from diffusionlab.samplers import sampler_names
 
     names = ", ".join(sampler_names())
-    p = sub.add_parser("sample", help="draw samples from a trained run",
+    p = sub.add_parser("sample", help="draw samples from a trained run (or a diffusers model)",
                        description="Samples with the run's own sampler, steps, grid and options (its config's sample: "
                                    "section) unless --sampler names another, which then gets its own defaults. "
                                    f"Samplers: {names}.")
-    p.add_argument("--run", required=True, help="run directory (from train or demo)")
+    p.add_argument("--run", default=None, help="run directory (from train or demo)")
+    _add_diffusers_args(p)
     p.add_argument("--sampler", default=None, help=f"sampler (default: the run's): {names}")
     p.add_argument("--steps", type=int, default=None, help="number of sampler steps (default: the sampler's)")
     p.add_argument("--grid", default=None, choices=GRID_KINDS, help="time grid (default: the sampler's)")
@@ -281,9 +322,15 @@ def register(sub) -> None:
                                    "class coverage). nll: probability-flow ODE log-likelihood of --num held-out "
                                    "points (SDE runs). elbo: DDPM's full variational bound, all T terms (chain runs). "
                                    "nll and elbo are in nats per point and bits per dimension (see docs/likelihood.md).")
-    p.add_argument("--run", required=True)
-    p.add_argument("--metric", default="digits", choices=("digits", "nll", "elbo"),
-                   help="digits (default), nll (SDE runs) or elbo (chain runs)")
+    p.add_argument("--run", default=None, help="run directory")
+    _add_diffusers_args(p)
+    p.add_argument("--metric", default="digits", choices=("digits", "fid", "nll", "elbo"),
+                   help="digits (default), fid (FID, KID, precision/recall; image models), nll (SDE runs) or elbo "
+                        "(chain runs)")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="fid: local FID Inception weights (pt_inception-2015-12-05-6726825d.pth); never downloaded")
+    p.add_argument("--stats-cache", default=None, metavar="DIR",
+                   help="fid: reference-statistics cache (default $DIFFUSIONLAB_CACHE/fid or ~/.cache/diffusionlab/fid)")
     p.add_argument("--num", type=int, default=1000, help="samples (digits) or evaluation points (nll, elbo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default=None, help=f"digits: sampler (default: the run's): {names}")
@@ -301,6 +348,10 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    from diffusionlab.interop.diffusers import register as register_export
+
+    register_export(sub)  # export --run DIR --out DIR (a diffusers DDPMPipeline folder)
 
     p = sub.add_parser("demo", help="train a U-Net on the bundled digits and sample from it (the main job)")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")

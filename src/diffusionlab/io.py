@@ -107,7 +107,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 
         try:
             obj = torch.load(str(path), map_location=device, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError) as e:
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError, IndexError,
+                KeyError) as e:  # garbage bytes can stop the weights-only unpickler in any of these
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DiffusionLabError(
                 f"refused to load {path}: it is not a plain weights file (weights_only load failed: {first}); "

@@ -1,6 +1,7 @@
 """Noise schedules in float64, validated.
 
 - :func:`linear_betas` -- Ho et al. 2020 (DDPM): ``beta_t`` linear from ``beta_start`` to ``beta_end``;
+- :func:`scaled_linear_betas` -- latent diffusion (Rombach et al. 2022): ``sqrt(beta_t)`` linear;
 - :func:`cosine_betas` -- Nichol & Dhariwal 2021: ``alpha-bar(t) = f(t) / f(0)``,
   ``f(t) = cos^2(((t / T + s) / (1 + s)) pi / 2)``, ``beta_t = min(1 - alpha-bar_t / alpha-bar_{t-1}, 0.999)``;
 - :func:`geometric_sigmas` -- Song & Ermon 2019 (NCSN): ``sigma_1 < ... < sigma_L`` in geometric progression;
@@ -71,6 +72,13 @@ def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
     """DDPM's linear schedule (Ho et al. 2020): ``beta_t`` from ``beta_start`` (t = 1) to ``beta_end`` (t = T)."""
     T = _check_length(T, "number of steps T")
     return as_betas(torch.linspace(float(beta_start), float(beta_end), T, dtype=_F64))
+
+
+def scaled_linear_betas(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Latent diffusion's schedule (Rombach et al. 2022; diffusers' ``scaled_linear``): ``sqrt(beta_t)`` linear
+    from ``sqrt(beta_start)`` (t = 1) to ``sqrt(beta_end)`` (t = T)."""
+    T = _check_length(T, "number of steps T")
+    return as_betas(torch.linspace(float(beta_start) ** 0.5, float(beta_end) ** 0.5, T, dtype=_F64) ** 2)
 
 
 def cosine_alpha_bar(t, s: float = 0.008) -> torch.Tensor:

@@ -305,8 +305,11 @@ def _device_of(model) -> torch.device:
 
 def evaluate_likelihood(run, metric: str, num: int = 1000, seed: int = 0, batch_size: int | None = None,
                         divergence: str = "exact", probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5,
-                        variance: str | None = None, device: str = "auto", progress: bool = False, log=None) -> dict:
-    """The ``nll`` or ``elbo`` report of a run directory (module docstring), as a JSON-ready dict.
+                        variance: str | None = None, device: str = "auto", progress: bool = False, log=None,
+                        loaded=None) -> dict:
+    """The ``nll`` or ``elbo`` report of a run directory (module docstring), as a JSON-ready dict; ``loaded``: an
+    already loaded ``(cfg, ds, model)`` (a diffusers model: :mod:`diffusionlab.interop.diffusers`), ``run`` then
+    only names it.
 
     Deterministic given ``seed`` (CPU generators for the choice of points, the dequantization, the probes or the
     ELBO's noise, and the baselines' dequantization), on any ``device``."""
@@ -315,7 +318,7 @@ def evaluate_likelihood(run, metric: str, num: int = 1000, seed: int = 0, batch_
     t0 = time.time()
     check_options(metric, num, batch_size, divergence, probes, rtol, atol, variance)
     s_choose, s_deq, s_est, s_base = _seeds(seed)
-    cfg, ds, model = load_run(run, device=device)
+    cfg, ds, model = loaded if loaded is not None else load_run(run, device=device)
     pname = cfg["process"]["name"]
     check_metric(metric, model.process, pname, run)
     levels = data_levels(ds)

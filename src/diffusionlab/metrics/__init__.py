@@ -2,7 +2,9 @@
 
 - :mod:`diffusionlab.metrics.frechet` -- Frechet distance between Gaussians fitted to feature sets (float64);
 - :mod:`diffusionlab.metrics.digits` -- :func:`evaluate_digits` for 8x8 digits, using a tiny CNN shipped as
-  safetensors and trained on scikit-learn's bundled digits (docs/digits_metric.md).
+  safetensors and trained on scikit-learn's bundled digits (docs/digits_metric.md);
+- :mod:`diffusionlab.metrics.standard` -- FID, KID and precision/recall on the features of any extractor (the
+  FID Inception network: :mod:`diffusionlab.interop.inception`, weights from a local file; docs/metrics.md).
 
 Names are imported lazily, so ``python -m diffusionlab.metrics.digits`` runs the module only once.
 """
@@ -13,6 +15,8 @@ import importlib
 
 _EXPORTS = {
     "frechet": ("feature_statistics", "frechet_distance", "frechet_distance_features"),
+    "standard": ("extract_features", "fid_from_features", "image_scores", "kid", "mmd2_unbiased", "precision_recall",
+                 "to_uint8_rgb"),
     "digits": (
         "COVERAGE_SHARE",
         "FEATURE_DIM",

@@ -117,7 +117,7 @@ def _check_section(name: str, section: dict, schema: dict) -> None:
             raise DiffusionLabError(f"{name}.{key} must be {what}, got {value!r}")
 
 
-def _check_sample(section: dict) -> None:
+def check_sample(section: dict) -> None:
     """The generic keys of ``sample:`` by :data:`SAMPLE_SCHEMA`; every other key must be an option of the sampler
     (:mod:`diffusionlab.samplers` validates it, naming the sampler's options)."""
     from diffusionlab.samplers import get_sampler
@@ -162,7 +162,7 @@ def validate(cfg: dict) -> dict:
             f"unknown key process.{sorted(extra)[0]} for process {pname!r}; allowed: {', '.join(sorted(PROCESS_KEYS[pname]))}"
         )
     _check_section("train", cfg["train"], TRAIN_SCHEMA)
-    _check_sample(cfg["sample"])
+    check_sample(cfg["sample"])
     _check_section("parametrization", cfg["parametrization"], PARAM_SCHEMA)
     return cfg
 

@@ -32,6 +32,34 @@ def check_sample_section(scfg: dict, process) -> None:
     spec.grid(process, scfg.get("steps"), scfg.get("grid"), **({"rho": scfg["rho"]} if "rho" in scfg else {}))
 
 
+def sample_section(cfg: dict, sampler: str | None = None, steps: int | None = None, grid: str | None = None,
+                   overrides: list[str] | None = None, eta: float | None = None) -> dict:
+    """The ``sample:`` section a command uses: the run's own (its sampler, steps, grid and options) unless
+    ``sampler`` names another one, which then gets its own default steps, grid and options; ``steps``, ``grid``,
+    ``--set KEY=VALUE`` options (``eta`` as a shortcut) override, each validated against the sampler."""
+    from diffusionlab.configuration import parse_scalar
+    from diffusionlab.samplers import canonical, get_sampler
+    from diffusionlab.training.config import check_sample
+
+    run = dict(cfg["sample"])
+    if sampler is not None and canonical(sampler) != canonical(run["sampler"]):
+        get_sampler(sampler)  # a clear error for an unknown name before anything else
+        scfg = {"sampler": sampler}
+    else:
+        scfg = run
+    for key, value in (("steps", steps), ("grid", grid), ("eta", eta)):
+        if value is not None:
+            scfg[key] = value
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise DiffusionLabError(f"--set expects KEY=VALUE (a sampler option, e.g. eta=0.5), got {item!r}")
+        scfg[key.removeprefix("sample.")] = parse_scalar(raw)
+    scfg.pop("num", None)
+    check_sample(dict(scfg))
+    return scfg
+
+
 def generate(model, scfg: dict, num: int, seed: int, device, shape, chunk: int = 1000, progress: bool = False,
              noise=None) -> torch.Tensor:
     """Draw ``num`` samples (model space, on the CPU) with the sampler, grid and options of the ``sample:`` section

@@ -20,6 +20,7 @@ from torch import nn
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.covariance import Progressive
+from diffusionlab.objectives import make_objective
 from diffusionlab.objectives.continuous import ContinuousDSM
 from diffusionlab.oracles import GaussianOracle, dense_noise_covariance
 from diffusionlab.parametrization import DiffusionModel
@@ -212,9 +213,9 @@ def test_validation_and_config():
         ContinuousDSM(proc, eps=0)
     with pytest.raises(DiffusionLabError, match="SDE"):
         ContinuousDSM(VPChain([0.1, 0.2]))
-    obj = ContinuousDSM.from_config({"name": "dsm", "weighting": "likelihood", "t_sampling": "importance"}, proc)
+    obj = make_objective({"name": "dsm", "weighting": "likelihood", "t_sampling": "importance"}, proc)
     assert obj.weighting == "likelihood" and obj.t_sampling == "importance"
     with pytest.raises(DiffusionLabError, match="unknown option"):
-        ContinuousDSM.from_config({"name": "dsm", "gamma": 5}, proc)
+        make_objective({"name": "dsm", "gamma": 5}, proc)
     with pytest.raises(DiffusionLabError):
         ContinuousDSM(VESDE(cov=Progressive(1.0, 3)))(None, torch.zeros(2, 4, 2))  # wrong frame count

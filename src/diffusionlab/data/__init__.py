@@ -31,57 +31,75 @@ from diffusionlab.data import images, toy2d, video
 from diffusionlab.data.arrays import ArrayDataset, load_array
 from diffusionlab.data.images import DIGITS_TEST_SIZE, digits_split
 from diffusionlab.data.scaling import from_uint8, to_model, to_uint8, to_unit
-from diffusionlab.errors import DiffusionLabError
-from diffusionlab.checks import check_keys
+from diffusionlab.configuration import Catalogue
 
-_LOADERS: dict[str, Callable[..., ArrayDataset]] = {
-    "ring": toy2d.ring,
-    "moons": toy2d.moons,
-    "swissroll": toy2d.swissroll,
-    "checkerboard": toy2d.checkerboard,
-    "digits": images.digits,
-    "image_folder": images.image_folder,
-    "mnist": images.mnist,
-    "cifar10": images.cifar10,
-    "array": load_array,
-    **video.VIDEO_LOADERS,  # moving_digits, moving_mnist, video_folder
-}
-DATASETS = tuple(_LOADERS)
+#: the dataset catalogue: a ``data:`` section is ``{"name": N, **options}`` with the options of loader ``N``
+DATASETS = Catalogue("dataset", "data")
+
+
+def _register(name: str, loader: Callable[..., ArrayDataset], kind: str | None, heldout=None) -> None:
+    """Register ``loader`` (its keyword options and defaults are the section's); ``kind`` (points, images, videos;
+    None when it depends on the file) picks the default network; ``heldout(options, seed)`` gives ``(options,
+    seed, description)`` of the held-out data, when the dataset has a held-out part."""
+    takes_seed = "seed" in inspect.signature(loader).parameters
+    DATASETS.register(name, context=("seed",) if takes_seed else (), kind=kind, heldout=heldout)(loader)
+
+
+def _fresh_draw(opts: dict, seed: int):
+    return opts, seed + 1, f"a fresh draw (seed {seed + 1}; trained on seed {seed})"
+
+
+def _test_split(what: str):
+    def heldout(opts: dict, seed: int):
+        if opts.get("split") != "train":
+            return None
+        return {**opts, "split": "test"}, seed, f"the {what} test split (not trained on)"
+    return heldout
+
+
+for _name, _loader in (("ring", toy2d.ring), ("moons", toy2d.moons), ("swissroll", toy2d.swissroll),
+                       ("checkerboard", toy2d.checkerboard)):
+    _register(_name, _loader, "points", _fresh_draw)
+_register("digits", images.digits, "images", _test_split("digits (the last 297 images)"))
+_register("image_folder", images.image_folder, "images")
+_register("mnist", images.mnist, "images", _test_split("MNIST"))
+_register("cifar10", images.cifar10, "images", _test_split("CIFAR-10"))
+_register("array", load_array, None)
+_register("moving_digits", video.moving_digits, "videos", _test_split("moving digits (test-split digits)"))
+_register("moving_mnist", video.moving_mnist, "videos")
+_register("video_folder", video.video_folder, "videos")
+DATASET_NAMES = tuple(DATASETS.names())
 
 
 def dataset_options(name: str) -> tuple[str, ...]:
     """The options dataset ``name`` accepts (besides ``name``)."""
-    if name not in _LOADERS:
-        raise DiffusionLabError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return tuple(p for p in inspect.signature(_LOADERS[name]).parameters if p != "seed")
-
-
-def _required(name: str) -> tuple[str, ...]:
-    params = inspect.signature(_LOADERS[name]).parameters.values()
-    return tuple(p.name for p in params if p.default is inspect.Parameter.empty)
+    return tuple(DATASETS.get(name).parameters())
 
 
 def load_dataset(cfg: Mapping | str, seed: int = 0) -> ArrayDataset:
-    """Load the dataset ``cfg`` describes (a mapping with ``name``, or just the name)."""
-    if isinstance(cfg, str):
-        cfg = {"name": cfg}
-    if not isinstance(cfg, Mapping):
-        raise DiffusionLabError(f"dataset config must be a mapping with a 'name', got {cfg!r}")
-    opts = dict(cfg)
-    name = opts.pop("name", None)
-    allowed = dataset_options(name)
-    check_keys(opts, allowed, f"dataset {name!r}")
-    missing = [k for k in _required(name) if k not in opts]
-    if missing:
-        raise DiffusionLabError(f"dataset {name!r} needs option(s) {', '.join(missing)}")
-    if "seed" in inspect.signature(_LOADERS[name]).parameters:
-        opts["seed"] = seed
-    return _LOADERS[name](**opts)
+    """Load the dataset ``cfg`` describes (a mapping with ``name``, or just the name); ``seed`` reaches the
+    generated sets."""
+    entry, opts = DATASETS.split(dict(cfg) if isinstance(cfg, Mapping) else cfg)
+    return entry.build(opts, **({"seed": seed} if entry.context else {}))
+
+
+def heldout_dataset(cfg: Mapping, seed: int = 0):
+    """``(dataset, description)`` of the held-out data of the dataset ``cfg`` was trained on (its test split, or a
+    fresh draw of a generated set), or None when it has no held-out part."""
+    entry, opts = DATASETS.split(dict(cfg))
+    rule = entry.meta.get("heldout")
+    found = rule(entry.resolve(opts), seed) if rule else None
+    if found is None:
+        return None
+    options, hseed, description = found
+    return entry.build(options, **({"seed": hseed} if entry.context else {})), description
 
 
 __all__ = [
     "ArrayDataset",
     "DATASETS",
+    "DATASET_NAMES",
+    "heldout_dataset",
     "DIGITS_TEST_SIZE",
     "dataset_options",
     "digits_split",

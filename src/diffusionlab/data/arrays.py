@@ -24,12 +24,20 @@ _KIND_BY_NDIM = {2: "points", 4: "images", 5: "videos"}
 
 @dataclass
 class ArrayDataset:
-    """A dataset in memory: ``data`` (N, *sample_shape) float32 in model space, optional ``labels`` (N,)."""
+    """A dataset in memory: ``data`` (N, *sample_shape) float32 in model space, optional ``labels`` (N,).
+
+    The facts other modules need and must not guess: ``levels`` (the number of quantization levels of the values
+    in model space: 17 for the digits' grey levels ``k / 16``, 256 for 8-bit images and videos, None for
+    continuous data), :attr:`value_range` (``(-1, 1)`` for images and videos, None for points: what a sampler may
+    clip its ``x_0`` prediction to) and ``num_classes`` (labels ``0 .. num_classes - 1``; None without labels).
+    """
 
     data: torch.Tensor
     kind: str
     name: str
     labels: torch.Tensor | None = None
+    levels: int | None = None
+    num_classes: int | None = None
 
     def __post_init__(self):
         choice("dataset kind", self.kind, KINDS)
@@ -47,6 +55,16 @@ class ArrayDataset:
                 f"dataset {self.name!r}: labels must be a LongTensor of shape ({len(self.data)},), "
                 f"got {self.labels.dtype} {tuple(self.labels.shape)}"
             )
+        if self.labels is not None and self.num_classes is None:
+            self.num_classes = int(self.labels.max()) + 1 if self.labels.numel() else 0
+        if self.levels is not None and (isinstance(self.levels, bool) or not isinstance(self.levels, int)
+                                        or self.levels < 2):
+            raise DiffusionLabError(f"dataset {self.name!r}: levels must be an integer >= 2, got {self.levels!r}")
+
+    @property
+    def value_range(self) -> tuple[float, float] | None:
+        """``(-1, 1)`` for images and videos (model space), None for points (no known range)."""
+        return None if self.kind == "points" else (-1.0, 1.0)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -62,7 +80,7 @@ class ArrayDataset:
     def to(self, device: torch.device | str) -> "ArrayDataset":
         """A copy with ``data`` and ``labels`` on ``device``."""
         labels = None if self.labels is None else self.labels.to(device)
-        return ArrayDataset(self.data.to(device), self.kind, self.name, labels)
+        return ArrayDataset(self.data.to(device), self.kind, self.name, labels, self.levels, self.num_classes)
 
 
 def _np_load(path: str, key: str | None, labels_key: str | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -151,7 +169,8 @@ def load_array(path: str, key: str | None = None, range: str | None = None,  # n
     if arr.dtype == np.uint8 and range == "model":
         raise DiffusionLabError(f"array in {path!r} is uint8 (bytes 0..255), which cannot be in range model [-1, 1]")
     data = _to_model_space(arr, kind, range, path)
-    return ArrayDataset(data, kind, os.path.basename(path), _labels(lab, labels, len(data), path))
+    levels = 256 if arr.dtype == np.uint8 else None
+    return ArrayDataset(data, kind, os.path.basename(path), _labels(lab, labels, len(data), path), levels)
 
 
 def _labels(lab: np.ndarray | None, key: str | None, n: int, path: str) -> torch.Tensor | None:

@@ -55,7 +55,7 @@ def digits(split: str = "all") -> ArrayDataset:
     sl = digits_split(split, len(images))
     x = torch.tensor(images[sl], dtype=torch.float32)[:, None] / 16.0
     labels = torch.tensor(target[sl], dtype=torch.long)
-    return ArrayDataset(to_model(x), "images", "digits", labels)
+    return ArrayDataset(to_model(x), "images", "digits", labels, levels=17, num_classes=10)
 
 
 # ---- shared file helpers ----------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def image_folder(path: str, image_size: int = 32, channels: int = 3) -> ArrayDat
     if not files:
         raise DiffusionLabError(f"image_folder {folder!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     x = torch.stack([_square_resize(_read_image(f, channels), image_size) for f in files])
-    return ArrayDataset(to_model(x), "images", os.path.basename(os.path.normpath(folder)) or "image_folder")
+    return ArrayDataset(to_model(x), "images", os.path.basename(os.path.normpath(folder)) or "image_folder", levels=256)
 
 
 # ---- MNIST ------------------------------------------------------------------------------------------------
@@ -184,7 +184,8 @@ def mnist(path: str, split: str = "train") -> ArrayDataset:
     labels = read_idx(_find(folder, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"], "mnist"), 1)
     if len(images) != len(labels):
         raise DiffusionLabError(f"mnist in {folder!r}: {len(images)} images but {len(labels)} labels")
-    return ArrayDataset(from_uint8(images[:, None]), "images", "mnist", torch.from_numpy(labels.astype(np.int64)))
+    return ArrayDataset(from_uint8(images[:, None]), "images", "mnist", torch.from_numpy(labels.astype(np.int64)),
+                        levels=256, num_classes=10)
 
 
 # ---- CIFAR-10 (binary version only) -----------------------------------------------------------------------
@@ -242,4 +243,4 @@ def cifar10(path: str, split: str = "train") -> ArrayDataset:
         parts.append(read_cifar_batch(p))
     images = np.concatenate([im for im, _ in parts])
     labels = np.concatenate([lab for _, lab in parts]).astype(np.int64)
-    return ArrayDataset(from_uint8(images), "images", "cifar10", torch.from_numpy(labels))
+    return ArrayDataset(from_uint8(images), "images", "cifar10", torch.from_numpy(labels), levels=256, num_classes=10)

@@ -92,7 +92,8 @@ def moving_digits(num: int = 2000, frames: int = 8, size: int = 16, speed: float
         pos = np.clip(np.rint(pos), 0, limit).astype(np.int64)
         videos[n, 0] = render(pool[idx], pos, size)
         labels[n] = pool_labels[idx[0]]
-    return ArrayDataset(to_model(torch.from_numpy(videos)), "videos", "moving_digits", torch.from_numpy(labels))
+    return ArrayDataset(to_model(torch.from_numpy(videos)), "videos", "moving_digits", torch.from_numpy(labels),
+                        levels=17, num_classes=10)
 
 
 # ---- shared frame handling ----------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def moving_mnist(path: str, frames: int = 20, size: int = 64, num: int | None = 
         y = F.interpolate((x.reshape(b * c * f, 1, h, w) + 1) / 2, size=(size, size), mode="bilinear",
                           antialias=True, align_corners=False)
         x = to_model(y.clamp(0, 1)).reshape(b, c, f, size, size)
-    return ArrayDataset(x.contiguous(), "videos", "moving_mnist")
+    return ArrayDataset(x.contiguous(), "videos", "moving_mnist", levels=256)
 
 
 # ---- folders of videos --------------------------------------------------------------------------------------
@@ -217,7 +218,8 @@ def video_folder(path: str, frames: int = 16, size: int = 64, channels: int = 1)
         raise DiffusionLabError(f"video_folder {folder!r} holds no videos (looked for {', '.join(VIDEO_EXTENSIONS)})")
     vids = [resize_frames(_take_frames(read_video(f, channels), frames, f"video {f!r}"), size) for f in files]
     x = torch.stack(vids)
-    return ArrayDataset(to_model(x).contiguous(), "videos", os.path.basename(os.path.normpath(folder)) or "video_folder")
+    return ArrayDataset(to_model(x).contiguous(), "videos", os.path.basename(os.path.normpath(folder)) or "video_folder",
+                        levels=256)
 
 
 #: what to add to ``diffusionlab.data._LOADERS``

@@ -21,20 +21,17 @@ import torch
 from torch import nn
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.checks import check_keys, positive_int
+from diffusionlab.checks import positive_int
+from diffusionlab.configuration import Catalogue
 from diffusionlab.models.mlp import MLP
 from diffusionlab.models.unet import UNet
-from diffusionlab.models.video_unet import VIDEO_UNET_OPTIONS, build_video_unet
+from diffusionlab.models.video_unet import VideoUNet, build_video_unet
 
-NETWORKS = ("mlp", "unet", "video_unet")
-
-_OPTIONS = {
-    "mlp": ("hidden", "depth", "emb_dim"),
-    "unet": ("base_channels", "channel_mults", "num_res_blocks", "attn_resolutions", "dropout", "groups",
-             "num_heads", "scale_shift", "conv_resample"),
-    "video_unet": VIDEO_UNET_OPTIONS,
-}
-_INFERRED = ("dim", "in_channels", "image_size", "out_mult")
+#: the network catalogue: a ``model:`` section is ``{"name": N, **options}`` with the options of the network
+#: class (their defaults are the class's); the sizes (``dim``, ``in_channels``, ``image_size``, ``frames``) come
+#: from the data's sample shape and ``out_mult`` from the parametrization
+NETWORKS = Catalogue("network", "model")
+_INFERRED = ("dim", "in_channels", "image_size", "frames", "out_mult")
 
 #: The recommended U-Net for 8x8 digits: 399,913 parameters, 0.98 GMAC per forward pass of a batch of 128.
 #: A training step (batch 128, forward + backward + AdamW) measured ~150 ms on one CPU thread (AMD EPYC,
@@ -76,14 +73,18 @@ def _sample_shape(sample_shape) -> tuple[int, ...]:
     return shape
 
 
-def _build_mlp(opts: dict, shape: tuple[int, ...], out_mult: int) -> nn.Module:
+@NETWORKS.register("mlp", context=("sample_shape", "out_mult"), options_of=MLP, inferred=_INFERRED)
+def _build_mlp(sample_shape: tuple[int, ...], out_mult: int, **opts) -> nn.Module:
+    shape = sample_shape
     if len(shape) == 1:
         return MLP(shape[0], out_mult=out_mult, **opts)
     flat = math.prod(shape)
     return Reshaped(MLP(flat, out_mult=out_mult, **opts), shape, (flat,), out_mult)
 
 
-def _build_unet(opts: dict, shape: tuple[int, ...], out_mult: int) -> nn.Module:
+@NETWORKS.register("unet", context=("sample_shape", "out_mult"), options_of=UNet, inferred=_INFERRED)
+def _build_unet(sample_shape: tuple[int, ...], out_mult: int, **opts) -> nn.Module:
+    shape = sample_shape
     if len(shape) == 3:
         c, h, w = shape
         return UNet(in_channels=c, image_size=(h, w), out_mult=out_mult, **opts)
@@ -96,28 +97,30 @@ def _build_unet(opts: dict, shape: tuple[int, ...], out_mult: int) -> nn.Module:
     )
 
 
+NETWORKS.register("video_unet", context=("sample_shape", "out_mult"), options_of=VideoUNet,
+                  inferred=_INFERRED)(lambda sample_shape, out_mult, **opts: build_video_unet(opts, sample_shape, out_mult))
+
+
 def build_network(cfg: Mapping, sample_shape: Sequence[int], out_mult: int = 1,
                   device: torch.device | str | None = None) -> nn.Module:
     """Build the network ``cfg`` names for samples of ``sample_shape`` (moved to ``device`` when given)."""
     if not isinstance(cfg, Mapping):
         raise DiffusionLabError(f"network config must be a mapping with a 'name' ({', '.join(NETWORKS)}), got {cfg!r}")
-    opts = dict(cfg)
-    name = opts.pop("name", None)
-    if name not in NETWORKS:
-        raise DiffusionLabError(f"network name must be one of {', '.join(NETWORKS)}; got {name!r}")
+    entry, opts = NETWORKS.split(dict(cfg))
     inferred = [k for k in opts if k in _INFERRED]
     if inferred:
         raise DiffusionLabError(
             f"network option(s) {', '.join(inferred)} are set by diffusionlab (the size from the data's sample "
-            f"shape, out_mult from the objective); remove them. Allowed for {name}: {', '.join(_OPTIONS[name])}"
+            f"shape, out_mult from the objective); remove them. Allowed for {entry.name}: "
+            f"{', '.join(entry.parameters())}"
         )
-    check_keys(opts, _OPTIONS[name], f"network {name!r}")
+    opts = entry.resolve(opts)
     for key in ("channel_mults", "attn_resolutions"):
         if isinstance(opts.get(key), list):
             opts[key] = tuple(opts[key])
     shape = _sample_shape(sample_shape)
     positive_int("out_mult", out_mult)
-    net = {"mlp": _build_mlp, "unet": _build_unet, "video_unet": build_video_unet}[name](opts, shape, out_mult)
+    net = entry.factory(shape, out_mult, **opts)
     return net.to(device) if device is not None else net
 
 

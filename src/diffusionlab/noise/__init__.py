@@ -1,6 +1,7 @@
 """Noise with a covariance C across one axis (the frames of a video)."""
 
 from diffusionlab.noise.covariance import (
+    COVARIANCES,
     Covariance,
     Dense,
     Identity,
@@ -10,5 +11,6 @@ from diffusionlab.noise.covariance import (
     make_covariance,
     toeplitz,
 )
+from diffusionlab.noise import fit  # noqa: E402,F401 (registers the file: and fitted families)
 
-__all__ = ["Covariance", "Dense", "Identity", "Mixed", "Progressive", "check_psd", "make_covariance", "toeplitz"]
+__all__ = ["COVARIANCES", "Covariance", "Dense", "Identity", "Mixed", "Progressive", "check_psd", "make_covariance", "toeplitz"]

@@ -32,11 +32,13 @@ Families (the first two are the noise priors of Ge et al. 2023, "Preserve Your O
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
 import torch
 
+from diffusionlab.configuration import Catalogue
 from diffusionlab.errors import DiffusionLabError
 
 _F64 = torch.float64
@@ -399,29 +401,82 @@ def toeplitz(coeffs: Sequence[float], size: int, axis: int = 1) -> Dense:
     return Dense(row[(i[:, None] - i[None, :]).abs()], axis=axis, name=f"Toeplitz{tuple(c)}")
 
 
-def make_covariance(spec: str | None, size: int | None = None, axis: int = 1) -> Covariance:
-    """Build a covariance from a CLI/config spec: ``iid``, ``mixed:ALPHA``, ``progressive:ALPHA``,
-    ``toeplitz:a,b,c,...`` (``size`` frames along ``axis``)."""
-    if spec is None or str(spec).strip().lower() in ("", "iid", "identity", "none"):
-        return Identity(axis)
-    s = str(spec).strip()
-    kind, _, arg = s.partition(":")
-    kind = kind.lower()
-    allowed = "iid, mixed:ALPHA, progressive:ALPHA, toeplitz:a,b,c,..."
-    if kind not in ("mixed", "progressive", "toeplitz"):
-        raise DiffusionLabError(f"unknown noise covariance {spec!r}; allowed: {allowed}")
-    if not arg:
-        raise DiffusionLabError(f"noise covariance {spec!r} needs a parameter; allowed: {allowed}")
-    if size is None:
-        raise DiffusionLabError(f"noise covariance {spec!r} needs a frame axis, but the data has no frames")
-    if kind == "toeplitz":
+# ---- the catalogue of covariance families (config specs ``family:argument``) ------------------------------------
+#: ``process.noise`` specs: ``family`` or ``family:argument``; each family's ``parse`` turns the argument into the
+#: constructor's options (``size`` and ``axis`` come from the data)
+COVARIANCES = Catalogue("noise covariance", "process.noise")
+
+
+def _one_number(what: str):
+    def parse(arg: str) -> dict:
         try:
-            coeffs = [float(v) for v in arg.split(",")]
+            return {what: float(arg)}
         except ValueError:
-            raise DiffusionLabError(f"toeplitz coefficients must be numbers, got {arg!r}") from None
-        return toeplitz(coeffs, size, axis)
+            raise DiffusionLabError(f"noise covariance parameter {what} must be a number, got {arg!r}") from None
+    return parse
+
+
+def _numbers(arg: str) -> dict:
     try:
-        alpha = float(arg)
+        return {"coeffs": [float(v) for v in arg.split(",")]}
     except ValueError:
-        raise DiffusionLabError(f"noise-prior alpha must be a number, got {arg!r} in {spec!r}") from None
-    return (Mixed if kind == "mixed" else Progressive)(alpha, size, axis)
+        raise DiffusionLabError(f"toeplitz coefficients must be numbers, got {arg!r}") from None
+
+
+@COVARIANCES.register("iid", context=("size", "axis"), parse=lambda arg: {}, spec="iid")
+def _iid(size=None, axis: int = 1) -> Covariance:
+    """Independent noise, C = I (also written ``identity``)."""
+    return Identity(axis)
+
+
+@COVARIANCES.register("mixed", context=("size", "axis"), parse=_one_number("alpha"), spec="mixed:ALPHA")
+def _mixed(alpha: float, size=None, axis: int = 1) -> Covariance:
+    """Ge et al. 2023's mixed noise: 1 on the diagonal, alpha^2 / (1 + alpha^2) off it."""
+    return Mixed(alpha, _frames(size, "mixed"), axis)
+
+
+@COVARIANCES.register("progressive", context=("size", "axis"), parse=_one_number("alpha"),
+                      spec="progressive:ALPHA")
+def _progressive(alpha: float, size=None, axis: int = 1) -> Covariance:
+    """Ge et al. 2023's progressive noise: AR(1) with rho = alpha / sqrt(1 + alpha^2)."""
+    return Progressive(alpha, _frames(size, "progressive"), axis)
+
+
+@COVARIANCES.register("toeplitz", context=("size", "axis"), parse=_numbers, spec="toeplitz:a,b,c,...")
+def _toeplitz(coeffs: list, size=None, axis: int = 1) -> Covariance:
+    """The symmetric Toeplitz matrix with first row (a, b, c, ...), zeros beyond."""
+    return toeplitz(coeffs, _frames(size, "toeplitz"), axis)
+
+
+def _frames(size, family: str) -> int:
+    if size is None:
+        raise DiffusionLabError(f"noise covariance {family!r} needs a frame axis, but the data has no frames")
+    return size
+
+
+def parse_covariance_spec(spec) -> tuple:
+    """``(entry, options)`` of a spec string ``family[:argument]`` (``None``, ``iid``, ``identity``: independent)."""
+    s = "" if spec is None else str(spec).strip()
+    kind, sep, arg = s.partition(":")
+    kind = kind.lower()
+    if kind in ("", "identity", "none"):
+        kind = "iid"
+    if kind not in COVARIANCES:
+        allowed = ", ".join(e.meta.get("spec", e.name) for e in COVARIANCES.entries.values())
+        raise DiffusionLabError(f"unknown noise covariance {spec!r}; allowed: {allowed}")
+    entry = COVARIANCES.get(kind)
+    params = list(entry.parameters())
+    required = [k for k, v in entry.parameters().items() if v.default is inspect.Parameter.empty]
+    if required and not arg:
+        raise DiffusionLabError(f"noise covariance {spec!r} needs a parameter: {entry.meta.get('spec', kind)}")
+    if arg and not params:
+        raise DiffusionLabError(f"noise covariance {kind!r} takes no parameter, got {spec!r}")
+    return entry, entry.meta["parse"](arg) if arg else {}
+
+
+def make_covariance(spec: str | None, size: int | None = None, axis: int = 1) -> Covariance:
+    """Build a covariance from a CLI/config spec (the :data:`COVARIANCES` families: ``iid``, ``mixed:ALPHA``,
+    ``progressive:ALPHA``, ``toeplitz:a,b,c,...``, and ``file:PATH`` once :mod:`diffusionlab.noise.fit` is loaded)
+    with ``size`` frames along ``axis``."""
+    entry, opts = parse_covariance_spec(spec)
+    return entry.build(opts, size=size, axis=axis)

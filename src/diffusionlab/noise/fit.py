@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.noise.covariance import Covariance, Dense, check_psd, make_covariance
+from diffusionlab.noise.covariance import COVARIANCES, Covariance, Dense, check_psd, make_covariance
 
 _F64 = torch.float64
 CENTERS = ("frame", "video", "none")
@@ -239,23 +239,27 @@ def load_covariance(path, axis: int | None = None) -> Dense:
     return Dense(m, axis=ax, name=str(meta.get("name", "Dense")))
 
 
+@COVARIANCES.register("file", context=("size", "axis"), parse=lambda arg: {"path": arg}, spec="file:PATH")
+def _file(path: str, size=None, axis: int = 1) -> Covariance:
+    """A covariance saved with :func:`save_covariance` (its size must match the data's frames)."""
+    cov = load_covariance(os.path.expanduser(path), axis=axis)
+    if size is not None and cov.size != size:
+        raise DiffusionLabError(f"noise covariance in {path!r} is {cov.size}x{cov.size}, but the data has {size} "
+                                f"entries on axis {axis}")
+    return cov
+
+
+@COVARIANCES.register("fitted", context=("size", "axis"), parse=lambda arg: {"options": arg},
+                      spec="fitted[:toeplitz,frame|video|none,min_eig=V]")
+def _fitted(options: str = "", size=None, axis: int = 1) -> Covariance:
+    """The training videos' own frame correlation: resolved against the data when training starts
+    (:func:`resolve_fitted_noise`), which writes it to the run and uses ``file:``."""
+    raise DiffusionLabError("noise covariance 'fitted' needs the training data: it is resolved when training "
+                            "starts (resolve_fitted_noise); give file:PATH to use a saved one")
+
+
 def make_noise_covariance(spec, size: int | None = None, axis: int = 1) -> Covariance:
-    """:func:`~diffusionlab.noise.make_covariance` plus ``file:PATH`` (a covariance saved with
-    :func:`save_covariance`; its size must be ``size``). ``fitted`` must be resolved against the data first
-    (:func:`resolve_fitted_noise`)."""
-    s = "" if spec is None else str(spec).strip()
-    kind, _, arg = s.partition(":")
-    if kind.lower() == "file":
-        if not arg:
-            raise DiffusionLabError("noise covariance spec 'file:' needs a path: file:PATH")
-        cov = load_covariance(os.path.expanduser(arg), axis=axis)
-        if size is not None and cov.size != size:
-            raise DiffusionLabError(f"noise covariance in {arg!r} is {cov.size}x{cov.size}, but the data has {size} "
-                                    f"entries on axis {axis}")
-        return cov
-    if kind.lower() == "fitted":
-        raise DiffusionLabError("noise covariance 'fitted' needs the training data: it is resolved when training "
-                                "starts (resolve_fitted_noise); give file:PATH to use a saved one")
+    """:func:`~diffusionlab.noise.make_covariance` (every registered family, ``file:PATH`` included)."""
     return make_covariance(spec, size, axis)
 
 

@@ -15,7 +15,7 @@ Build one from a config dict with :func:`make_objective`, e.g. ``{"name": "simpl
 
 from __future__ import annotations
 
-from diffusionlab.errors import DiffusionLabError
+from diffusionlab.configuration import Catalogue
 from diffusionlab.objectives.continuous import ContinuousDSM
 from diffusionlab.objectives.ncsn import NCSNLoss
 from diffusionlab.objectives.simple import WEIGHTINGS, SimpleLoss, elbo_weights
@@ -31,20 +31,18 @@ from diffusionlab.objectives.vlb import (
     vlb_terms,
 )
 
-OBJECTIVES = {"simple": SimpleLoss, "vlb": VLBLoss, "hybrid": HybridLoss, "ncsn": NCSNLoss, "dsm": ContinuousDSM}
+#: the objective catalogue: an ``objective:`` section is ``{"name": N, **options}`` with the options of the loss
+#: class (its constructor's defaults are the defaults; the process is the run's)
+OBJECTIVES = Catalogue("objective", "objective")
+for _name, _cls, _aliases in (("simple", SimpleLoss, {}), ("vlb", VLBLoss, {}), ("hybrid", HybridLoss, {"lambda": "lam"}),
+                              ("ncsn", NCSNLoss, {}), ("dsm", ContinuousDSM, {})):
+    OBJECTIVES.register(_name, context=("process",), options_of=_cls, aliases=_aliases)(_cls)
 
 
 def make_objective(cfg: dict | str, process):
     """An objective from ``{"name": ..., **options}`` (or just its name); unknown names/options raise
     :class:`DiffusionLabError` listing what is allowed."""
-    if isinstance(cfg, str):
-        cfg = {"name": cfg}
-    if not isinstance(cfg, dict):
-        raise DiffusionLabError(f"objective config must be a mapping with a 'name', got {cfg!r}")
-    name = cfg.get("name")
-    if name not in OBJECTIVES:
-        raise DiffusionLabError(f"unknown objective {name!r}; allowed: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name].from_config(dict(cfg), process)
+    return OBJECTIVES.build(cfg, process=process)
 
 
 __all__ = [

@@ -33,12 +33,3 @@ def noisy_inputs(process, x0: torch.Tensor, generator=None, t=None, noise=None, 
     eps = draw_noise(process, x0, generator) if noise is None else noise
     s, sigma = coeffs_like(process, tb, x0)
     return tb, eps, s * x0 + sigma * eps, s, sigma
-
-
-def check_keys(name: str, cfg: dict, allowed: tuple) -> None:
-    bad = sorted(set(cfg) - set(allowed) - {"name"})
-    if bad:
-        raise DiffusionLabError(
-            f"unknown option(s) {', '.join(map(repr, bad))} for objective {name!r}; "
-            f"allowed: {', '.join(allowed) or 'none'}"
-        )

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.objectives.common import check_keys, draw_noise
+from diffusionlab.objectives.common import draw_noise
 from diffusionlab.parametrization import batch_t
 from diffusionlab.utils import bcast, per_sample_dim
 
@@ -130,10 +130,6 @@ class ContinuousDSM:
         iw = self.importance_weight(t)
         return loss if iw is None else iw.to(loss.dtype) * loss
 
-    @classmethod
-    def from_config(cls, cfg: dict, process):
-        check_keys("dsm", cfg, ("weighting", "t_sampling", "eps"))
-        return cls(process, **{k: v for k, v in cfg.items() if k != "name"})
 
     def __repr__(self) -> str:
         return (f"ContinuousDSM(weighting={self.weighting!r}, t_sampling={self.t_sampling!r}, eps={self.eps}, "

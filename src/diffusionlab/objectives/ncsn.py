@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusionlab.objectives.common import check_keys, noisy_inputs
+from diffusionlab.objectives.common import noisy_inputs
 from diffusionlab.utils import per_sample_dim
 
 
@@ -35,7 +35,3 @@ class NCSNLoss:
         sigma_c_score = sigma * pred.c_score  # sigma_t C s_theta(x_t) = -eps_theta
         return self.process.cov.mahalanobis(sigma_c_score + eps) / per_sample_dim(x0)
 
-    @classmethod
-    def from_config(cls, cfg: dict, process):
-        check_keys("ncsn", cfg, ("t_min",))
-        return cls(process, **{k: v for k, v in cfg.items() if k != "name"})

@@ -30,7 +30,7 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.covariance import Identity
-from diffusionlab.objectives.common import check_keys, noisy_inputs, require_chain
+from diffusionlab.objectives.common import noisy_inputs, require_chain
 from diffusionlab.parametrization import get_parametrization, reverse_variances
 from diffusionlab.utils import per_sample_dim
 
@@ -99,7 +99,3 @@ class SimpleLoss:
         loss = loss / per_sample_dim(x0)
         return loss if w is None else w * loss
 
-    @classmethod
-    def from_config(cls, cfg: dict, process):
-        check_keys("simple", cfg, ("weighting", "gamma", "t_min"))
-        return cls(process, **{k: v for k, v in cfg.items() if k != "name"})

@@ -32,7 +32,7 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.gaussian import LOG_2PI, structured_kl, structured_log_prob
-from diffusionlab.objectives.common import check_keys, noisy_inputs, require_chain
+from diffusionlab.objectives.common import noisy_inputs, require_chain
 from diffusionlab.parametrization import Prediction, batch_t, learned_log_variance, reverse_variances
 from diffusionlab.utils import per_sample_dim, sum_except_batch
 
@@ -215,10 +215,6 @@ class VLBLoss:
         loss = loss + self.process.prior_kl(x0)
         return loss / per_sample_dim(x0) if self.per_dim else loss
 
-    @classmethod
-    def from_config(cls, cfg: dict, process):
-        check_keys("vlb", cfg, ("variance", "decoder", "per_dim"))
-        return cls(process, **{k: v for k, v in cfg.items() if k != "name"})
 
 
 class HybridLoss:
@@ -252,10 +248,3 @@ class HybridLoss:
         vlb = vlb_from_prediction(model, pred, x0, eps, t, "learned", self.decoder, detach_mean=True)
         return simple + self.lam * self.process.T * vlb / d
 
-    @classmethod
-    def from_config(cls, cfg: dict, process):
-        check_keys("hybrid", cfg, ("lambda", "decoder"))
-        kw = {k: v for k, v in cfg.items() if k != "name"}
-        if "lambda" in kw:
-            kw["lam"] = kw.pop("lambda")
-        return cls(process, **kw)

@@ -51,7 +51,9 @@ def _group(sub, name: str, help: str):
 
 def register(sub) -> None:
     """Add ``oracle sample``, ``oracle nll`` and ``bench samplers`` to the subcommands ``sub``."""
-    from diffusionlab.oracles.mixture import PROCESS_NAMES
+    from diffusionlab.processes import PROCESSES
+
+    PROCESS_NAMES = PROCESSES.names()
     from diffusionlab.processes.grid import GRID_KINDS
     from diffusionlab.samplers import sampler_names
 

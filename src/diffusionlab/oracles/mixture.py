@@ -31,6 +31,7 @@ weights positive (normalised), covariances symmetric PSD (positive definite wher
 ``vp``         DDPM chain, T = 1000, linear betas 1e-4 .. 0.02 (Ho et al. 2020)
 ``ve``         NCSN chain, L = 232 geometric levels 0.01 .. 50 (NCSNv2's CIFAR-10 levels, Song & Ermon
                2020); the VE-SDE's ``discretize(232)``
+(the defaults of :data:`diffusionlab.processes.PROCESSES`, which a training run gets too)
 ``vp-sde``     VP-SDE, beta 0.1 .. 20 (Song et al. 2021)
 ``subvp-sde``  sub-VP SDE, beta 0.1 .. 20
 ``ve-sde``     VE-SDE, sigma 0.01 .. 50
@@ -49,28 +50,17 @@ from diffusionlab.gaussian import LOG_2PI
 from diffusionlab.noise.covariance import Covariance, check_psd, make_covariance
 from diffusionlab.oracles.gaussian import dense_noise_covariance
 from diffusionlab.parametrization import DiffusionModel, Prediction, batch_t, coeffs_like
-from diffusionlab.processes import VEChain, VESDE, VPChain, VPSDE, SubVPSDE
-from diffusionlab.schedules import geometric_sigmas, linear_betas
 
 _F64 = torch.float64
-PROCESS_NAMES = ("vp", "ve", "vp-sde", "subvp-sde", "ve-sde")
-VE_CHAIN_LEVELS = 232
 SPEC_KEYS = ("weights", "means", "covs", "frames", "name", "description")
 
 
 def make_process(name: str, cov: Covariance | None = None):
-    """The process called ``name`` (module table) with noise covariance ``cov`` (identity if None)."""
-    if name == "vp":
-        return VPChain(linear_betas(1000, 1e-4, 0.02), cov=cov)
-    if name == "ve":
-        return VEChain(geometric_sigmas(VE_CHAIN_LEVELS, 0.01, 50.0), cov=cov)
-    if name == "vp-sde":
-        return VPSDE(0.1, 20.0, cov=cov)
-    if name == "subvp-sde":
-        return SubVPSDE(0.1, 20.0, cov=cov)
-    if name == "ve-sde":
-        return VESDE(0.01, 50.0, cov=cov)
-    raise DiffusionLabError(f"unknown process {name!r}; allowed: {', '.join(PROCESS_NAMES)}")
+    """The process called ``name`` with the catalogue's default options (:mod:`diffusionlab.processes.catalogue`,
+    the same defaults a training run gets) and noise covariance ``cov`` (identity if None)."""
+    from diffusionlab.processes.catalogue import make_process as build
+
+    return build(name, cov)
 
 
 def _as_f64(value, what: str) -> torch.Tensor:
@@ -159,7 +149,7 @@ class GaussianMixtureOracle(DiffusionModel):
                   device=None) -> "GaussianMixtureOracle":
         """Build from a JSON-style dict ``{"weights", "means", "covs", "frames"?}`` (module docstring).
 
-        ``process`` is a name of :data:`PROCESS_NAMES` (then ``noise``, a :func:`make_covariance` spec over
+        ``process`` is a name of :data:`~diffusionlab.processes.PROCESSES` (then ``noise``, a :func:`make_covariance` spec over
         axis 1, sets C: over the frames with ``frames``, else over the D coordinates) or a process object
         (whose own C is used; ``noise`` must then be None)."""
         if not isinstance(spec, dict):
@@ -407,4 +397,4 @@ def load_spec(path) -> dict:
         raise DiffusionLabError(f"mixture spec {p} is not valid JSON: {e}") from None
 
 
-__all__ = ["GaussianMixtureOracle", "PROCESS_NAMES", "make_process", "load_spec"]
+__all__ = ["GaussianMixtureOracle", "make_process", "load_spec"]

@@ -1,76 +1,44 @@
-"""Run configuration: YAML parsed with a safe loader, merged over defaults, validated before anything runs.
+"""Run configuration: YAML read safely, every section resolved by its catalogue before anything runs.
 
-A config has six sections. ``data`` and ``model`` are passed to their builders (which validate their own
-keys); the others are checked here: unknown keys, wrong types and out-of-range values raise
-:class:`~diffusionlab.errors.DiffusionLabError` naming the key, the value and what is allowed.
+A config has seven sections; each is the arguments of one constructor, and its defaults are that constructor's
+(:mod:`diffusionlab.configuration`):
+
+===================  ==================================================================================================
+``data``             a dataset of :data:`diffusionlab.data.DATASETS` (default ``digits``)
+``process``          a process of :data:`diffusionlab.processes.PROCESSES` plus ``noise`` / ``noise_axis`` (default
+                     ``vp``)
+``model``            a network of :data:`diffusionlab.models.NETWORKS` (default: ``mlp`` for points, ``unet`` for
+                     images, ``video_unet`` for videos)
+``parametrization``  :class:`~diffusionlab.parametrization.DiffusionModel`'s ``prediction``, ``learn_variance``,
+                     ``scale_input``
+``objective``        an objective of :data:`diffusionlab.objectives.OBJECTIVES` (default ``simple``)
+``train``            :func:`train_options`, the trainer's
+``sample``           a sampler of :data:`diffusionlab.samplers.SAMPLERS` with ``steps``, ``grid``, ``rho``, ``num`` and
+                     the sampler's own options (:func:`sample_options`; default ``ddim``)
+===================  ==================================================================================================
+
+:func:`resolve` returns the full config (every option, defaults filled in): what ``train`` saves as
+``config.yaml``, so a run directory rebuilds exactly what was trained. Unknown keys, wrong types and out-of-range
+values raise :class:`~diffusionlab.errors.DiffusionLabError` naming the key, the value and what is allowed.
 ``--set section.key=value`` overrides any entry (the value is parsed as YAML: ``--set train.steps=100``).
+docs/config.md lists every key (generated from the catalogues: ``python -m diffusionlab.docs``).
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from diffusionlab.configuration import Entry, parse_scalar, safe_load, yaml_error
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.processes.grid import GRID_KINDS
-
-
-from diffusionlab.configuration import parse_scalar, safe_load, yaml_error  # noqa: E402
-
-
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "data": {"name": "digits"},
-    "process": {"name": "vp", "T": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "noise": "iid"},
-    "model": {"name": "unet"},
-    "parametrization": {"prediction": "eps", "learn_variance": False, "scale_input": True},
-    "objective": {"name": "simple"},
-    "train": {
-        "steps": 4000,
-        "batch_size": 128,
-        "lr": 2e-3,
-        "lr_schedule": "constant",
-        "weight_decay": 0.0,
-        "warmup": 200,
-        "grad_clip": 1.0,
-        "ema_decay": 0.999,
-        "seed": 0,
-        "checkpoint_every": 1000,
-        "keep_checkpoints": 2,
-        "log_every": 50,
-        "sample_every": 0,
-        "device": "auto",
-        "max_bad_steps": 10,
-        "threads": 0,
-        "precision": "fp32",
-        "channels_last": False,
-        "compile": False,
-    },
-    "sample": {"sampler": "ddim", "num": 64},
-}
-
-# process-section keys allowed per process name
-PROCESS_KEYS = {
-    "vp": {"name", "T", "schedule", "beta_start", "beta_end", "cosine_s", "noise", "noise_axis"},
-    "ve": {"name", "L", "sigma_min", "sigma_max", "noise", "noise_axis"},
-    "vp-sde": {"name", "beta_min", "beta_max", "noise", "noise_axis"},
-    "subvp-sde": {"name", "beta_min", "beta_max", "noise", "noise_axis"},
-    "ve-sde": {"name", "sigma_min", "sigma_max", "noise", "noise_axis"},
-}
-PROCESS_DEFAULTS = {
-    "vp": DEFAULTS["process"],
-    "ve": {"name": "ve", "L": 232, "sigma_min": 0.01, "sigma_max": 1.0, "noise": "iid"},
-    "vp-sde": {"name": "vp-sde", "beta_min": 0.1, "beta_max": 20.0, "noise": "iid"},
-    "subvp-sde": {"name": "subvp-sde", "beta_min": 0.1, "beta_max": 20.0, "noise": "iid"},
-    "ve-sde": {"name": "ve-sde", "sigma_min": 0.01, "sigma_max": 50.0, "noise": "iid"},
-}
 
 # (type, check, description) per train key
 _POS_INT = (int, lambda v: v >= 1, "an integer >= 1")
 _NONNEG_INT = (int, lambda v: v >= 0, "an integer >= 0")
-_NONNEG = ((int, float), lambda v: v >= 0, "a number >= 0")
+_NONNEG = ((int, float), lambda v: v >= 0 and v != float("inf"), "a finite number >= 0")
 TRAIN_SCHEMA = {
     "steps": _POS_INT,
     "batch_size": _POS_INT,
@@ -80,7 +48,7 @@ TRAIN_SCHEMA = {
     "warmup": _NONNEG_INT,
     "grad_clip": _NONNEG,
     "ema_decay": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "seed": _NONNEG_INT,
+    "seed": (int, lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
     "checkpoint_every": _POS_INT,
     "keep_checkpoints": _POS_INT,
     "log_every": _POS_INT,
@@ -92,6 +60,41 @@ TRAIN_SCHEMA = {
     "channels_last": (bool, lambda v: True, "true or false (channels-last memory format, image data only)"),
     "compile": (bool, lambda v: True, "true or false (torch.compile the network)"),
 }
+
+
+def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, lr_schedule: str = "constant",
+                  weight_decay: float = 0.0, warmup: int = 200, grad_clip: float = 1.0, ema_decay: float = 0.999,
+                  seed: int = 0, checkpoint_every: int = 1000, keep_checkpoints: int = 2, log_every: int = 50,
+                  sample_every: int = 0, device: str = "auto", max_bad_steps: int = 10, threads: int = 0,
+                  precision: str = "fp32", channels_last: bool = False, compile: bool = False) -> dict:
+    """The trainer's options (the ``train:`` section).
+
+    Args:
+        steps: optimizer steps in all (a resumed run continues to this count)
+        batch_size: the global batch (split over torchrun processes)
+        lr: AdamW learning rate
+        lr_schedule: constant or cosine decay after the warm-up
+        weight_decay: AdamW weight decay
+        warmup: steps of linear learning-rate warm-up
+        grad_clip: clip the gradient norm to this (0: no clipping)
+        ema_decay: decay of the exponential moving average of the weights (sampled from)
+        seed: seeds the data order, the noise and the initial weights
+        checkpoint_every: steps between checkpoints
+        keep_checkpoints: how many intact checkpoints to keep
+        log_every: steps between rows of log.csv
+        sample_every: steps between sample grids written to samples/ (0: none)
+        device: auto, cpu, cuda[:N] or mps
+        max_bad_steps: stop after this many consecutive non-finite steps
+        threads: torch intra-op threads (0: torch's default)
+        precision: fp32 or bf16 (bf16 autocast)
+        channels_last: channels-last memory format (image data only)
+        compile: torch.compile the network
+    """
+    opts = dict(locals())
+    _check_section("train", opts, TRAIN_SCHEMA)
+    return opts
+
+
 SAMPLE_SCHEMA = {
     "sampler": (str, lambda v: True, "a sampler name"),
     "steps": _POS_INT,
@@ -99,11 +102,20 @@ SAMPLE_SCHEMA = {
     "rho": ((int, float), lambda v: 0 < v < float("inf"), "a number > 0 (the karras grid's exponent)"),
     "num": _POS_INT,
 }
-PARAM_SCHEMA = {
-    "prediction": (str, lambda v: v in ("eps", "x0", "v", "score"), "one of eps, x0, v, score"),
-    "learn_variance": (bool, lambda v: True, "true or false"),
-    "scale_input": (bool, lambda v: True, "true or false"),
-}
+
+
+def sample_options(sampler: str = "ddim", num: int = 64, steps: int | None = None, grid: str | None = None,
+                   rho: float | None = None) -> dict:
+    """The ``sample:`` section's own keys (the sampler's options come besides them).
+
+    Args:
+        sampler: a sampler of the catalogue (``diffusionlab sample --help`` lists them)
+        num: samples written at the end of ``demo`` and by periodic sampling
+        steps: sampler steps (default: the sampler's own)
+        grid: uniform, trailing, quadratic, logsnr or karras (default: the sampler's own)
+        rho: the karras grid's exponent (default 7)
+    """
+    return {k: v for k, v in dict(locals()).items() if v is not None}
 
 
 def _check_section(name: str, section: dict, schema: dict) -> None:
@@ -140,31 +152,67 @@ def check_sample(section: dict) -> None:
             raise DiffusionLabError(f"sample.{key}: {e}") from None
 
 
-def validate(cfg: dict) -> dict:
-    """Check every section; return ``cfg`` unchanged if it is valid."""
-    if not isinstance(cfg, dict):
-        raise DiffusionLabError(f"a config must be a mapping of sections, got {type(cfg).__name__}")
-    for section in cfg:
-        if section not in DEFAULTS:
-            raise DiffusionLabError(f"unknown config section {section!r}; allowed: {', '.join(DEFAULTS)}")
-        if not isinstance(cfg[section], dict):
-            raise DiffusionLabError(f"config section {section!r} must be a mapping, got {cfg[section]!r}")
-    for section in ("data", "model", "objective"):
-        if not isinstance(cfg[section].get("name"), str):
-            raise DiffusionLabError(f"{section}.name must be a string, got {cfg[section].get('name')!r}")
-    proc = cfg["process"]
-    pname = proc.get("name")
-    if pname not in PROCESS_KEYS:
-        raise DiffusionLabError(f"unknown process.name {pname!r}; allowed: {', '.join(PROCESS_KEYS)}")
-    extra = set(proc) - PROCESS_KEYS[pname]
-    if extra:
-        raise DiffusionLabError(
-            f"unknown key process.{sorted(extra)[0]} for process {pname!r}; allowed: {', '.join(sorted(PROCESS_KEYS[pname]))}"
-        )
-    _check_section("train", cfg["train"], TRAIN_SCHEMA)
-    check_sample(cfg["sample"])
-    _check_section("parametrization", cfg["parametrization"], PARAM_SCHEMA)
-    return cfg
+# ---- the sections -------------------------------------------------------------------------------------------------
+_DEFAULT_NETWORK = {"points": "mlp", "images": "unet", "videos": "video_unet"}
+
+
+def _data(section: dict | None) -> dict:
+    from diffusionlab.data import DATASETS
+
+    return DATASETS.resolve({"name": "digits", **(section or {})})
+
+
+def _process(section: dict | None) -> dict:
+    from diffusionlab.processes import resolve_process
+
+    return resolve_process({"name": "vp", **(section or {})})
+
+
+def _model(section: dict | None, data: dict | None = None) -> dict:
+    from diffusionlab.data import DATASETS
+    from diffusionlab.models import NETWORKS
+
+    if not section:
+        kind = (DATASETS.get(data["name"]).meta.get("kind") if data else None) or "images"
+        section = {"name": _DEFAULT_NETWORK[kind]}
+    return NETWORKS.resolve(section)
+
+
+def _parametrization(section: dict | None) -> dict:
+    from diffusionlab.parametrization import DiffusionModel
+
+    entry = Entry("parametrization", DiffusionModel, "parametrization", (),
+                  {"options_of": DiffusionModel, "inferred": ("net", "process")})
+    out = entry.resolve(section or {}, "parametrization")
+    from diffusionlab.parametrization import PARAMETRIZATIONS
+
+    if out["prediction"] not in PARAMETRIZATIONS:
+        raise DiffusionLabError(f"parametrization.prediction must be one of {', '.join(PARAMETRIZATIONS)}, got "
+                                f"{out['prediction']!r}")
+    return out
+
+
+def _objective(section: dict | None) -> dict:
+    from diffusionlab.objectives import OBJECTIVES
+
+    return OBJECTIVES.resolve({"name": "simple", **(section or {})})
+
+
+def _train(section: dict | None) -> dict:
+    return Entry("train", train_options, "train").build(section or {})
+
+
+def _sample(section: dict | None) -> dict:
+    section = dict(section or {})
+    generic = {k: v for k, v in section.items() if k in SAMPLE_SCHEMA}
+    out = {**Entry("sample", sample_options, "sample").build(generic), **{k: v for k, v in section.items()
+                                                                          if k not in SAMPLE_SCHEMA}}
+    check_sample(out)
+    return out
+
+
+SECTIONS = {"data": _data, "process": _process, "model": None, "parametrization": _parametrization,
+            "objective": _objective, "train": _train, "sample": _sample}
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -186,8 +234,8 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
         if not sep or "." not in key:
             raise DiffusionLabError(f"--set expects section.key=value, got {item!r}")
         section, _, name = key.partition(".")
-        if section not in DEFAULTS:
-            raise DiffusionLabError(f"--set {item!r}: unknown section {section!r}; allowed: {', '.join(DEFAULTS)}")
+        if section not in SECTIONS:
+            raise DiffusionLabError(f"--set {item!r}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
         value = parse_scalar(raw)
         node = cfg.setdefault(section, {})
         parts = name.split(".")
@@ -216,25 +264,20 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def resolve(user: dict, overrides: list[str] | None = None) -> dict:
-    """Defaults <- user config <- ``--set`` overrides, then validated."""
+    """The full run config: the user's sections (after ``--set`` overrides) resolved by their catalogues, every
+    option present with its constructor's default (module docstring). Raises on anything unknown or invalid."""
     user = apply_overrides(user, overrides)
-    for section in user:
-        if section not in DEFAULTS:
-            raise DiffusionLabError(f"unknown config section {section!r}; allowed: {', '.join(DEFAULTS)}")
-    base = copy.deepcopy(DEFAULTS)
-    pname = (user.get("process") or {}).get("name", "vp")
-    if pname in PROCESS_DEFAULTS:
-        base["process"] = copy.deepcopy(PROCESS_DEFAULTS[pname])
-    if "data" in user and isinstance(user["data"], dict) and user["data"].get("name") != base["data"]["name"]:
-        base["data"] = {}
-    if "model" in user and isinstance(user["model"], dict) and user["model"].get("name") != base["model"]["name"]:
-        base["model"] = {}
-    if "objective" in user and isinstance(user["objective"], dict):
-        base["objective"] = {}
-    usample = user.get("sample")
-    if isinstance(usample, dict) and "sampler" in usample and usample["sampler"] != base["sample"]["sampler"]:
-        base["sample"] = {"num": base["sample"]["num"]}  # another sampler: its own default steps and options
-    return validate(merge(base, user))
+    if not isinstance(user, dict):
+        raise DiffusionLabError(f"a config must be a mapping of sections, got {type(user).__name__}")
+    for section, value in user.items():
+        if section not in SECTIONS:
+            raise DiffusionLabError(f"unknown config section {section!r}; allowed: {', '.join(SECTIONS)}")
+        if not isinstance(value, dict):
+            raise DiffusionLabError(f"config section {section!r} must be a mapping, got {value!r}")
+    out = {}
+    for name, build in SECTIONS.items():
+        out[name] = _model(user.get("model"), out["data"]) if name == "model" else build(user.get(name))
+    return out
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -244,3 +287,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
 
 def dump(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def validate(cfg: dict) -> dict:
+    """``cfg`` if it is a valid full config (it resolves to itself); DiffusionLabError otherwise."""
+    return resolve(cfg)

@@ -1,4 +1,4 @@
-"""Gaussian log-densities, KL divergences and the conjugate posterior (seed 002).
+"""Gaussian log-densities, KL divergences and the conjugate posterior (Bishop 2006, secs. 2.3.3 and 1.6.1).
 
 Three covariance shapes are covered, each by one function:
 
@@ -9,7 +9,7 @@ Three covariance shapes are covered, each by one function:
 - full dense covariances: :func:`full_kl`, :func:`full_log_prob`.
 
 KL(N(mu_p, S_p) || N(mu_q, S_q)) = 1/2 [log det S_q / det S_p - d + tr(S_q^{-1} S_p) + (mu_q - mu_p)^T S_q^{-1} (mu_q - mu_p)]
-(seed 002, eq. 29).
+(the dense KL in closed form).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _as_tensors(*values):
 def normal_kl(mean_p, var_p, mean_q, var_q) -> torch.Tensor:
     """Elementwise KL(N(mean_p, var_p) || N(mean_q, var_q)) for scalar or diagonal variances (broadcasting).
 
-    Seed 002 eq. (28): ``1/2 (log(var_q / var_p) + var_p / var_q - 1) + (mean_p - mean_q)^2 / (2 var_q)``.
+    ``1/2 (log(var_q / var_p) + var_p / var_q - 1) + (mean_p - mean_q)^2 / (2 var_q)``.
     Sum the result over the dimensions you need.
     """
     mean_p, var_p, mean_q, var_q = _as_tensors(mean_p, var_p, mean_q, var_q)
@@ -92,7 +92,7 @@ def full_log_prob(x: torch.Tensor, mean: torch.Tensor, covariance: torch.Tensor)
 
 
 def full_kl(mean_p, cov_p, mean_q, cov_q) -> torch.Tensor:
-    """KL(N(mean_p, cov_p) || N(mean_q, cov_q)) for dense covariances (seed 002 eq. 29), by Cholesky."""
+    """KL(N(mean_p, cov_p) || N(mean_q, cov_q)) for dense covariances, by Cholesky."""
     Lq = torch.linalg.cholesky(cov_q)
     Lp = torch.linalg.cholesky(cov_p)
     d = mean_p.shape[-1]
@@ -106,7 +106,7 @@ def full_kl(mean_p, cov_p, mean_q, cov_q) -> torch.Tensor:
 
 
 def conjugate_posterior(mu_x, var_x, mu_y, var_y, y):
-    """Seed 002 section 2: prior ``x ~ N(mu_x, var_x)``, likelihood ``y | x ~ N(mu_y x, var_y)``.
+    """The Gaussian-conjugate posterior (Bishop 2006, eq. 2.116): prior ``x ~ N(mu_x, var_x)``, likelihood ``y | x ~ N(mu_y x, var_y)``.
 
     Returns the posterior ``(mu, var)`` of ``x | y``: ``var = (1 / var_x + mu_y^2 / var_y)^{-1}``,
     ``mu = var (mu_x / var_x + mu_y y / var_y)`` (eq. 14). Elementwise, broadcasting.

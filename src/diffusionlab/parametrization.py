@@ -23,7 +23,8 @@ What the network output means (``prediction``), all rank-agnostic (via :func:`~d
     From ``eps`` (the posterior mean ``E[eps | x_t]`` for an optimal net), Tweedie's formula gives the score
     ``grad log p_t(x_t) = -C^{-1} eps / sigma`` (:meth:`DiffusionModel.score`, one ``cov.solve``) and the
     "C-score" ``C grad log p_t(x_t) = -eps / sigma`` (:meth:`DiffusionModel.c_score`, no solve) -- what the
-    reverse SDE, the probability-flow ODE and Langevin dynamics with noise ``L z`` need (ERRATA 8).
+    reverse SDE, the probability-flow ODE and Langevin dynamics with noise ``L z`` need (with correlated noise the
+    score enters the drifts as ``C grad log p``, not ``grad log p``).
 
 Learned variance (Nichol & Dhariwal 2021)
     With ``learn_variance`` the net outputs twice the channels (``out_mult = 2``); the second half is

@@ -103,7 +103,7 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> to
 
 def geometric_sigmas(L: int = 10, sigma_min: float = 0.01, sigma_max: float = 1.0) -> torch.Tensor:
     """NCSN levels (Song & Ermon 2019): ``sigma_i = sigma_min (sigma_max / sigma_min)^((i - 1) / (L - 1))``,
-    increasing, as seed 004 orders them (NCSN's code stores them decreasing)."""
+    increasing (NCSN's code stores them decreasing)."""
     L = _check_length(L, "number of noise levels L")
     if not (sigma_min > 0):
         raise DiffusionLabError(f"sigma_min must be positive, got {sigma_min!r}")

@@ -2,7 +2,7 @@
 
 The same factorized space-time U-Net (:mod:`diffusionlab.models.video_unet`) is trained on ``moving_digits``
 (:mod:`diffusionlab.data.video`) at equal compute -- same steps, batch, learning rate, seed and data -- with
-four frame covariances C of the forward noise (seed 003's thesis; Ge et al. 2023, "Preserve Your Own
+four frame covariances C of the forward noise (Ge et al. 2023, "Preserve Your Own
 Correlation", for the first two correlated ones):
 
 - ``iid`` -- ``C = I``;
@@ -13,7 +13,7 @@ Correlation", for the first two correlated ones):
   ``toeplitz:`` spec and saved with the run (``noise_covariance.safetensors``).
 
 Loss: ``L_simple`` with the Mahalanobis norm ``||eps - eps_theta||^2_{C^{-1}}`` (``--weighting simple``, the
-default), the thesis's ELBO weights (``elbo``) or plain MSE that ignores C (``mse``). The process is the linear
+default), the ELBO weights (``elbo``) or plain MSE that ignores C (``mse``). The process is the linear
 VP chain ``VPSDE(0.1, 20).discretize(T)`` so that the same network is also a model of the VP-SDE for the ODE
 likelihood (:func:`~diffusionlab.metrics.video.sde_view`).
 
@@ -394,7 +394,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docs", default="docs/video", help="where the table, JSON and figures go")
     p.add_argument("--priors", default=",".join(PRIORS), help=f"comma-separated subset of {', '.join(PRIORS)}")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds (preset: cpu 0,1; gpu 0,1,2)")
-    p.add_argument("--weighting", default="simple", help="simple (Mahalanobis L_simple), elbo (thesis weights) "
+    p.add_argument("--weighting", default="simple", help="simple (Mahalanobis L_simple), elbo (ELBO weights) "
                    "or mse (ignores C)")
     p.add_argument("--alpha-mixed", type=float, default=1.0, help="mixed prior alpha (off-diagonal a^2/(1+a^2))")
     p.add_argument("--alpha-progressive", type=float, default=1.0, help="progressive prior alpha "

@@ -2,7 +2,7 @@
 
 Song et al. 2021 ("Score-based generative modeling through stochastic differential equations", Appendix D.2)
 after Chen et al. 2018 and Grathwohl et al. 2019 (FFJORD): along the ODE ``dx/dt = v(x, t)``,
-``v = f(t) x - g(t)^2 C grad log p_t(x) / 2`` (ERRATA 8), the instantaneous change of variables gives
+``v = f(t) x - g(t)^2 C grad log p_t(x) / 2`` (the score enters as ``C grad log p``), the instantaneous change of variables gives
 ``d log p_t(x_t) / dt = -div v(x_t, t)``, so for a point ``x`` at time ``eps``::
 
     log p_eps(x) = log N(x_T; 0, prior_std^2 C) + int_eps^T div v(x_t, t) dt,     x_t the ODE path from x_eps = x

@@ -12,7 +12,7 @@ uses score_sde's cells ``[2k/L - 1, 2(k+1)/L - 1)`` instead (offset ``log2(L / 2
 same up to a 1/256 contraction but for 17 levels shrinks the data by 6 %. Two continuous NLLs:
 
 - :func:`elbo_bpd` -- DDPM's bound ``-ELBO`` with noise covariance C (:func:`~diffusionlab.objectives.full_vlb`,
-  every term of the chain, Gaussian decoder with ``v_1 C``; thesis seed 003 with ERRATA 9);
+  every term of the chain, Gaussian decoder with ``v_1 C``: the decoder term depends on theta and is kept);
 - :func:`ode_bpd` -- the probability-flow ODE with C (:func:`~diffusionlab.likelihood.dataset_log_likelihood`,
   Song et al. 2021), for a network trained on a VP chain: the same network is evaluated as a model of the VP-SDE,
   conditioned by matching log-SNR (:func:`sde_view`), from the SDE time of the chain's first step (the least

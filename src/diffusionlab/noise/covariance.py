@@ -3,8 +3,8 @@
 A covariance here is an ``F x F`` symmetric positive (semi-)definite matrix ``C`` applied along one chosen
 axis of a tensor of any rank, and the identity along every other axis: for a video batch
 ``(B, Ch, F, H, W)`` with ``axis=2`` the noise of one sample has covariance ``C (x) I`` -- frames are
-correlated, pixels and channels are not (thesis, seed 003, with ERRATA item 7: C is symmetric PSD, not
-diagonal).
+correlated, pixels and channels are not. C is any symmetric positive semi-definite matrix (not only a diagonal
+one); its square root ``L`` exists through the spectral decomposition ``C = V S V^T``.
 
 Every covariance offers the same operations, each O(F) or O(F^2) per vector and never an explicit inverse:
 
@@ -26,7 +26,7 @@ Families (the first two are the noise priors of Ge et al. 2023, "Preserve Your O
   (Sherman-Morrison solve, closed-form symmetric square root);
 - :class:`Progressive` -- AR(1), ``rho^|i-j|`` with ``rho = alpha / sqrt(1 + alpha^2)``
   (tridiagonal inverse, bidiagonal whitening);
-- :func:`toeplitz` -- the thesis's symmetric Toeplitz matrix with first row ``(a, b, c, ...)``;
+- :func:`toeplitz` -- the symmetric Toeplitz matrix with first row ``(a, b, c, ...)`` (stationary frame noise);
 - :class:`Dense` -- any symmetric PSD matrix (Cholesky when definite, ``V sqrt(S)`` otherwise).
 """
 
@@ -339,7 +339,7 @@ class Dense(_MatrixBacked):
     """Any symmetric positive semi-definite ``F x F`` matrix.
 
     Positive definite: ``L`` is the Cholesky factor and solves are triangular. Singular (semi-definite):
-    ``L = V sqrt(S)`` from the spectral decomposition ``C = V S V^T`` (the thesis's ``V'``), which still
+    ``L = V sqrt(S)`` from the spectral decomposition ``C = V S V^T`` (``V sqrt(S)``), which still
     samples; ``solve``, ``whiten``, ``mahalanobis`` and ``logdet`` then raise, since they need ``C^{-1}``.
     """
 
@@ -382,7 +382,7 @@ class Dense(_MatrixBacked):
 
 
 def toeplitz(coeffs: Sequence[float], size: int, axis: int = 1) -> Dense:
-    """The thesis's symmetric Toeplitz covariance: first row ``(a, b, c, ...)``, zeros past its end.
+    """The symmetric Toeplitz covariance with first row ``(a, b, c, ...)``, zeros past its end (stationary in time).
 
     ``C_ij = coeffs[|i - j|]`` (0 where ``|i - j| >= len(coeffs)``). Refused if it is not PSD.
     """

@@ -13,7 +13,7 @@ frame covariance ``C`` is estimated from the training videos instead and then ma
    Pixels of one video are not independent, so the effective sample size is below ``N Ch H W``.
 2. :func:`nearest_correlation`: the nearest matrix (Frobenius norm) that is symmetric, has unit diagonal and
    eigenvalues ``>= min_eig`` (definite, so ``C^{-1}`` exists for the Mahalanobis loss), optionally also
-   Toeplitz (stationary in time: the thesis's ``(a, b, c, ...)`` form, seed 003). Higham 2002, "Computing the
+   Toeplitz (stationary in time: the ``(a, b, c, ...)`` form of :func:`~diffusionlab.noise.toeplitz`). Higham 2002, "Computing the
    nearest correlation matrix -- a problem from finance" (IMA J. Numer. Anal. 22), Algorithm 3.3: alternating
    projections with Dykstra's correction between the convex set ``{X : lambda_min(X) >= min_eig}`` (projection:
    clip the eigenvalues) and the affine set of unit-diagonal (Toeplitz) matrices (projection: set the diagonal

@@ -1,7 +1,7 @@
-"""NCSN's denoising score matching (Song & Ermon 2019; seed 004) with a noise covariance C.
+"""NCSN's denoising score matching (Song & Ermon 2019, eq. 2) with a noise covariance C.
 
 Levels ``sigma_1 < ... < sigma_L`` of a :class:`~diffusionlab.processes.VEChain`, ``t ~ U{1..L}``,
-``x_t = x_0 + sigma_t eps`` with ``eps ~ N(0, C)``, so ``grad log q(x_t | x_0) = -C^{-1} eps / sigma_t``. Seed 004's
+``x_t = x_0 + sigma_t eps`` with ``eps ~ N(0, C)``, so ``grad log q(x_t | x_0) = -C^{-1} eps / sigma_t``. Song & Ermon's
 loss ``sigma_t^2 ||s_theta(x_t) - grad log q(x_t | x_0)||^2`` (``lambda(sigma) = sigma^2``) is taken in the metric
 of C, where it needs no inverse of C on the score side::
 

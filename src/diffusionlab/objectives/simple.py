@@ -13,7 +13,7 @@ squares). ``weighting``:
 - ``min_snr`` -- Min-SNR-gamma (Hang et al. 2023), ``SNR = s_t^2 / sigma_t^2``: ``min(SNR, gamma) / SNR`` for
   eps (and score), ``min(SNR, gamma)`` for x0, ``min(SNR, gamma) / (SNR + 1)`` for v;
 - ``elbo`` -- the exact ELBO weight, so the loss *is* the per-t KL term ``L_{t-1}`` with the reverse variance
-  ``beta-tilde`` up to theta-free terms (nats, **not** divided by D). The thesis (seed 003, eq. 3) for eps::
+  ``beta-tilde`` up to theta-free terms (nats, **not** divided by D); for eps (Ho et al. 2020, eq. 12, with C)::
 
       KL(q(x_{t-1} | x_t, x_0) || N(mu_theta, beta-tilde_t C))
           = beta_t / (2 alpha_t (1 - abar_{t-1})) ||eps - eps_theta||^2_{C^{-1}}

@@ -1,7 +1,7 @@
-"""DDPM's variational bound in nats (Ho et al. 2020; seed 004; thesis 003 with C), and the hybrid loss.
+"""DDPM's variational bound in nats (Ho et al. 2020, eq. 5, with frame noise C), and the hybrid loss.
 
-The negative ELBO of one sample is ``L_T + sum_{t=2}^T L_{t-1} + L_0`` (ERRATA 4: the prior term conditions on
-``x_0``; ERRATA 9: the decoder term depends on theta and is kept)::
+The negative ELBO of one sample is ``L_T + sum_{t=2}^T L_{t-1} + L_0`` (the prior term conditions on ``x_0``, and
+the decoder term depends on theta and is kept)::
 
     L_T     = KL(q(x_T | x_0) || N(0, prior_std^2 C))                         (process.prior_kl)
     L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)),   x_t ~ q(x_t | x_0)

@@ -2,8 +2,8 @@
 
 Notation (docs/notation.md): time ``t`` is an integer in ``1..T`` as in the papers, and every schedule
 array is padded so that index ``t`` holds the value at step ``t`` (index 0 is the data: ``s_0 = 1``,
-``sigma_0 = 0``). ``alpha_t = 1 - beta_t`` and ``alpha-bar_t = prod_{s <= t} alpha_s`` (seeds 002/003/004;
-seed 000 writes ``alpha_t`` for the product).
+``sigma_0 = 0``). ``alpha_t = 1 - beta_t`` and ``alpha-bar_t = prod_{s <= t} alpha_s`` (Ho et al. 2020's notation;
+some texts write ``alpha_t`` for the product: docs/notation.md).
 
 Closed forms, for any chain of this form with marginal ``q(x_t | x_0) = N(s_t x_0, sigma_t^2 C)``::
 
@@ -11,11 +11,12 @@ Closed forms, for any chain of this form with marginal ``q(x_t | x_0) = N(s_t x_
     q(x_{t-1} | x_t, x_0) = N(A_t x_t + B_t x_0, C_t^2 C)
     A_t = a_t sigma_{t-1}^2 / sigma_t^2,   B_t = s_{t-1} b_t^2 / sigma_t^2,   C_t^2 = b_t^2 sigma_{t-1}^2 / sigma_t^2
 
-which give seed 000's coefficients: VP (``a = sqrt(1 - beta)``, ``b^2 = beta``):
+which give the familiar coefficients (Ho et al. 2020, eqs. 6-7): VP (``a = sqrt(1 - beta)``, ``b^2 = beta``):
 ``A_t = sqrt(alpha_t)(1 - abar_{t-1}) / (1 - abar_t)``, ``B_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t)``,
-``C_t^2 = beta-tilde_t = (1 - abar_{t-1}) beta_t / (1 - abar_t)`` (ERRATA 2, 3, 5);
+``C_t^2 = beta-tilde_t = (1 - abar_{t-1}) beta_t / (1 - abar_t)`` (the ``x_t`` coefficient has ``sqrt(alpha_t)``, the
+``x_0`` one ``sqrt(abar_{t-1})``);
 VE (``a = 1``, ``b = g(t)``): ``A_t = sigma_{t-1}^2 / sigma_t^2``, ``B_t = 1 - A_t``,
-``C_t^2 = sigma_{t-1}^2 g^2(t) / sigma_t^2``. The covariance C multiplies every variance (seed 003, eq. 2).
+``C_t^2 = sigma_{t-1}^2 g^2(t) / sigma_t^2``. The covariance C multiplies every variance.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class VPChain(GaussianChain):
 
 
 class VEChain(GaussianChain):
-    """Variance-exploding chain (NCSN, seed 000): ``x_t = x_{t-1} + g(t) eps``, ``sigma_t^2 = sum_{s<=t} g^2(s)``.
+    """Variance-exploding chain (NCSN, Song & Ermon 2019): ``x_t = x_{t-1} + g(t) eps``, ``sigma_t^2 = sum_{s<=t} g^2(s)``.
 
     Built from the levels ``sigma_1 < ... < sigma_T`` (``g^2(t) = sigma_t^2 - sigma_{t-1}^2``, ``sigma_0 = 0``)
     or, with :meth:`from_g`, from ``g``. ``q(x_t | x_0) = N(x_0, sigma_t^2 C)``, prior ``N(0, sigma_T^2 C)``.

@@ -1,6 +1,6 @@
-"""Continuous linear SDEs ``dX = f(t) X dt + g(t) L dW``, ``L L^T = C`` (Song et al. 2021; seeds 001, 003).
+"""Continuous linear SDEs ``dX = f(t) X dt + g(t) L dW``, ``L L^T = C`` (Song et al. 2021, with frame noise C).
 
-With correlated noise the Wiener increment is ``L dW`` (the thesis's ``V' dW``, ERRATA 7); the marginal is
+With correlated noise the Wiener increment is ``L dW`` (``L = V sqrt(S)`` for ``C = V S V^T``); the marginal is
 ``q(x_t | x_0) = N(s(t) x_0, sigma(t)^2 C)`` with ``s(t) = exp(int_0^t f)`` and
 ``sigma(t)^2 = s(t)^2 int_0^t g^2 / s^2``. In terms of ``B(t) = int_0^t beta``:
 
@@ -12,8 +12,8 @@ sub-VP     -beta(t)/2            beta(t)(1 - exp(-2B))       exp(-B/2)          
 VE         0                     d sigma^2/dt                1                  sigma_min (sigma_max/sigma_min)^t
 =========  ====================  ==========================  =================  ========================
 
-with ``beta(t) = beta_min + t (beta_max - beta_min)`` on ``t in [0, 1]`` (ERRATA 6: the drift is
-``-beta X / 2``, not ``-beta / 2``).
+with ``beta(t) = beta_min + t (beta_max - beta_min)`` on ``t in [0, 1]`` (the drift is ``-beta X / 2``: linear in
+``X``).
 
 VE convention (as in score_sde): ``sigma(t) = sigma_min (sigma_max / sigma_min)^t`` is the marginal std of
 the SDE run from ``t = -inf`` (where ``sigma -> 0``), i.e. the data at ``t = 0`` already carries

@@ -504,31 +504,41 @@ def test_digit_consistency_real_vs_shuffled():
     assert digit_consistency(shuffled)["consistency"] < 0.6
 
 
-def test_discrete_bpd_and_dequantization():
-    from diffusionlab.metrics.video import dequantize_levels, discrete_bpd
+def test_dequantization_conventions():
+    """Both conventions score a density uniform on the union of their cells at exactly log2(levels) bits per
+    dimension, and keep each point in its own level's cell: the package's cells [2k/L - 1, 2(k+1)/L - 1) and
+    the centred cells of half-width 1/(L - 1)."""
+    from diffusionlab.likelihood.bpd import bpd_from_model_space_nll, dequantize
 
-    # a uniform density on the union of the cells [-1 - h, 1 + h]^D scores log2(levels) bits per dimension
     for levels in (2, 17, 256):
         h = 1.0 / (levels - 1)
-        assert discrete_bpd(10 * math.log(2 + 2 * h), 10, levels) == pytest.approx(math.log2(levels))
-    x = torch.linspace(-1, 1, 17).repeat(100)
-    xd = dequantize_levels(x, 17, torch.Generator().manual_seed(0))
-    assert (xd - x).abs().max() <= 1 / 16 and (xd - x).abs().max() > 0.9 / 16
-    assert torch.equal(torch.round((xd + 1) * 8), torch.round((x + 1) * 8))
+        assert bpd_from_model_space_nll(10 * math.log(2.0), 10, levels) == pytest.approx(math.log2(levels))
+        assert bpd_from_model_space_nll(10 * math.log(2 + 2 * h), 10, levels, "centred") == pytest.approx(
+            math.log2(levels))
+    x = torch.linspace(-1, 1, 17).repeat(100).to(F64)
+    k = torch.round((x + 1) * 8)
+    cells = dequantize(x, torch.Generator().manual_seed(0), 17)
+    assert torch.equal(torch.floor((cells + 1) * 17 / 2), k)
+    centred = dequantize(x, torch.Generator().manual_seed(0), 17, "centred")
+    assert (centred - x).abs().max() <= 1 / 16 and (centred - x).abs().max() > 0.9 / 16
+    assert torch.equal(torch.round((centred + 1) * 8), k)
 
 
 def test_elbo_bpd_matches_closed_form_on_gaussian_video():
     """``elbo_bpd`` (dequantize, full_vlb, convert) against the closed-form ELBO at the same dequantized points:
-    within 4 standard errors of the mean over 200 videos (se ~ 0.02 bits; the 17-level offset is 3 bits)."""
-    from diffusionlab.metrics.video import dequantize_levels, discrete_bpd, elbo_bpd
+    within 4 standard errors of the mean over 200 videos (se ~ 0.02 bits; the 17-level offset is 3.09 bits).
+    The Gaussian videos are first put on the 17-level grid (clamped and rounded), as the metric requires."""
+    from diffusionlab.likelihood.bpd import bpd_from_model_space_nll, dequantize
+    from diffusionlab.metrics.video import elbo_bpd
 
     orc = oracle(VPChain(linear_betas(50, 1e-3, 0.3), cov=COVS["mixed"]()))
     x = orc.sample_data(200, generator=torch.Generator().manual_seed(2))
+    x = torch.round((x.clamp(-1, 1) + 1) * 8) / 8 - 1
     res = elbo_bpd(orc, x, levels=17, batch=200, t_chunk=50, generator=torch.Generator().manual_seed(11))
-    xd = dequantize_levels(x, 17, torch.Generator().manual_seed(11))
-    exact = discrete_bpd(-orc.elbo_closed_form(xd), 16, 17)
+    xd = dequantize(x, torch.Generator().manual_seed(11), 17)
+    exact = bpd_from_model_space_nll(-orc.elbo_closed_form(xd), 16, 17)
     assert abs(res["bpd"] - exact.mean().item()) < 4 * res["stderr"]
-    assert res["num"] == 200 and res["dim"] == 16
+    assert res["num"] == 200 and res["dim"] == 16 and res["convention"] == "cells"
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

@@ -1,6 +1,8 @@
-"""Small shared helpers: broadcasting per-sample values against tensors of any rank."""
+"""Small shared helpers: broadcasting per-sample values against tensors of any rank, the standard error."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -50,3 +52,15 @@ def per_batch(v: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
             f"got shape {tuple(v.shape)}"
         )
     return v
+
+
+def mean_and_stderr(values) -> tuple[float, float | None]:
+    """Mean and standard error of the mean of a set of values (a tensor, array or sequence): the sample standard
+    deviation (``N - 1``) over ``sqrt(N)``; None for a single value (so that JSON stays valid)."""
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    n = v.numel()
+    if n == 0:
+        from diffusionlab.errors import DiffusionLabError
+
+        raise DiffusionLabError("mean_and_stderr got no values")
+    return v.mean().item(), (v.std() / math.sqrt(n)).item() if n > 1 else None

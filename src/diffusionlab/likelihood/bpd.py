@@ -28,6 +28,12 @@ one on ``[0, 255]`` would add 0. The dequantized bound is an upper bound on the 
 
 (``7`` for ``L = 256``; ``log2(8.5) = 3.087`` for the 17 grey levels of the 8x8 digits). A density uniform on
 ``[-1, 1]^D`` (``nll = D ln 2``) gives each cell probability ``L^-D``: exactly ``log2 L`` bits per dimension.
+
+This ``"cells"`` convention (the ``L`` cells partition ``[-1, 1]``) is the one every evaluation of the package
+uses. The other common one, ``"centred"``, centres a cell of side ``2 / (L - 1)`` on each level,
+``x_deq = x + u``, ``u ~ U(-1/(L-1), 1/(L-1))``, and adds ``log2((L - 1) / 2)`` (``3.000`` for 17 levels, ``6.989``
+for 8 bits); both are upper bounds on the same discrete bpd but differ in the offset and in where the density is
+probed, so compare figures only within one convention (``convention=`` selects it).
 """
 
 from __future__ import annotations
@@ -41,6 +47,14 @@ from diffusionlab.errors import DiffusionLabError
 LEVELS = 256
 #: ``log2(LEVELS / 2)``: bits per dimension added to ``nll / (D ln 2)`` for model space ``[-1, 1]``
 MODEL_SPACE_OFFSET_BITS = math.log2(LEVELS / 2)
+#: dequantization conventions (module docstring); the first is the package's
+CONVENTIONS = ("cells", "centred")
+
+
+def check_convention(convention: str) -> str:
+    if convention not in CONVENTIONS:
+        raise DiffusionLabError(f"unknown dequantization convention {convention!r}; allowed: {', '.join(CONVENTIONS)}")
+    return convention
 
 
 def check_levels(levels) -> int:
@@ -50,10 +64,12 @@ def check_levels(levels) -> int:
     return levels
 
 
-def offset_bits(levels: int = LEVELS) -> float:
+def offset_bits(levels: int = LEVELS, convention: str = "cells") -> float:
     """``log2(L / 2)``: bits per dimension that turn the model-space NLL of ``L``-level data, dequantized
-    into cells of side ``2 / L``, into a bound on the discrete bpd (``7`` for ``L = 256``)."""
-    return math.log2(check_levels(levels) / 2)
+    into cells of side ``2 / L``, into a bound on the discrete bpd (``7`` for ``L = 256``); ``log2((L - 1) / 2)``
+    for the ``"centred"`` cells of side ``2 / (L - 1)``."""
+    cells = check_levels(levels) if check_convention(convention) == "cells" else levels - 1
+    return math.log2(cells / 2)
 
 
 def nats_to_bpd(nll_nats, dim: int):
@@ -63,11 +79,11 @@ def nats_to_bpd(nll_nats, dim: int):
     return nll_nats / (dim * math.log(2.0))
 
 
-def bpd_from_model_space_nll(nll_nats, dim: int, levels: int = LEVELS):
+def bpd_from_model_space_nll(nll_nats, dim: int, levels: int = LEVELS, convention: str = "cells"):
     """Bits per dimension of ``L``-level data from the continuous NLL (nats per sample) of uniformly dequantized
     points in model space ``[-1, 1]``: ``nll / (D ln 2) + log2(L / 2)`` (``+ 7`` for 8-bit data; module
-    docstring)."""
-    return nats_to_bpd(nll_nats, dim) + offset_bits(levels)
+    docstring), or the ``"centred"`` convention's offset."""
+    return nats_to_bpd(nll_nats, dim) + offset_bits(levels, convention)
 
 
 def _levels_name(levels: int) -> str:
@@ -101,11 +117,17 @@ def on_grid(x_model: torch.Tensor, levels: int = LEVELS, atol: float = 1e-3) -> 
     return True
 
 
-def dequantize(x_model: torch.Tensor, generator: torch.Generator | None = None, levels: int = LEVELS) -> torch.Tensor:
+def dequantize(x_model: torch.Tensor, generator: torch.Generator | None = None, levels: int = LEVELS,
+               convention: str = "cells") -> torch.Tensor:
     """Uniform dequantization of model-space ``L``-level data: ``x = 2k/(L-1) - 1  ->  2 (k + u) / L - 1``,
-    ``u ~ U[0, 1)`` per entry (drawn from ``generator`` on its device), in ``x_model``'s dtype and device."""
+    ``u ~ U[0, 1)`` per entry (drawn from ``generator`` on its device), in ``x_model``'s dtype and device; the
+    ``"centred"`` convention gives ``x + (2 u - 1) / (L - 1)`` instead (module docstring)."""
     k = to_levels(x_model, levels=levels)
+    check_convention(convention)
     dev = generator.device if generator is not None else x_model.device
     u = torch.rand(x_model.shape, generator=generator, device=dev, dtype=torch.float64).to(x_model.device)
-    x = 2.0 * (k.to(torch.float64) + u) / levels - 1.0
+    if convention == "centred":
+        x = 2.0 * (k.to(torch.float64) + u - 0.5) / (levels - 1) - 1.0
+    else:
+        x = 2.0 * (k.to(torch.float64) + u) / levels - 1.0
     return x.to(x_model.dtype)

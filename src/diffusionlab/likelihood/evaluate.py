@@ -33,23 +33,20 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.likelihood.bpd import dequantize, nats_to_bpd, offset_bits, on_grid, to_levels
+from diffusionlab.utils import mean_and_stderr
 
 _F64 = torch.float64
 METRICS = ("digits", "nll", "elbo")
 LIKELIHOOD_METRICS = ("nll", "elbo")
-#: names of the 2-D sets generated from a seed (a fresh seed gives held-out points)
-GENERATED_SETS = ("ring", "moons", "swissroll", "checkerboard")
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
 def data_levels(ds) -> int | None:
-    """The number of quantization levels of a dataset's values in model space, or None for continuous data:
-    17 for the digits (``k / 16``) when they are on that grid, 256 for other images and videos on the 8-bit grid,
-    None for points and for data off both grids."""
-    if ds.kind == "points":
+    """The number of quantization levels of a dataset's values in model space (its own ``levels`` fact), when
+    its data are indeed on that grid; None for continuous data (points, resized images, anything off the grid)."""
+    if ds.levels is None:
         return None
-    levels = 17 if "digits" in ds.name else 256
-    return levels if on_grid(ds.data, levels) else None
+    return ds.levels if on_grid(ds.data, ds.levels) else None
 
 
 def convention(levels: int | None, decoder: str | None = None) -> str:
@@ -65,19 +62,16 @@ def convention(levels: int | None, decoder: str | None = None) -> str:
 
 
 def heldout_points(cfg: dict, ds):
-    """``(data, description, heldout)``: the points a likelihood is measured on (module docstring)."""
-    from diffusionlab.data import load_dataset
+    """``(data, description, heldout)``: the points a likelihood is measured on: the dataset's held-out part
+    (:func:`diffusionlab.data.heldout_dataset`: a test split, a fresh draw of a generated set) or, when it has
+    none, the training data."""
+    from diffusionlab.data import heldout_dataset
 
-    dcfg = dict(cfg["data"])
-    name = dcfg.get("name")
-    if name == "digits" and dcfg.get("split", "all") == "train":
-        test = load_dataset(dict(dcfg, split="test")).data
-        return test, "digits test split (the last 297 images, not trained on)", True
-    if name in GENERATED_SETS:
-        seed = int(cfg["train"]["seed"]) + 1
-        fresh = load_dataset(dcfg, seed=seed).data
-        return fresh, f"a fresh draw of {name!r} (seed {seed}; trained on seed {seed - 1})", True
-    return ds.data, f"the training data of {name!r} (the run has no held-out split)", False
+    found = heldout_dataset(cfg["data"], int(cfg["train"]["seed"]))
+    if found is not None:
+        held, description = found
+        return held.data, description, True
+    return ds.data, f"the training data of {cfg['data']['name']!r} (the run has no held-out split)", False
 
 
 def choose(data: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
@@ -95,15 +89,6 @@ def prepare(x: torch.Tensor, levels: int | None, generator: torch.Generator, dty
 
 
 # ---- summaries ----------------------------------------------------------------------------------------------
-def mean_and_stderr(values: torch.Tensor) -> tuple[float, float | None]:
-    """Mean and standard error over points (sample standard deviation / sqrt(N); None for one point, so that
-    the JSON stays valid)."""
-    values = values.to(_F64).reshape(-1)
-    n = values.numel()
-    se = (values.std() / math.sqrt(n)).item() if n > 1 else None
-    return values.mean().item(), se
-
-
 def _se_bits(se: float | None, dim: int) -> float | None:
     return None if se is None else nats_to_bpd(se, dim)
 

@@ -31,7 +31,7 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.odeint import solve
-from diffusionlab.utils import sum_except_batch
+from diffusionlab.utils import mean_and_stderr, sum_except_batch
 
 _F64 = torch.float64
 DIVERGENCES = ("exact", "hutchinson")
@@ -187,7 +187,8 @@ def dataset_log_likelihood(model, data, batch_size: int = 256, progress: bool = 
         raise DiffusionLabError("dataset_log_likelihood got no data")
     nll = torch.cat(nll)
     n = nll.numel()
-    stderr = (nll.std() / math.sqrt(n)).item() if n > 1 else float("nan")
+    stderr = mean_and_stderr(nll)[1]
+    stderr = float("nan") if stderr is None else stderr
     stderr_probes = (torch.cat(se2).sum().sqrt() / n).item() if se2 else None
     return {"mean_nll": nll.mean().item(), "stderr": stderr, "stderr_probes": stderr_probes, "nll": nll,
             "num_points": n, "dim": dim, "nfe": nfe}

@@ -1,15 +1,9 @@
 """Evaluating video models without pretrained video networks: likelihoods and temporal statistics.
 
 Likelihoods (model space ``[-1, 1]``, data on a grid of ``levels`` values, e.g. the 17 levels ``k / 16`` of the
-moving digits): data are dequantized uniformly within their cell (:func:`dequantize_levels`, Theis et al. 2016;
-cells of width ``2 / (levels - 1)`` centred on the levels), so that a continuous NLL bounds the discrete one::
-
-    bits/dim <= E_u[-log p(x + u)] / (D ln 2) + log2((levels - 1) / 2)          (cell volume (2 / (levels - 1))^D)
-
-(:func:`discrete_bpd`; ``log2 levels`` is what a uniform model would score). The cells are centred on the levels,
-so dequantized points stay around the values the model was trained on; :func:`diffusionlab.likelihood.dequantize`
-uses score_sde's cells ``[2k/L - 1, 2(k+1)/L - 1)`` instead (offset ``log2(L / 2)``), which for 8-bit data is the
-same up to a 1/256 contraction but for 17 levels shrinks the data by 6 %. Two continuous NLLs:
+moving digits) are bits per dimension of the dequantized data in the package's one convention
+(:mod:`diffusionlab.likelihood.bpd`: cells of side ``2 / L`` partitioning ``[-1, 1]``, offset ``log2(L / 2)``;
+``convention="centred"`` selects cells centred on the levels, offset ``log2((L - 1) / 2)``). Two continuous NLLs:
 
 - :func:`elbo_bpd` -- DDPM's bound ``-ELBO`` with noise covariance C (:func:`~diffusionlab.objectives.full_vlb`,
   every term of the chain, Gaussian decoder with ``v_1 C``: the decoder term depends on theta and is kept);
@@ -46,51 +40,32 @@ DIGIT = 8
 
 
 # ---- likelihoods --------------------------------------------------------------------------------------------
-def _check_levels(levels) -> int:
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise DiffusionLabError(f"levels must be an integer >= 2, got {levels!r}")
-    return levels
+def _summary(values: torch.Tensor, dim: int, levels: int, convention: str = "cells") -> dict:
+    from diffusionlab.likelihood.bpd import bpd_from_model_space_nll
+    from diffusionlab.utils import mean_and_stderr
 
-
-def dequantize_levels(x: torch.Tensor, levels: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``x + u``, ``u ~ U(-h, h)`` per entry, ``h = 1 / (levels - 1)`` (half the spacing of ``levels`` values
-    spanning ``[-1, 1]``); drawn from ``generator`` on its device, in ``x``'s dtype and device."""
-    half = 1.0 / (_check_levels(levels) - 1)
-    dev = generator.device if generator is not None else x.device
-    u = torch.rand(x.shape, generator=generator, device=dev, dtype=torch.float64).to(x.device)
-    return x + ((2.0 * u - 1.0) * half).to(x.dtype)
-
-
-def discrete_bpd(nll_nats, dim: int, levels: int):
-    """Bits per dimension of ``levels``-level data from the continuous NLL (nats per sample) of dequantized
-    points: ``nll / (D ln 2) + log2((levels - 1) / 2)`` (module docstring)."""
-    from diffusionlab.likelihood.bpd import nats_to_bpd
-
-    return nats_to_bpd(nll_nats, dim) + math.log2((_check_levels(levels) - 1) / 2.0)
-
-
-def _summary(values: torch.Tensor, dim: int, levels: int) -> dict:
-    bpd = discrete_bpd(values.to(_F64), dim, levels)
-    n = bpd.numel()
-    se = (bpd.std() / math.sqrt(n)).item() if n > 1 else float("nan")
-    return {"bpd": bpd.mean().item(), "stderr": se, "num": n, "dim": dim, "levels": levels}
+    m, se = mean_and_stderr(bpd_from_model_space_nll(values.to(_F64), dim, levels, convention))
+    return {"bpd": m, "stderr": float("nan") if se is None else se, "num": values.numel(), "dim": dim,
+            "levels": levels, "convention": convention}
 
 
 @torch.no_grad()
 def elbo_bpd(model, x0: torch.Tensor, levels: int = 17, batch: int = 16, t_chunk: int = 4,
-             generator: torch.Generator | None = None, variance: str | None = None) -> dict:
-    """``-ELBO`` in bits/dim (:func:`discrete_bpd`) of model-space data ``x0`` on ``levels`` levels, dequantized;
-    every chain term evaluated once per video (:func:`~diffusionlab.objectives.full_vlb`, Gaussian decoder).
-    Returns ``{"bpd", "stderr" (over videos), "num", "dim", "levels"}``."""
+             generator: torch.Generator | None = None, variance: str | None = None, convention: str = "cells") -> dict:
+    """``-ELBO`` in bits/dim of model-space data ``x0`` on ``levels`` levels, dequantized by the package's
+    convention (:mod:`diffusionlab.likelihood.bpd`); every chain term evaluated once per video
+    (:func:`~diffusionlab.objectives.full_vlb`, Gaussian decoder). Returns ``{"bpd", "stderr" (over videos),
+    "num", "dim", "levels", "convention"}``."""
+    from diffusionlab.likelihood.bpd import dequantize
     from diffusionlab.objectives import full_vlb
 
     model.eval()
     out = []
     for xb in torch.split(x0, batch):
-        xd = dequantize_levels(xb, levels, generator)
+        xd = dequantize(xb, generator, levels, convention)
         out.append(full_vlb(model, xd, variance=variance, decoder="gaussian", generator=generator,
                             t_chunk=t_chunk).cpu())
-    return _summary(torch.cat(out), x0[0].numel(), levels)
+    return _summary(torch.cat(out), x0[0].numel(), levels, convention)
 
 
 class ChainAsSDE(DiffusionModel):
@@ -139,7 +114,7 @@ def sde_view(model, beta_min: float = 0.1, beta_max: float = 20.0) -> ChainAsSDE
 def ode_bpd(model, x0: torch.Tensor, levels: int = 17, eps: float | None = None, batch: int = 16,
             rtol: float = 1e-3, atol: float = 1e-3, num_probes: int = 1, generator: torch.Generator | None = None,
             beta_min: float = 0.1, beta_max: float = 20.0) -> dict:
-    """NLL of the probability-flow ODE with C in bits/dim (:func:`discrete_bpd`) for a chain-trained ``model``
+    """NLL of the probability-flow ODE with C in bits/dim (the package's dequantization) for a chain-trained ``model``
     (:func:`sde_view`), dequantized data, Hutchinson divergence (``num_probes`` Rademacher probes), float32,
     dopri5 at ``rtol``/``atol``, from ``eps`` (default: the SDE time of the chain's first step, the least noisy
     level the network was trained on). Returns the :func:`elbo_bpd` keys plus ``nfe`` and ``stderr_probes``
@@ -149,7 +124,9 @@ def ode_bpd(model, x0: torch.Tensor, levels: int = 17, eps: float | None = None,
     sde_model = sde_view(model, beta_min, beta_max)
     sde_model.eval()
     eps = float(sde_model.time_of_step(1)) if eps is None else float(eps)
-    xd = dequantize_levels(x0, levels, generator)
+    from diffusionlab.likelihood.bpd import dequantize
+
+    xd = dequantize(x0, generator, levels)
     res = dataset_log_likelihood(sde_model, xd, batch_size=batch, eps=eps, rtol=rtol, atol=atol,
                                  divergence="hutchinson", num_probes=num_probes, generator=generator,
                                  dtype=torch.float32)

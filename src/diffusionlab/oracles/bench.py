@@ -44,6 +44,7 @@ from diffusionlab.oracles.mixture import GaussianMixtureOracle, load_spec
 from diffusionlab.odeint import solve
 from diffusionlab.processes.grid import GRID_KINDS, make_grid
 from diffusionlab.samplers import NoiseSource, parse_sampler, sampler_names
+from diffusionlab.utils import mean_and_stderr
 
 _F64 = torch.float64
 RK45_TOL = 1e-7
@@ -371,8 +372,8 @@ def floor_check(oracle: GaussianMixtureOracle, name: str, budget: int, grid: str
     n = len(sw)
 
     def stats(a, b):
-        ma, mb = float(np.mean(a)), float(np.mean(b))
-        sa, sb = float(np.std(a, ddof=1) / math.sqrt(n)), float(np.std(b, ddof=1) / math.sqrt(n))
+        (ma, sa), (mb, sb) = mean_and_stderr(a), mean_and_stderr(b)
+        sa, sb = (float("nan") if v is None else v for v in (sa, sb))
         return ma, sa, mb, sb, (ma - mb) / max(math.hypot(sa, sb), 1e-300)
 
     m, se, f, fse, z = stats(sw, fl)

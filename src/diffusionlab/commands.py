@@ -214,16 +214,18 @@ def cmd_evaluate(args) -> int:
                                          seed=args.seed, sampler=args.sampler, steps=args.steps,
                                          cache_dir=args.stats_cache, progress=not args.quiet, log=_stderr)
     else:
-        from diffusionlab.likelihood.evaluate import evaluate_likelihood
+        from diffusionlab.likelihood.evaluate import check_request, evaluate_likelihood
 
         if args.sampler is not None or args.steps is not None or args.grid is not None or args.set:
             raise DiffusionLabError(f"--sampler, --steps, --grid and --set apply to --metric digits, not to --metric "
                                     f"{args.metric}")
-        loaded = None if args.diffusers is None else _load_source(args, continuous=args.metric == "nll")
-        metrics = evaluate_likelihood(_source_name(args), args.metric, num=args.num, seed=args.seed,
+        check_request(args.metric, args.num, args.batch_size, args.divergence, args.probes, args.rtol, args.atol,
+                      args.variance)  # bad options fail before the model is loaded
+        loaded = _load_source(args, continuous=args.metric == "nll")
+        metrics = evaluate_likelihood(loaded, args.metric, num=args.num, seed=args.seed,
                                       batch_size=args.batch_size, divergence=args.divergence, probes=args.probes,
-                                      rtol=args.rtol, atol=args.atol, variance=args.variance, device=args.device,
-                                      progress=not args.quiet, log=_stderr, loaded=loaded)
+                                      rtol=args.rtol, atol=args.atol, variance=args.variance,
+                                      progress=not args.quiet, log=_stderr, run=_source_name(args))
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -288,22 +288,25 @@ def _device_of(model) -> torch.device:
     return torch.device("cpu")
 
 
-def evaluate_likelihood(run, metric: str, num: int = 1000, seed: int = 0, batch_size: int | None = None,
+def check_request(metric: str, num: int = 1000, batch_size: int | None = None, divergence: str = "exact",
+                  probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5, variance: str | None = None) -> None:
+    """Validate an ``evaluate --metric nll | elbo`` request before any model is loaded."""
+    check_options(metric, num, batch_size, divergence, probes, rtol, atol, variance)
+
+
+def evaluate_likelihood(loaded, metric: str, num: int = 1000, seed: int = 0, batch_size: int | None = None,
                         divergence: str = "exact", probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5,
-                        variance: str | None = None, device: str = "auto", progress: bool = False, log=None,
-                        loaded=None) -> dict:
-    """The ``nll`` or ``elbo`` report of a run directory (module docstring), as a JSON-ready dict; ``loaded``: an
-    already loaded ``(cfg, ds, model)`` (a diffusers model: :mod:`diffusionlab.interop.diffusers`), ``run`` then
-    only names it.
+                        variance: str | None = None, progress: bool = False, log=None, run="") -> dict:
+    """The ``nll`` or ``elbo`` report of a loaded run ``(cfg, ds, model)`` (module docstring: a run directory's
+    :func:`~diffusionlab.training.sampling.load_run`, or a diffusers model), as a JSON-ready dict; ``run`` names
+    it in the report.
 
     Deterministic given ``seed`` (CPU generators for the choice of points, the dequantization, the probes or the
-    ELBO's noise, and the baselines' dequantization), on any ``device``."""
-    from diffusionlab.training.sampling import load_run
-
+    ELBO's noise, and the baselines' dequantization), on the model's device."""
     t0 = time.time()
     check_options(metric, num, batch_size, divergence, probes, rtol, atol, variance)
     s_choose, s_deq, s_est, s_base = _seeds(seed)
-    cfg, ds, model = loaded if loaded is not None else load_run(run, device=device)
+    cfg, ds, model = loaded
     pname = cfg["process"]["name"]
     check_metric(metric, model.process, pname, run)
     levels = data_levels(ds)

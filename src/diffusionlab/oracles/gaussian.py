@@ -34,7 +34,6 @@ from diffusionlab.parametrization import (
     coeffs_like,
     reverse_variances,
 )
-from diffusionlab.processes.discrete import GaussianChain
 
 _F64 = torch.float64
 
@@ -210,8 +209,7 @@ class GaussianOracle(DiffusionModel):
         expected ``L_{t-1}``, ``L_0`` the decoder NLL) and the prior term ``(B,)``.
         """
         process = self.process
-        if not isinstance(process, GaussianChain):
-            raise DiffusionLabError(f"elbo_closed_form needs a discrete chain, got {process!r}")
+        process.require_discrete("elbo_closed_form")
         if variance not in ("beta", "beta_tilde"):
             raise DiffusionLabError(f"closed-form ELBO variance must be 'beta' or 'beta_tilde', got {variance!r}")
         xf = self._flat(x0)

@@ -108,7 +108,8 @@ def ode_log_likelihood(model, x: torch.Tensor, eps: float = 1e-5, method: str = 
 
     Args:
         model: a :class:`~diffusionlab.parametrization.DiffusionModel` on a continuous SDE; it is evaluated in
-            ``dtype`` (float64 by default: convert a network with ``.double()``, or pass ``dtype=torch.float32``).
+            ``dtype`` (float64 by default; a network of another dtype is evaluated through a copy converted to
+            ``dtype``, the model itself is left as it is).
         x: points ``(B, ...)`` at time ``eps``.
         eps: start time (1e-5, score_sde's likelihood ``eps``).
         method, rtol, atol, options: torchdiffeq solver, tolerances (on the augmented state) and solver options
@@ -129,6 +130,7 @@ def ode_log_likelihood(model, x: torch.Tensor, eps: float = 1e-5, method: str = 
         raise DiffusionLabError(f"eps must lie in (0, T = {T}), got {eps!r}")
     x = x.detach().to(dtype)
     process.cov.check(x)
+    model = in_dtype(model, dtype)
     b = x.shape[0]
     probes = None
     if divergence == "hutchinson":
@@ -148,6 +150,17 @@ def ode_log_likelihood(model, x: torch.Tensor, eps: float = 1e-5, method: str = 
     stderr = per_probe.std(0) / math.sqrt(rows) if rows > 1 else None
     return {"log_likelihood": ll, "nfe": model.nfe - start, "stderr_probes": stderr, "prior_log_prob": prior,
             "delta_log_prob": int_div.mean(0), "z": z}
+
+
+def in_dtype(model, dtype):
+    """``model`` if its floating parameters and buffers are already ``dtype``, else a converted copy (the report's
+    ``nfe`` counts the copy's evaluations)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if all(t.dtype == dtype for t in tensors):
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
 
 
 def _batches(data, batch_size: int):

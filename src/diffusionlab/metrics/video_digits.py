@@ -75,9 +75,7 @@ import argparse
 import functools
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -87,6 +85,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffusionlab.errors import DiffusionLabError
+from diffusionlab.io import save_safetensors_atomic
 from diffusionlab.metrics.digits import _blur, _deterministic, _device, load_classifier, load_digits_split
 from diffusionlab.metrics.frechet import feature_statistics, frechet_distance
 from diffusionlab.metrics.video import DIGIT, crop_windows, digit_windows
@@ -328,24 +327,6 @@ def heldout_figures(model: VideoFeatureNet | None = None, num: int = 2000, devic
     }
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors bytes to ``path`` through a temporary file and a rename (nothing half-written)."""
-    from safetensors.torch import save
-
-    data = save(tensors, metadata=metadata)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_feature_net(model: VideoFeatureNet, path: str | Path = WEIGHTS_PATH, metadata: dict | None = None) -> Path:
     """Write the weights as safetensors (float32, CPU) with string ``metadata``, atomically."""
     path = Path(path)
@@ -353,7 +334,7 @@ def save_feature_net(model: VideoFeatureNet, path: str | Path = WEIGHTS_PATH, me
         raise DiffusionLabError(f"cannot write {path}: directory {path.parent} does not exist")
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
-    _atomic_save(state, path, {k: str(v) for k, v in (metadata or {}).items()})
+    save_safetensors_atomic(state, path, {k: str(v) for k, v in (metadata or {}).items()})
     return path
 
 

@@ -59,24 +59,32 @@ def toy_ddim(model, x, grid=None, noise=None, progress=False, scale=1.0):
     return x
 
 
-register_sampler("toy-ddim", "DDIM with eta = 1, from a test", "this test file",
-                 options={"scale": number("noise scale", 0.0)}, stochastic=True, default_steps=20)(toy_ddim)
+def _register_toy():
+    register_sampler("toy-ddim", "DDIM with eta = 1, from a test", "this test file",
+                     options={"scale": number("noise scale", 0.0)}, stochastic=True, default_steps=20)(toy_ddim)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _unregister_toy():
+def _toy_registered():
+    """The toy is registered only while this module's tests run (other modules see the package's catalogue)."""
+    _register_toy()
     yield
     unregister_sampler("toy-ddim")
 
 
 # ---- the contract ----------------------------------------------------------------------------------------------
 def _cases():
-    out = []
-    for name in sampler_names():
-        for pname in PROCESSES:
-            if SAMPLERS[name].runs_on(make_process(pname)):
-                out.append((name, pname))
-    return out
+    """Every registered sampler (and the toy, registered for a moment to see where it runs) on each process."""
+    _register_toy()
+    try:
+        out = []
+        for name in sampler_names():
+            for pname in PROCESSES:
+                if SAMPLERS[name].runs_on(make_process(pname)):
+                    out.append((name, pname))
+        return out
+    finally:
+        unregister_sampler("toy-ddim")
 
 
 def _oracle(pname: str):

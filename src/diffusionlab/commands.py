@@ -159,23 +159,54 @@ def cmd_sample(args) -> int:
 
 
 # -- evaluate -----------------------------------------------------------------------------------------------
-def evaluate_run(run: str, num: int = 1000, seed: int = 0, sampler: str | None = None, steps: int | None = None,
-                 device: str = "auto", progress: bool = False, grid: str | None = None,
+# ---- video branch: moving_digits runs are scored by diffusionlab.metrics.video_digits (docs/video_metric.md) ----
+VIDEO_NUM = 64  #: default number of sampled videos
+
+
+def _video_speed(cfg: dict, ds, run: str) -> float | None:
+    """The px/frame of a moving_digits run's data (what the video metric's real references use); None for other
+    runs. Options missing from the config take ``moving_digits``'s defaults."""
+    import inspect
+
+    from diffusionlab.data.video import moving_digits
+
+    if ds.name != "moving_digits":
+        return None
+    opts = {k: p.default for k, p in inspect.signature(moving_digits).parameters.items()} | dict(cfg["data"])
+    if opts["num_digits"] != 1:
+        raise DiffusionLabError(f"the video metric scores one-digit videos; {run} was trained on moving_digits "
+                                f"with num_digits={opts['num_digits']}")
+    return float(opts["speed"])
+# ---- end of the video branch ----
+
+
+def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str | None = None,
+                 steps: int | None = None, device: str = "auto", progress: bool = False, grid: str | None = None,
                  overrides: list[str] | None = None, loaded=None) -> dict:
-    """Sample ``num`` items from a run and score them with the digits metric (digits runs only); ``loaded``: an
-    already loaded ``(cfg, ds, model)`` (e.g. a diffusers model), ``run`` then only names it."""
+    """Sample ``num`` items from a run and score them: digits runs with the digits metric (default 1000 samples),
+    moving_digits runs with the video metric (default :data:`VIDEO_NUM` videos); ``loaded``: an already loaded
+    ``(cfg, ds, model)`` (e.g. a diffusers model), ``run`` then only names it."""
     from diffusionlab.metrics import evaluate_digits
     from diffusionlab.training.sampling import generate, load_run, sample_section
 
     cfg, ds, model = loaded if loaded is not None else load_run(run, device=device)
-    if ds.name != "digits":
-        raise DiffusionLabError(f"the digits metric needs a run trained on digits; {run} was trained on {ds.name!r}")
+    speed = _video_speed(cfg, ds, run)
+    if speed is None and ds.name != "digits":
+        raise DiffusionLabError(f"the digits metric needs a run trained on digits (or moving_digits videos); {run} "
+                                f"was trained on {ds.name!r}")
+    if num is None:
+        num = 1000 if speed is None else VIDEO_NUM
     scfg = sample_section(cfg, sampler, steps, grid, overrides)
     t0 = time.time()
     x = generate(model, scfg, num=num, seed=seed, device=next(model.parameters()).device, shape=ds.sample_shape,
                  progress=progress)
     seconds = time.time() - t0
-    metrics = evaluate_digits(ds.to_display(x))
+    if speed is None:
+        metrics = evaluate_digits(ds.to_display(x))
+    else:  # video branch
+        from diffusionlab.metrics.video_digits import evaluate_videos
+
+        metrics = evaluate_videos(ds.to_display(x), speed=speed, device=next(model.parameters()).device)
     metrics.update({"sampler": scfg["sampler"], **_nfe_line(model, scfg, num), "sampling_seconds": round(seconds, 2),
                     "seed": seed})
     return metrics, ds.to_display(x)
@@ -196,6 +227,7 @@ def cmd_evaluate(args) -> int:
                                      ("--batch-size", args.batch_size, None), ("--variance", args.variance, None)):
             if value != default:
                 raise DiffusionLabError(f"{flag} applies to --metric nll or elbo, not to --metric {args.metric}")
+    num = 1000 if args.num is None and args.metric != "digits" else args.num  # digits: by the run's data
     if args.metric == "digits":
         loaded = _load_source(args, default_data="digits")
         metrics, _ = evaluate_run(_source_name(args), num=args.num, seed=args.seed, sampler=args.sampler,
@@ -210,7 +242,7 @@ def cmd_evaluate(args) -> int:
             raise DiffusionLabError("--metric fid needs --inception PATH: a local copy of the FID Inception weights "
                                     "(pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)")
         extractor = load_inception(args.inception, device=resolve_device(args.device))  # fails before any sampling
-        metrics = evaluate_image_metrics(_load_source(args), extractor, _source_name(args), num=args.num,
+        metrics = evaluate_image_metrics(_load_source(args), extractor, _source_name(args), num=num,
                                          seed=args.seed, sampler=args.sampler, steps=args.steps,
                                          cache_dir=args.stats_cache, progress=not args.quiet, log=_stderr)
     else:
@@ -219,10 +251,10 @@ def cmd_evaluate(args) -> int:
         if args.sampler is not None or args.steps is not None or args.grid is not None or args.set:
             raise DiffusionLabError(f"--sampler, --steps, --grid and --set apply to --metric digits, not to --metric "
                                     f"{args.metric}")
-        check_request(args.metric, args.num, args.batch_size, args.divergence, args.probes, args.rtol, args.atol,
+        check_request(args.metric, num, args.batch_size, args.divergence, args.probes, args.rtol, args.atol,
                       args.variance)  # bad options fail before the model is loaded
         loaded = _load_source(args, continuous=args.metric == "nll")
-        metrics = evaluate_likelihood(loaded, args.metric, num=args.num, seed=args.seed,
+        metrics = evaluate_likelihood(loaded, args.metric, num=num, seed=args.seed,
                                       batch_size=args.batch_size, divergence=args.divergence, probes=args.probes,
                                       rtol=args.rtol, atol=args.atol, variance=args.variance,
                                       progress=not args.quiet, log=_stderr, run=_source_name(args))
@@ -321,8 +353,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("evaluate", help="score a trained run (JSON on stdout)",
                        description="digits: sample --num digits and score them (FD in a digit classifier's features, "
-                                   "class coverage). nll: probability-flow ODE log-likelihood of --num held-out "
-                                   "points (SDE runs). elbo: DDPM's full variational bound, all T terms (chain runs). "
+                                   "class coverage); on a moving_digits run, sample --num videos (default 64) and "
+                                   "score them with the video metric (docs/video_metric.md). nll: probability-flow "
+                                   "ODE log-likelihood of --num held-out points (SDE runs). elbo: DDPM's full variational bound, all T terms (chain runs). "
                                    "nll and elbo are in nats per point and bits per dimension (see docs/likelihood.md).")
     p.add_argument("--run", default=None, help="run directory")
     _add_diffusers_args(p)
@@ -333,7 +366,9 @@ def register(sub) -> None:
                    help="fid: local FID Inception weights (pt_inception-2015-12-05-6726825d.pth); never downloaded")
     p.add_argument("--stats-cache", default=None, metavar="DIR",
                    help="fid: reference-statistics cache (default $DIFFUSIONLAB_CACHE/fid or ~/.cache/diffusionlab/fid)")
-    p.add_argument("--num", type=int, default=1000, help="samples (digits) or evaluation points (nll, elbo)")
+    p.add_argument("--num", type=int, default=None,
+                   help="samples (digits: 1000, moving_digits videos: 64, fid: 1000) or evaluation points (nll, elbo: "
+                        "1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default=None, help=f"digits: sampler (default: the run's): {names}")
     p.add_argument("--steps", type=int, default=None, help="digits: sampler steps (default: the sampler's)")

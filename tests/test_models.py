@@ -88,7 +88,7 @@ def test_zero_init_output_and_block_layout():
     vid = _perturb(build_network(TINY_UNET, (2, 3, 8, 8), out_mult=2))
     v, c = torch.randn(2, 2, 3, 8, 8), _c(2)
     inner = vid.inner(v.reshape(2, 6, 8, 8), c)  # (B, 2 * 6, 8, 8): head-major, then (C, F)
-    heads = vid(v, c).chunk(2, dim=1)
+    heads = vid(v, c).chunk(2, dim=1)  # the wrapper runs inner on this very reshape: equal bit for bit
     assert torch.equal(heads[1], inner[:, 6:].reshape(2, 2, 3, 8, 8))
 
 

@@ -1,6 +1,6 @@
-"""Objectives against independent computations: L_simple by hand, MSE bit for bit for C = I, the thesis's ELBO
-weight equals the KL, the Monte Carlo VLB of the exact oracle equals its closed form and lies below log p, the
-discretized decoder normalises, NCSN by hand and in its C form, the hybrid's stop-gradient."""
+"""Objectives against independent computations: L_simple by hand, the sum of squares (MSE) for C = I, the
+thesis's ELBO weight equals the KL, the Monte Carlo VLB of the exact oracle equals its closed form and lies below
+log p, the discretized decoder normalises, NCSN by hand and in its C form, the hybrid's stop-gradient."""
 
 import math
 
@@ -27,6 +27,7 @@ from diffusionlab.parametrization import DiffusionModel
 from diffusionlab.processes import VEChain, VPChain, VPSDE
 from diffusionlab.schedules import geometric_sigmas, linear_betas
 from nets import ChannelNet as _ChannelNet
+from rounding import sum_rtol
 
 F64 = torch.float64
 
@@ -69,7 +70,11 @@ def test_simple_by_hand(prediction):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(5, 2), (4, 3, 4, 4), (3, 2, 4, 3, 3)])
-def test_identity_mahalanobis_equals_mse_bit_for_bit(dtype, shape):
+def test_identity_mahalanobis_is_the_sum_of_squares_and_equals_mse(dtype, shape):
+    """For C = I the loss is the sum of squares over D, bit for bit (the very same operations: the same network
+    evaluation, the identity's ``mahalanobis`` is ``square().sum(1)``), and so is the ``mse`` weighting (the same
+    code once more). Against torch's ``mse_loss(...).mean(1)``, a mean -- another reduction, whose order and
+    final ``* (1 / D)`` depend on the CPU's vector width -- it agrees to rounding: :func:`rounding.sum_rtol`."""
     chain = _vp()
     net = ChannelNet(shape[1], dtype=dtype)
     model = DiffusionModel(net, chain)
@@ -77,9 +82,13 @@ def test_identity_mahalanobis_equals_mse_bit_for_bit(dtype, shape):
     maha = SimpleLoss(chain)(model, x0, t=t, noise=eps)
     mse_opt = SimpleLoss(chain, weighting="mse")(model, x0, t=t, noise=eps)
     s, sigma = chain.at("mean_scale", t, x0), chain.at("sigma", t, x0)
-    out = net(s * x0 + sigma * eps, t.to(dtype) * (1000.0 / 50))
+    with torch.no_grad():
+        out = model(s * x0 + sigma * eps, t)  # the model's own evaluation (input scaling included)
+    D = x0[0].numel()
+    assert torch.equal(maha, (eps - out).reshape(shape[0], -1).square().sum(1) / D)
+    assert torch.equal(mse_opt, maha)
     plain = nn.functional.mse_loss(out, eps, reduction="none").flatten(1).mean(1)
-    assert torch.equal(maha, plain) and torch.equal(mse_opt, plain)
+    torch.testing.assert_close(maha, plain, rtol=sum_rtol(D, dtype), atol=0)
 
 
 def test_simple_with_correlated_C_is_dense_mahalanobis_and_mse_ignores_C():

@@ -103,7 +103,7 @@ def test_init_shapes_and_shared_start(run, tmp_path, frames_spec):
         assert code == 0, stderr
         outs[name] = np.load(tmp_path / f"o_{name}.npy")
         assert outs[name].shape == (30, 3, 2) and json.loads(stdout)["num"] == 30
-    np.testing.assert_array_equal(outs["flat"], outs["frames"])
+    np.testing.assert_array_equal(outs["flat"], outs["frames"])  # the same float64 start, reshaped: same operations
     code, _, _ = run("oracle", "sample", "--gmm", frames_spec, "--noise", "mixed:0.5", "--sampler", "ode-adaptive", "--init",
                      tmp_path / "flat.npy", "--out", tmp_path / "ref.npy")
     assert code == 0

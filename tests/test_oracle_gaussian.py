@@ -91,7 +91,7 @@ def test_forward_encodes_prediction_and_counts_nfe(prediction):
     x = torch.randn(3, 4, 2, dtype=F64)
     p = oracle.predict(x, 50)
     raw = oracle(x, 50)
-    torch.testing.assert_close(raw, p.out, rtol=0, atol=0)
+    torch.testing.assert_close(raw, p.out, rtol=0, atol=0)  # forward and predict run the very same code
     # the generic decoder recovers the exact eps from the encoded output
     from diffusionlab.parametrization import get_parametrization
 

@@ -109,7 +109,7 @@ def test_t_may_be_int_0d_or_batch_and_bad_shapes_raise():
     a = model.eps(x, 7)
     b = model.eps(x, torch.tensor(7))
     c = model.eps(x, torch.full((4,), 7))
-    assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(a, b) and torch.equal(a, c)  # every form becomes the same (B,) batch before any arithmetic
     with pytest.raises(DiffusionLabError, match="time t"):
         model.eps(x, torch.full((3,), 7))
     with pytest.raises(DiffusionLabError, match="out of range"):

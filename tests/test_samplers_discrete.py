@@ -311,7 +311,7 @@ def test_sample_grid_from_a_config_reaches_the_sampler():
     got = generate(oracle, scfg, num=64, seed=3, device="cpu", shape=(2,))
     want = sample_in_chunks(ddim, oracle, (2,), 64, generator=torch.Generator().manual_seed(3), device="cpu",
                             grid=make_timesteps(1000, 8, "trailing"), eta=0.0, clip_x0=False)
-    assert torch.equal(got, want.cpu())
+    assert torch.equal(got, want.cpu())  # the same sampler, integer grid, chunk and seed: the same operations
     uniform = generate(oracle, dict(scfg, grid="uniform"), num=64, seed=3, device="cpu", shape=(2,))
     assert not torch.allclose(got, uniform)
 

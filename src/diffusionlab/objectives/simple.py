@@ -5,8 +5,8 @@ For the model's prediction target ``d`` (eps, x0, v, or ``-eps`` for the score p
 
     loss = w_t (d - d_theta)^T C^{-1} (d - d_theta) / D            (D = entries per sample)
 
-which for ``C = I`` is the plain mean squared error (bit for bit: the identity's ``mahalanobis`` is the sum of
-squares). ``weighting``:
+which for ``C = I`` is the plain mean squared error (the identity's ``mahalanobis`` is the sum of squares, so the
+loss is that sum divided by ``D``; a ``mean`` reduces in another order and agrees to rounding). ``weighting``:
 
 - ``simple`` -- ``w_t = 1``;
 - ``mse`` -- ignores C: plain ``||d - d_theta||^2 / D`` (to compare against the C-aware loss);

@@ -100,7 +100,7 @@ def test_nll_path_equals_exact_log_density():
     assert out["nll_nats_per_point"] == pytest.approx(exact.mean().item(), abs=1e-4)
     assert out["nll_nats_per_point_stderr"] == pytest.approx(exact.std().item() / math.sqrt(24), rel=1e-3)
     assert out["bits_per_dim"] == pytest.approx(exact.mean().item() / (2 * math.log(2.0)), abs=1e-4)
-    assert out["num"] == 24 and out["dim"] == 2 and out["nfe"] > 0 and out["bits_per_dim_stderr_probes"] is None
+    assert out["num"] == 24 and out["dim"] == 2 and out["network_calls"] > 0 and out["bits_per_dim_stderr_probes"] is None
 
     grid = (2 * torch.round(8 * (x.clamp(-1, 1) + 1)) / 16 - 1)
     xd = prepare(grid, 17, torch.Generator().manual_seed(5))
@@ -137,7 +137,7 @@ def test_elbo_path_matches_closed_form():
 # ---- the CLI on tiny trained runs ---------------------------------------------------------------------------------
 TINY_RING = ["--set", "train.steps=20", "--set", "train.threads=1", "--set", "data.num=400", "--set", "model.hidden=32",
              "--set", "model.depth=2", "--set", "train.log_every=10", "--quiet"]
-NLL_KEYS = {"metric", "process", "data", "heldout", "convention", "levels", "dequantized", "num", "dim", "nfe",
+NLL_KEYS = {"metric", "process", "data", "heldout", "convention", "levels", "dequantized", "num", "dim", "network_calls",
             "divergence", "nll_nats_per_point", "nll_nats_per_point_stderr", "bits_per_dim", "bits_per_dim_stderr",
             "baselines", "seed"}
 ELBO_KEYS = (NLL_KEYS - {"divergence"}) | {"terms", "decoder", "variance", "T"}

@@ -165,7 +165,8 @@ def nll_metrics(model, x: torch.Tensor, levels: int | None = None, batch_size: i
     """The probability-flow ODE's NLL of prepared (already dequantized) points ``x`` in float64.
 
     ``model`` is converted to float64 in place. Returns :func:`nll_summary`'s keys, plus the probe part of the
-    standard errors (Hutchinson with ``num_probes > 1``), ``nfe``, ``num``, ``dim`` and the options."""
+    standard errors (Hutchinson with ``num_probes > 1``), ``network_calls`` (the ODE solver's evaluations of the
+    velocity, each on a whole batch of points, summed over batches), ``num``, ``dim`` and the options."""
     from diffusionlab.likelihood.ode import dataset_log_likelihood
 
     model.to(_F64).eval()
@@ -177,7 +178,7 @@ def nll_metrics(model, x: torch.Tensor, levels: int | None = None, batch_size: i
     sp = res["stderr_probes"]
     out["nll_nats_per_point_stderr_probes"] = sp
     out["bits_per_dim_stderr_probes"] = _se_bits(sp, dim)
-    out.update({"nfe": res["nfe"], "num": res["num_points"], "dim": dim, "divergence": divergence,
+    out.update({"network_calls": res["nfe"], "num": res["num_points"], "dim": dim, "divergence": divergence,
                 "probes": num_probes if divergence == "hutchinson" else None,
                 "probe": "rademacher" if divergence == "hutchinson" else None, "rtol": rtol, "atol": atol,
                 "eps": eps, "solver": "dopri5"})
@@ -194,20 +195,32 @@ def elbo_per_point(model, x: torch.Tensor, batch_size: int = 128, variance: str 
     """DDPM's negative ELBO of prepared points ``x`` per point (nats, float64; ``model`` converted in place),
     every term evaluated once per point by :func:`~diffusionlab.objectives.full_vlb`: ``total``, ``prior``
     (``L_T``), ``decoder`` (``L_0``) and ``middle`` (``sum_{t=2}^T L_{t-1}``), each ``(N,)`` on the CPU, plus the
-    resolved ``variance`` and ``nfe`` (network calls)."""
-    from diffusionlab.objectives.vlb import full_vlb, resolve_variance
+    resolved ``variance`` and ``network_calls`` (batched calls: each evaluates the network on a chunk of steps
+    ``t`` for a batch of points, about 8192 samples; every point gets ``T`` evaluations in all). The progress display
+    advances once per network call."""
+    import math
 
+    from diffusionlab.objectives.vlb import full_vlb, resolve_variance, vlb_chunk
+    from diffusionlab.progress import progress as progress_display
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DiffusionLabError(f"batch size must be an integer >= 1, got {batch_size!r}")
     model.to(_F64).eval()
     variance = resolve_variance(variance, model)
     parts = {"total": [], "prior": [], "decoder": [], "middle": []}
     start = model.nfe
-    for xb in _batches(x.to(_F64), batch_size, "elbo", progress):
+    batches = torch.split(x.to(_F64), batch_size)
+    T = int(model.process.T)
+    calls = sum(math.ceil(T / vlb_chunk(xb.shape[0])) for xb in batches)
+    bar = progress_display(total=calls, desc=f"elbo ({x.shape[0]} points x {T} terms)", enabled=progress)
+    for xb in batches:
         total, terms, prior = full_vlb(model, xb, variance=variance, decoder=decoder, generator=generator,
-                                       return_terms=True)
+                                       return_terms=True, bar=bar)
         for key, val in (("total", total), ("prior", prior), ("decoder", terms[:, 0]), ("middle", terms[:, 1:].sum(1))):
             parts[key].append(val.cpu())
+    bar.close()
     out = {key: torch.cat(v) for key, v in parts.items()}
-    out.update({"variance": variance, "nfe": model.nfe - start})
+    out.update({"variance": variance, "network_calls": model.nfe - start})
     return out
 
 
@@ -222,7 +235,7 @@ def elbo_metrics(model, x: torch.Tensor, levels: int | None = None, batch_size: 
     out = nll_summary(per["total"], dim, levels, decoder)
     out["terms"] = {"prior_L_T": _term(per["prior"], dim), "decoder_L_0": _term(per["decoder"], dim),
                     "sum_L_1_to_L_T-1": _term(per["middle"], dim)}
-    out.update({"nfe": per["nfe"], "num": x.shape[0], "dim": dim, "T": int(model.process.T),
+    out.update({"network_calls": per["network_calls"], "num": x.shape[0], "dim": dim, "T": int(model.process.T),
                 "network_evaluations_per_point": int(model.process.T), "decoder": decoder,
                 "variance": per["variance"]})
     return out

@@ -170,16 +170,22 @@ def vlb_terms(model, x0: torch.Tensor, t, noise=None, generator=None, variance=N
 
 
 @torch.no_grad()
+def vlb_chunk(batch: int, t_chunk: int | None = None) -> int:
+    """Steps ``t`` per network call of :func:`full_vlb`: about 8192 samples per call unless ``t_chunk`` is given."""
+    return max(1, 8192 // max(batch, 1)) if t_chunk is None else int(t_chunk)
+
+
 def full_vlb(model, x0: torch.Tensor, variance=None, decoder="gaussian", generator=None, t_chunk: int | None = None,
-             return_terms: bool = False):
+             return_terms: bool = False, bar=None):
     """The whole bound ``L_T + sum_{t=1}^T L_{t-1}`` per sample (nats, ``(B,)``; ``-ELBO >= -log p_theta(x_0)``),
     every term evaluated (one ``x_t`` draw per term), batched over ``t`` in chunks of ``t_chunk`` steps
-    (default: about 8192 samples per network call). No gradients (evaluation).
+    (default: about 8192 samples per network call, :func:`vlb_chunk`). No gradients (evaluation). ``bar`` (a
+    progress display) is advanced by one per network call.
 
     With ``return_terms``: ``(total, terms, prior)``, ``terms`` ``(B, T)`` with ``terms[:, t-1] = L_{t-1}``."""
     chain = require_chain(model.process, "the variational bound")
     b, T = x0.shape[0], chain.T
-    chunk = max(1, 8192 // max(b, 1)) if t_chunk is None else int(t_chunk)
+    chunk = vlb_chunk(b, t_chunk)
     if chunk < 1:
         raise DiffusionLabError(f"t_chunk must be >= 1, got {t_chunk!r}")
     terms = torch.empty(b, T, dtype=x0.dtype, device=x0.device)
@@ -190,6 +196,8 @@ def full_vlb(model, x0: torch.Tensor, variance=None, decoder="gaussian", generat
         tb = ts.repeat_interleave(b)
         terms[:, t0 - 1 : t0 - 1 + ts.numel()] = vlb_terms(model, xs, tb, generator=generator, variance=variance,
                                                            decoder=decoder).reshape(ts.numel(), b).T
+        if bar is not None:
+            bar.update(1)
     prior = chain.prior_kl(x0)
     total = terms.sum(1) + prior
     return (total, terms, prior) if return_terms else total

@@ -231,7 +231,7 @@ def nll_entry(args, sizes) -> dict:
                           rtol=sizes["nll_tol"], atol=sizes["nll_tol"])
         _sync(device)
         seconds = time.perf_counter() - t0
-    out.update(status="ok", points=sizes["nll_points"], nfe=res["nfe"], bits_per_dim=round(res["bits_per_dim"], 4),
+    out.update(status="ok", points=sizes["nll_points"], nfe=res["network_calls"], bits_per_dim=round(res["bits_per_dim"], 4),
                seconds=None if args.dry_run else round(seconds, 3))
     return out
 

@@ -171,7 +171,7 @@ CASES = [(Identity(), (2,)), (Progressive(1.0, 4, axis=1), (4, 2))]
 
 
 @pytest.mark.parametrize("cov,shape", CASES)
-@pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
+@pytest.mark.parametrize("variance", ["beta", "fixed_large", "beta_tilde"])
 def test_monte_carlo_vlb_of_oracle_matches_closed_form(cov, shape, variance):
     """full_vlb (one x_t draw per term) averaged over R = 300 repeats of 4 data points agrees with the closed-form
     ELBO within 5 standard errors of the mean (se = sample std / sqrt(R))."""
@@ -185,8 +185,30 @@ def test_monte_carlo_vlb_of_oracle_matches_closed_form(cov, shape, variance):
     assert ((mc - closed).abs() < 5 * se).all(), ((mc - closed) / se)
     # the comparison has power: se < 0.5 nat, while beta and beta_tilde bounds differ by several nats
     assert (se < 0.5).all()
-    other = oracle.elbo_closed_form(x0, variance="beta_tilde" if variance == "beta" else "beta")
+    other = oracle.elbo_closed_form(x0, variance="beta" if variance == "beta_tilde" else "beta_tilde")
     assert ((other - closed).abs() > 2.0).all()
+
+
+def test_fixed_large_differs_from_beta_only_in_the_decoder():
+    """improved-diffusion's FIXED_LARGE is beta_t at t >= 2 and beta-tilde_2 at t = 1: every term L_{t-1}, t >= 2,
+    is the same as with "beta" (the very same variance values), the decoder L_0 is not, and it is exactly the
+    Gaussian NLL with variance beta-tilde_2."""
+    from diffusionlab.gaussian import LOG_2PI
+
+    oracle = _oracle(*CASES[0])
+    x0 = oracle.sample_data(5, torch.Generator().manual_seed(2))
+    _, tb, _ = oracle.elbo_closed_form(x0, variance="beta", return_terms=True)
+    _, tl, _ = oracle.elbo_closed_form(x0, variance="fixed_large", return_terms=True)
+    assert torch.equal(tb[:, 1:], tl[:, 1:])
+    assert (tb[:, 0] - tl[:, 0]).abs().min() > 1e-3
+    chain = oracle.process
+    v1 = float(chain.post_var[2])
+    dec = oracle.elbo_closed_form(x0, variance="fixed_large", return_terms=True)[1][:, 0]
+    # L_0 = E[-log N(x0; E[x0 | x1], v C)] = (E|e|^2 / v + D log(2 pi v)) / 2 (C = I here): E|e|^2 from the beta run
+    d, b1 = x0.shape[1], float(chain.b[1] ** 2)
+    e2 = (2 * tb[:, 0] - d * (LOG_2PI + math.log(b1))) * b1
+    expected = 0.5 * (e2 / v1 + d * (LOG_2PI + math.log(v1)))
+    torch.testing.assert_close(dec, expected, rtol=1e-9, atol=1e-9)
 
 
 def _model_log_likelihood(oracle, x0):

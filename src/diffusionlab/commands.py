@@ -380,7 +380,7 @@ def register(sub) -> None:
     p.add_argument("--probes", type=int, default=1, help="nll: Rademacher probes per point for Hutchinson (default 1)")
     p.add_argument("--rtol", type=float, default=1e-5, help="nll: dopri5 relative tolerance (default 1e-5)")
     p.add_argument("--atol", type=float, default=1e-5, help="nll: dopri5 absolute tolerance (default 1e-5)")
-    p.add_argument("--variance", default=None, choices=("beta", "beta_tilde", "learned"),
+    p.add_argument("--variance", default=None, choices=("beta", "fixed_large", "beta_tilde", "learned"),
                    help="elbo: reverse variance (default: learned if the model learns it, else beta)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

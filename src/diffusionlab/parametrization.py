@@ -338,3 +338,14 @@ def reverse_variances(b2: torch.Tensor, post_var: torch.Tensor):
         lower[1] = b2[1]
     lower[0] = lower[1]
     return b2.clone(), lower
+
+
+def fixed_large_variance(b2: torch.Tensor, post_var: torch.Tensor) -> torch.Tensor:
+    """improved-diffusion's ``FIXED_LARGE`` (and Ho et al.'s released code): ``b_t^2`` (``beta_t``) at every step but
+    ``t = 1``, where it takes ``beta-tilde_2`` (``np.append(posterior_variance[1], betas[1:])``); index ``t = 0..T``,
+    float64. It differs from ``"beta"`` only in the decoder ``L_0`` of the bound."""
+    large = b2.clone()
+    if large.numel() > 2:
+        large[1] = post_var[2]
+    large[0] = large[1]
+    return large

@@ -33,10 +33,19 @@ import torch
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.gaussian import LOG_2PI, structured_kl, structured_log_prob
 from diffusionlab.objectives.common import noisy_inputs, require_chain
-from diffusionlab.parametrization import Prediction, batch_t, learned_log_variance, reverse_variances
+from diffusionlab.parametrization import (
+    Prediction,
+    batch_t,
+    fixed_large_variance,
+    learned_log_variance,
+    reverse_variances,
+)
 from diffusionlab.utils import per_sample_dim, sum_except_batch
 
-VARIANCES = ("beta", "beta_tilde", "learned")
+#: reverse variances: ``beta`` (``b_t^2`` at every step, ``beta_1`` at ``t = 1``), ``fixed_large`` (the same but
+#: ``beta-tilde_2`` at ``t = 1``: Ho et al.'s code and improved-diffusion's FIXED_LARGE, to reproduce their figures),
+#: ``beta_tilde`` (the posterior's, clipped at ``t = 1``), ``learned`` (Nichol & Dhariwal's interpolation)
+VARIANCES = ("beta", "fixed_large", "beta_tilde", "learned")
 DECODERS = ("gaussian", "discretized")
 
 
@@ -60,14 +69,15 @@ _VARIANCE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _variance_arrays(chain, device):
-    """Float64 ``(log upper, log lower, lower)`` arrays ``(T + 1,)`` of the chain on ``device`` (cached per chain
-    and device, so a training step copies nothing from the host)."""
+    """Float64 ``(log upper, log lower, lower, log fixed_large)`` arrays ``(T + 1,)`` of the chain on ``device``
+    (cached per chain and device, so a training step copies nothing from the host)."""
     per_chain = _VARIANCE_CACHE.setdefault(chain, {})
     key = torch.device(device)
     if key not in per_chain:
         upper, lower = reverse_variances(chain.b**2, chain.post_var)
         upper[0] = lower[0]  # index 0 is never used; keep its log finite
-        per_chain[key] = tuple(a.to(key) for a in (upper.log(), lower.log(), lower))
+        large = fixed_large_variance(chain.b**2, chain.post_var)
+        per_chain[key] = tuple(a.to(key) for a in (upper.log(), lower.log(), lower, large.log()))
     return per_chain[key]
 
 
@@ -78,9 +88,11 @@ def _gather(arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor
 def reverse_log_variance(chain, t: torch.Tensor, x: torch.Tensor, variance: str, v_var=None) -> torch.Tensor:
     """``log`` of the reverse variance at steps ``t`` (``(B,)``): per sample ``(B, 1, ...)`` for the fixed
     choices, elementwise (shape of ``x``) for ``"learned"``."""
-    log_up, log_lo, _ = _variance_arrays(chain, x.device)
+    log_up, log_lo, _, log_large = _variance_arrays(chain, x.device)
     if variance == "beta":
         return _gather(log_up, t, x)
+    if variance == "fixed_large":
+        return _gather(log_large, t, x)
     if variance == "beta_tilde":
         return _gather(log_lo, t, x)
     if v_var is None:
@@ -112,7 +124,7 @@ def discretized_gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torc
 def _kl_term(chain, diff, t, log_var_q, variance, x0) -> torch.Tensor:
     """``KL(N(mu, beta-tilde_t C) || N(mu + diff, Sigma_theta))`` per sample; ``beta-tilde_1`` clipped (the
     ``t = 1`` value is discarded by the caller but must stay finite)."""
-    _, _, lower = _variance_arrays(chain, x0.device)
+    lower = _variance_arrays(chain, x0.device)[2]
     var_p = _gather(lower, t, x0)
     cov = chain.cov
     if variance != "learned":

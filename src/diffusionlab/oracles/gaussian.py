@@ -32,6 +32,7 @@ from diffusionlab.parametrization import (
     Prediction,
     batch_t,
     coeffs_like,
+    fixed_large_variance,
     reverse_variances,
 )
 
@@ -210,8 +211,9 @@ class GaussianOracle(DiffusionModel):
         """
         process = self.process
         process.require_discrete("elbo_closed_form")
-        if variance not in ("beta", "beta_tilde"):
-            raise DiffusionLabError(f"closed-form ELBO variance must be 'beta' or 'beta_tilde', got {variance!r}")
+        if variance not in ("beta", "fixed_large", "beta_tilde"):
+            raise DiffusionLabError(f"closed-form ELBO variance must be 'beta', 'fixed_large' or 'beta_tilde', got "
+                                    f"{variance!r}")
         xf = self._flat(x0)
         dev = xf.device
         T, D = process.T, self.dim
@@ -231,7 +233,8 @@ class GaussianOracle(DiffusionModel):
         e_quad = quad_u + (sigma**2 * tr)[:, None]  # (T, B)
 
         upper, lower = reverse_variances(process.b**2, process.post_var)
-        v = (upper if variance == "beta" else lower)[t].to(dev)
+        large = fixed_large_variance(process.b**2, process.post_var)
+        v = {"beta": upper, "fixed_large": large, "beta_tilde": lower}[variance][t].to(dev)
         post_var, B = process.post_var[t].to(dev), process.post_B[t].to(dev)
         r = post_var / v
         kl_const = torch.where(t.to(dev) >= 2, D * (r - 1.0 - torch.log(r.clamp(min=1e-300))), torch.zeros_like(r))

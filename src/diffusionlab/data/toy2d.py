@@ -31,7 +31,14 @@ def _points(name: str, x: torch.Tensor, g: torch.Generator) -> ArrayDataset:
 
 
 def ring(num: int = 20000, K: int = 8, radius: float = 1.0, std: float = 0.05, seed: int = 0) -> ArrayDataset:  # noqa: N803
-    """``K`` Gaussians of std ``std`` at angles ``2 pi k / K`` on a circle of radius ``radius``."""
+    """``K`` Gaussians of std ``std`` at angles ``2 pi k / K`` on a circle of radius ``radius``.
+
+    Args:
+        num: number of points
+        K: number of Gaussians (modes)
+        radius: radius of the circle
+        std: standard deviation of each Gaussian
+    """
     positive_int("ring option num", num)
     positive_int("ring option K", K)
     real("ring option radius", radius, 0.0, open_low=True)
@@ -44,7 +51,12 @@ def ring(num: int = 20000, K: int = 8, radius: float = 1.0, std: float = 0.05, s
 
 
 def moons(num: int = 20000, noise: float = 0.05, seed: int = 0) -> ArrayDataset:
-    """Two interleaving half circles (``make_moons`` geometry), centred at the origin."""
+    """Two interleaving half circles (``make_moons`` geometry), centred at the origin.
+
+    Args:
+        num: number of points
+        noise: standard deviation of the Gaussian noise added to each point
+    """
     positive_int("moons option num", num)
     real("moons option noise", noise, 0.0)
     g = _gen(seed)
@@ -57,7 +69,12 @@ def moons(num: int = 20000, noise: float = 0.05, seed: int = 0) -> ArrayDataset:
 
 
 def swissroll(num: int = 20000, noise: float = 0.05, seed: int = 0) -> ArrayDataset:
-    """``t (cos t, sin t) / 7`` with ``t ~ U(1.5 pi, 4.5 pi)``, plus Gaussian noise ``noise``."""
+    """``t (cos t, sin t) / 7`` with ``t ~ U(1.5 pi, 4.5 pi)``, plus Gaussian noise ``noise``.
+
+    Args:
+        num: number of points
+        noise: standard deviation of the Gaussian noise added to each point
+    """
     positive_int("swissroll option num", num)
     real("swissroll option noise", noise, 0.0)
     g = _gen(seed)
@@ -67,7 +84,11 @@ def swissroll(num: int = 20000, noise: float = 0.05, seed: int = 0) -> ArrayData
 
 
 def checkerboard(num: int = 20000, seed: int = 0) -> ArrayDataset:
-    """Uniform on the 8 dark unit squares of a 4 x 4 board on ``[-2, 2]^2``."""
+    """Uniform on the 8 dark unit squares of a 4 x 4 board on ``[-2, 2]^2``.
+
+    Args:
+        num: number of points
+    """
     positive_int("checkerboard option num", num)
     g = _gen(seed)
     x1 = 4 * torch.rand(num, generator=g, dtype=torch.float64) - 2

@@ -419,3 +419,13 @@ def test_simple_on_sde_and_random_draws_are_seeded():
     a = SimpleLoss(sde)(model, x0, generator=torch.Generator().manual_seed(0))
     b = SimpleLoss(sde)(model, x0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.shape == (16,) and torch.isfinite(a).all()
+
+
+def test_full_vlb_builds_no_graph():
+    """The whole bound is an evaluation: no autograd graph even with a network that requires gradients."""
+    from diffusionlab.parametrization import DiffusionModel
+    from nets import ChannelNet
+
+    model = DiffusionModel(ChannelNet(2, dtype=torch.float64), VPChain(torch.linspace(1e-3, 0.2, 20, dtype=torch.float64)))
+    out = full_vlb(model, torch.zeros(3, 2, dtype=torch.float64))
+    assert not out.requires_grad

@@ -181,12 +181,12 @@ def vlb_terms(model, x0: torch.Tensor, t, noise=None, generator=None, variance=N
     return vlb_from_prediction(model, pred, x0, eps, tb, variance, decoder)
 
 
-@torch.no_grad()
 def vlb_chunk(batch: int, t_chunk: int | None = None) -> int:
     """Steps ``t`` per network call of :func:`full_vlb`: about 8192 samples per call unless ``t_chunk`` is given."""
     return max(1, 8192 // max(batch, 1)) if t_chunk is None else int(t_chunk)
 
 
+@torch.no_grad()
 def full_vlb(model, x0: torch.Tensor, variance=None, decoder="gaussian", generator=None, t_chunk: int | None = None,
              return_terms: bool = False, bar=None):
     """The whole bound ``L_T + sum_{t=1}^T L_{t-1}`` per sample (nats, ``(B,)``; ``-ELBO >= -log p_theta(x_0)``),

@@ -47,7 +47,9 @@ def cmd_train(args) -> int:
     cfg = load_config(_config_path(args.config), args.set)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, log=_stderr,
                     max_minutes=args.max_minutes)
-    if summary.get("stopped") is None:
+    from diffusionlab.training.distributed import quiet_rank
+
+    if summary.get("stopped") is None and not quiet_rank():
         _stderr(_trained_line(summary, Path(args.out)))
     return 0
 
@@ -76,13 +78,15 @@ def check_num(num, what: str = "number of samples") -> int:
 
 def _seed_arg(text: str) -> int:
     """argparse type of ``--seed``: an integer in [0, 2^63 - 2]."""
+    import argparse
+
     from diffusionlab.training.sampling import check_seed
 
     try:
-        value = int(text)
-    except ValueError:
-        raise DiffusionLabError(f"argument --seed: invalid int value: {text[:40]!r}") from None
-    return check_seed(value)
+        return check_seed(int(text))
+    except ValueError as e:
+        msg = str(e) if isinstance(e, DiffusionLabError) else f"invalid int value: {text[:40]!r}"
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 # -- sample -------------------------------------------------------------------------------------------------

@@ -119,6 +119,15 @@ def preflight(out: Path, parameters: int, sample_every: int = 0, world_size: int
     parameters (a checkpoint holds about 16 bytes each: weights, EMA and the two AdamW moments)."""
     from diffusionlab.training.checkpoint import CKPT_DIR
 
+    if out.exists() and not out.is_dir():
+        raise DiffusionLabError(f"cannot write to the run directory {out}: it is a file")
+    if not out.exists():  # nothing to check inside yet: the nearest existing parent must take the new directory
+        parent = next((q for q in out.absolute().parents if q.exists()), Path("/"))
+        if not parent.is_dir():
+            raise DiffusionLabError(f"cannot write to the run directory {out}: {parent} is not a directory")
+        _probe(parent, out)
+        _space(parent, parameters, out)
+        return
     for name in RUN_FILES:
         if (out / name).is_dir():
             raise DiffusionLabError(f"cannot write {out / name}: it is a directory")
@@ -129,17 +138,21 @@ def preflight(out: Path, parameters: int, sample_every: int = 0, world_size: int
             raise DiffusionLabError(f"cannot write checkpoints to {d}: it is a file, not a directory" if name == CKPT_DIR
                                     else f"cannot write samples to {d}: it is a file, not a directory")
         if d.is_dir():
-            _probe(d)
-    _probe(out)
+            _probe(d, out)
+    _probe(out, out)
+    _space(out, parameters, out)
+
+
+def _space(where: Path, parameters: int, out: Path) -> None:
     checkpoint_bytes = 16 * parameters + (64 << 10)
     final_bytes = 8 * parameters + (64 << 10)
     try:
-        free = shutil.disk_usage(out).free
+        free = shutil.disk_usage(where).free
     except OSError:
         free = None
     need = checkpoint_bytes + final_bytes
     if free is not None and free < need:
-        raise DiffusionLabError(f"not enough disk space in {out}: a checkpoint and the final weights need about "
+        raise DiffusionLabError(f"not enough disk space for {out}: a checkpoint and the final weights need about "
                                 f"{_mb(need)}, {_mb(free)} are free")
     try:
         import resource
@@ -153,13 +166,14 @@ def preflight(out: Path, parameters: int, sample_every: int = 0, world_size: int
                                 "of a checkpoint file of this model; raise it (ulimit -f unlimited)")
 
 
-def _probe(d: Path) -> None:
+def _probe(d: Path, out: Path) -> None:
     probe = d / f".dltmp.{os.getpid()}.write_test"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise os_error(e, f"write to {d}") from None
+        raise os_error(e, f"write to {d}" if d == out or out in d.parents else
+                       f"create the run directory {out} in {d}") from None
 
 
 # ---- what --resume may change -------------------------------------------------------------------------------------

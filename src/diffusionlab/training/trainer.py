@@ -436,12 +436,12 @@ def _train(cfg: dict, out: Path, resume: bool, progress: bool, log, stop) -> dic
     lock = RunLock(out) if dist.is_main else None
     try:
         if lock is not None:
+            preflight(out, sum(q.numel() for q in p.params), tcfg["sample_every"], dist.world_size)
             lock.acquire()
             if not resume:
                 _refuse_existing(out)  # another writer may have finished a run here meanwhile
             for d in (out, out / CKPT_DIR, out / "samples"):
                 clean_stale_temporaries(d, extra=stale_checkpoint_temp if d.name == CKPT_DIR else None)
-            preflight(out, sum(q.numel() for q in p.params), tcfg["sample_every"], dist.world_size)
         dist.barrier()
         return _run(p, cfg, out, resume, progress, log, stop, dist)
     finally:
@@ -599,7 +599,7 @@ def _write_final(p, out: Path, summary: dict, log_path: Path, log, last_ckpt) ->
             save_safetensors_atomic(sd, out / name, metadata={"weights": kind})
         except OSError as e:
             raise DiffusionLabError(f"{os_error(e, f'write the final weights {out / name}').args[0]}; "
-                                    f"{_intact_note(last_ckpt)}: free space and run again with --resume") from None
+                                    f"{_intact_note(last_ckpt)}: run again with --resume once that is fixed") from None
     try:
         atomic_write_bytes(out / "train_summary.json", json.dumps(summary, indent=2).encode())
     except OSError as e:

@@ -99,7 +99,9 @@ def _main(argv):
     except KeyboardInterrupt as e:
         text = str(e) or "interrupted"
         print(f"diffusionlab: {one_line(text)}", file=sys.stderr, flush=True)
-        return 143 if isinstance(e, Terminated) else 130
+        if isinstance(e, Terminated):
+            return 143
+        return 128 + getattr(e, "signum", 2)
 
 
 if __name__ == "__main__":

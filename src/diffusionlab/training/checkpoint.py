@@ -38,6 +38,8 @@ from diffusionlab.errors import DiffusionLabError
 from diffusionlab.io import TMP_PREFIX, fsync_dir, temp_dir
 
 CKPT_DIR = "checkpoints"
+#: a meta.json larger than this is not one a checkpoint wrote (it holds hashes, step, optimizer hyper-parameters)
+MAX_META_BYTES = 16 << 20
 FILES = ("model.safetensors", "ema.safetensors", "state.safetensors")
 
 
@@ -215,7 +217,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     try:
-        found = [p for p in root.iterdir() if p.name.startswith("step_") and p.is_dir()]
+        found = [p for p in root.iterdir() if p.name.startswith("step_") and p.is_dir() and not p.is_symlink()]
     except OSError:
         return []
     return sorted(found, key=lambda p: (name_step(p) is None, name_step(p) or 0, p.name))
@@ -275,6 +277,10 @@ def verify_checkpoint(path: Path) -> dict:
     :class:`DiffusionLabError` (an unreadable file too: ``OSError`` is reported, not raised)."""
     meta_path = path / "meta.json"
     try:
+        size = meta_path.stat().st_size
+        if size > MAX_META_BYTES:
+            raise DiffusionLabError(f"checkpoint {path.name} has a {size}-byte meta.json, more than any checkpoint "
+                                    f"writes ({MAX_META_BYTES}); corrupted")
         meta = json.loads(meta_path.read_text())
     except OSError as e:
         raise UnreadableCheckpoint(f"checkpoint {path} has no readable meta.json ({e.strerror or e})") from None

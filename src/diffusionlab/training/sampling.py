@@ -148,7 +148,8 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str = "ema"):
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise DiffusionLabError(f"weights in {path} do not fit the model of {run}/config.yaml: {str(e).splitlines()[0]}") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:400]
+        raise DiffusionLabError(f"weights in {path} do not fit the model of {run}/config.yaml: {detail}") from None
     bad = [k for k, v in sd.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
     if bad:
         raise DiffusionLabError(f"the weights of {run} hold NaN or infinite values ({bad[0]}); they cannot be sampled")

@@ -21,7 +21,11 @@ SIGNALS = ("SIGTERM", "SIGINT")
 
 
 class Interrupted(KeyboardInterrupt):
-    """A second stop signal: stop at once."""
+    """A second stop signal: stop at once (``signum``: the signal; the CLI exits with 128 + signum)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def check_minutes(value) -> float | None:
@@ -60,7 +64,7 @@ class StopRequest:
         self.signals += 1
         name = signal.Signals(signum).name
         if self.signals > 1:
-            raise Interrupted(f"a second {name}: stopped at once")
+            raise Interrupted(f"a second {name}: stopped at once", signum)
         self.reason = name  # no printing here: a handler may run in the middle of another write to stderr
 
     def requested(self) -> str | None:

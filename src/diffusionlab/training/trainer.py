@@ -120,8 +120,17 @@ def _rewrite_log(path: Path, upto: int) -> None:
     try:
         with atomic_path(path) as tmp:
             dropped = 0
-            with open(path, newline="") as src, open(tmp, "w", newline="") as dst:
-                reader = csv.DictReader(src)
+
+            def clean(lines):  # garbage (NUL bytes, undecodable bytes) drops its own line only
+                nonlocal dropped
+                for line in lines:
+                    if "\0" in line or "\ufffd" in line:
+                        dropped += 1
+                    else:
+                        yield line
+
+            with open(path, newline="", errors="replace") as src, open(tmp, "w", newline="") as dst:
+                reader = csv.DictReader(clean(src))
                 writer = csv.DictWriter(dst, fieldnames=LOG_FIELDS, extrasaction="ignore")
                 writer.writeheader()
                 try:

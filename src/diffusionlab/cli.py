@@ -37,23 +37,71 @@ def _register(sub) -> None:
     commands.register(sub)
 
 
+MAX_MESSAGE = 2000
+
+
+def one_line(message) -> str:
+    """An error message as one bounded line: line breaks (a library's multi-line error) become spaces, and the
+    whole is at most :data:`MAX_MESSAGE` characters."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def _error(message, quiet: bool = False) -> int:
+    if not quiet:
+        print(f"diffusionlab: error: {one_line(message)}", file=sys.stderr, flush=True)
+    return 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training run's own handling (start-up, sampling): stop with one line."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated("terminated (SIGTERM)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run the CLI; user errors and operating-system errors are one line on stderr and exit status 2 (printed once,
+    by rank 0, under ``torchrun``); Ctrl-C or SIGTERM outside training is one line too (exit 130 / 143)."""
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv):
+    try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 0 if not argv else 2
         return int(args.func(args) or 0)
     except DiffusionLabError as e:
-        print(f"diffusionlab: error: {e}", file=sys.stderr)
-        return 2
+        from diffusionlab.training.distributed import quiet_rank
+
+        return _error(e, quiet=quiet_rank())
     except FileNotFoundError as e:
-        print(f"diffusionlab: error: file not found: {e.filename or e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("diffusionlab: interrupted", file=sys.stderr)
-        return 130
+        return _error(f"file not found: {e.filename or e}")
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        return _error(f"{e.strerror or e}{where}")
+    except MemoryError:
+        return _error("out of memory (the input asks for more than this machine has)")
+    except KeyboardInterrupt as e:
+        text = str(e) or "interrupted"
+        print(f"diffusionlab: {one_line(text)}", file=sys.stderr, flush=True)
+        if isinstance(e, Terminated):
+            return 143
+        return 128 + getattr(e, "signum", 2)
 
 
 if __name__ == "__main__":

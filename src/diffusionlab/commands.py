@@ -40,12 +40,53 @@ def _config_path(arg: str) -> Path:
 # -- train --------------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
     from diffusionlab.training.config import load_config
+    from diffusionlab.training.stop import check_minutes
     from diffusionlab.training.trainer import train
 
+    check_minutes(args.max_minutes)
     cfg = load_config(_config_path(args.config), args.set)
-    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, log=_stderr)
-    _stderr(f"diffusionlab: trained {summary['steps']} steps in {summary['seconds']} s; weights: {Path(args.out) / 'model.safetensors'}")
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, log=_stderr,
+                    max_minutes=args.max_minutes)
+    from diffusionlab.training.distributed import quiet_rank
+
+    if summary.get("stopped") is None and not quiet_rank():
+        _stderr(_trained_line(summary, Path(args.out)))
     return 0
+
+
+def _trained_line(summary: dict, out: Path) -> str:
+    skipped = summary["skipped_steps"]
+    note = f"{skipped} skipped: non-finite loss or gradient" if skipped else "none skipped"
+    return f"diffusionlab: trained {summary['steps']} steps in {summary['seconds']} s ({note}); weights: " \
+           f"{out / 'model.safetensors'}"
+
+
+#: the most samples a command draws without an override (DIFFUSIONLAB_MAX_SAMPLES)
+MAX_SAMPLES = 10_000_000
+#: the most samples drawn into one picture (.png grid or scatter, .gif, .mp4) without an override (DIFFUSIONLAB_MAX_PLOT)
+MAX_PLOT = 100_000
+
+
+def check_num(num, what: str = "number of samples") -> int:
+    """``--num``: an integer in [1, the limit] (:data:`MAX_SAMPLES`, DIFFUSIONLAB_MAX_SAMPLES overrides)."""
+    from diffusionlab.checks import at_most
+
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise DiffusionLabError(f"{what} must be an integer >= 1, got {num!r}")
+    return at_most(f"--num", num, "samples", MAX_SAMPLES)
+
+
+def _seed_arg(text: str) -> int:
+    """argparse type of ``--seed``: an integer in [0, 2^63 - 2]."""
+    import argparse
+
+    from diffusionlab.training.sampling import check_seed
+
+    try:
+        return check_seed(int(text))
+    except ValueError as e:
+        msg = str(e) if isinstance(e, DiffusionLabError) else f"invalid int value: {text[:40]!r}"
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 # -- sample -------------------------------------------------------------------------------------------------
@@ -86,6 +127,78 @@ def _check_out_dir(out: Path) -> None:
         raise DiffusionLabError(f"cannot write {out}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise DiffusionLabError(f"cannot write {out}: directory {parent} is not writable")
+    if out.is_dir():
+        raise DiffusionLabError(f"cannot write {out}: it is a directory")
+
+
+def _check_output_size(out: Path, num: int, shape, kind: str) -> None:
+    """Refuse, before sampling, an output that cannot be written: a picture of more than :data:`MAX_PLOT` samples,
+    or an array larger than the free space of its file system."""
+    import shutil
+
+    from diffusionlab.checks import at_most
+
+    if out.suffix in (".png", ".gif", ".mp4"):
+        at_most(f"--num for a {out.suffix} picture", num, "plot", MAX_PLOT)
+        return
+    need = 4 * num * int(np.prod(shape)) + (1 << 16)
+    try:
+        free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+    except OSError:
+        return
+    if need > free:
+        raise DiffusionLabError(f"cannot write {out}: {num} samples need about {need / 2**20:.1f} MB, "
+                                f"{free / 2**20:.1f} MB are free")
+
+
+def _stream_samples(chunks, ds, out: Path, num: int, source) -> None:
+    """Write model-space sample chunks to ``out`` (display space) as they come: ``.npy`` and ``.npz`` (key ``x``)
+    are streamed to a temporary file (memory bounded by one chunk) and renamed at the end; pictures collect
+    their (bounded) samples first. Non-finite samples stop it: nothing is written."""
+    from diffusionlab.io import atomic_path, os_error
+    from diffusionlab.training.sampling import check_finite_samples
+
+    if out.suffix not in (".npy", ".npz"):
+        parts, done = [], 0
+        for x in chunks:
+            done += len(x)
+            check_finite_samples(x, done, source)
+            parts.append(ds.to_display(x))
+        try:
+            _write_samples(torch_cat(parts), ds.kind, out)
+        except OSError as e:
+            raise os_error(e, f"write {out}") from None
+        return
+    import zipfile
+
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+              "shape": (num, *tuple(ds.sample_shape))}
+    try:
+        with atomic_path(out) as tmp:
+            if out.suffix == ".npy":
+                f, zf = open(tmp, "wb"), None
+            else:
+                zf = zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED)
+                f = zf.open("x.npy", "w", force_zip64=True)
+            try:
+                np.lib.format.write_array_header_2_0(f, header)
+                done = 0
+                for x in chunks:
+                    done += len(x)
+                    check_finite_samples(x, done, source)
+                    f.write(np.ascontiguousarray(ds.to_display(x).numpy(), dtype=np.float32).tobytes())
+            finally:
+                f.close()
+                if zf is not None:
+                    zf.close()
+    except OSError as e:
+        raise os_error(e, f"write {out}") from None
+
+
+def torch_cat(parts):
+    import torch
+
+    return torch.cat(parts, 0)
 
 
 # -- model sources: a run directory or a diffusers folder (diffusionlab.interop.diffusers) -------------------
@@ -137,22 +250,26 @@ def _nfe_line(model, scfg: dict, num: int) -> dict:
 
 
 def cmd_sample(args) -> int:
-    from diffusionlab.training.sampling import generate, sample_section
+    from diffusionlab.training.sampling import generate_chunks, sample_section
 
     out = Path(args.out)
     if out.suffix not in SAMPLE_SUFFIXES:
         raise DiffusionLabError(f"--out must end in one of {', '.join(SAMPLE_SUFFIXES)}, got {out}")
     _check_out_dir(out)
+    check_num(args.num)
     if args.sampler is not None:
         from diffusionlab.samplers import get_sampler
 
         get_sampler(args.sampler)  # validate the name before any work
     cfg, ds, model = _load_source(args, continuous=_continuous_sampler(args.sampler))
+    if out.suffix in (".gif", ".mp4") and ds.kind != "videos":
+        raise DiffusionLabError(f"{out.suffix} output is for video runs; this run's samples are {ds.kind}")
     scfg = sample_section(cfg, args.sampler, args.steps, args.grid, args.set, args.eta)
+    _check_output_size(out, args.num, ds.sample_shape, ds.kind)
     t0 = time.time()
-    x = generate(model, scfg, num=args.num, seed=args.seed, device=next(model.parameters()).device,
-                 shape=ds.sample_shape, progress=not args.quiet)
-    _write_samples(ds.to_display(x), ds.kind, out)
+    chunks = generate_chunks(model, scfg, num=args.num, seed=args.seed, device=next(model.parameters()).device,
+                             shape=ds.sample_shape, progress=not args.quiet)
+    _stream_samples(chunks, ds, out, args.num, _source_name(args))
     print(json.dumps({"out": str(out), "num": args.num, "sampler": scfg["sampler"], **_nfe_line(model, scfg, args.num),
                       "seconds": round(time.time() - t0, 2)}))
     return 0
@@ -201,6 +318,9 @@ def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str |
     x = generate(model, scfg, num=num, seed=seed, device=next(model.parameters()).device, shape=ds.sample_shape,
                  progress=progress)
     seconds = time.time() - t0
+    from diffusionlab.training.sampling import check_finite_samples
+
+    check_finite_samples(x, num, run)
     if speed is None:
         metrics = evaluate_digits(ds.to_display(x))
     else:  # video branch
@@ -218,6 +338,10 @@ def cmd_evaluate(args) -> int:
     (:mod:`diffusionlab.likelihood.evaluate`). A run (``--run``) or a diffusers model (``--diffusers``). One JSON
     object on stdout."""
     _check_source(args)
+    if args.num is not None:
+        check_num(args.num, "--num")
+    if args.steps is not None and (isinstance(args.steps, bool) or args.steps < 1):
+        raise DiffusionLabError(f"--steps must be an integer >= 1, got {args.steps}")
     if args.metric != "fid":
         for flag, value in (("--inception", args.inception), ("--stats-cache", args.stats_cache)):
             if value is not None:
@@ -274,16 +398,26 @@ def cmd_demo(args) -> int:
     from diffusionlab.training.sampling import generate, load_run
     from diffusionlab.training.trainer import train
 
+    from diffusionlab.training.sampling import check_finite_samples
+    from diffusionlab.training.stop import check_minutes
+
     out = Path(args.out)
+    check_num(args.num)  # before training, not after
+    check_minutes(args.max_minutes)
     cfg = load_config(packaged_config("digits"), args.set)
     t0 = time.time()
     _stderr(f"diffusionlab demo: training a U-Net on the bundled 8x8 digits ({cfg['train']['steps']} steps) -> {out}")
-    summary = train(cfg, out, resume=args.resume, progress=not args.quiet, log=_stderr)
+    summary = train(cfg, out, resume=args.resume, progress=not args.quiet, log=_stderr, max_minutes=args.max_minutes)
+    if summary.get("stopped") is not None:
+        _stderr(f"diffusionlab demo: training stopped; continue with: diffusionlab demo --out {out} --resume")
+        return 0
+    _stderr(_trained_line(summary, out))
     cfg, ds, model = load_run(out)
     _stderr(f"diffusionlab demo: sampling {args.num} digits with {cfg['sample']['sampler']} ({cfg['sample']['steps']} steps)")
     t1 = time.time()
     x = generate(model, cfg["sample"], num=args.num, seed=cfg["train"]["seed"], device=next(model.parameters()).device,
                  shape=ds.sample_shape, progress=not args.quiet)
+    check_finite_samples(x, args.num, out)
     x01 = ds.to_display(x).float().clamp(0, 1)
     sample_seconds = time.time() - t1
     _write_samples(x01.numpy(), ds.kind, out / "samples.npz")
@@ -325,6 +459,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the run's last intact checkpoint")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="stop cleanly after M minutes with a checkpoint (exit 0; continue with --resume); SIGTERM and "
+                        "Ctrl-C stop the same way")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -345,7 +482,7 @@ def register(sub) -> None:
                    help="a sampler option, e.g. eta=0.5 (refused if the sampler has no such option)")
     p.add_argument("--eta", type=float, default=None, help="shortcut for --set eta=VALUE (ddim)")
     p.add_argument("--num", type=int, default=64, help="number of samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed_arg, default=0)
     p.add_argument("--out", required=True, help="output .npz (key x), .npy or .png")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
@@ -369,7 +506,7 @@ def register(sub) -> None:
     p.add_argument("--num", type=int, default=None,
                    help="samples (digits: 1000, moving_digits videos: 64, fid: 1000) or evaluation points (nll, elbo: "
                         "1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed_arg, default=0)
     p.add_argument("--sampler", default=None, help=f"digits: sampler (default: the run's): {names}")
     p.add_argument("--steps", type=int, default=None, help="digits: sampler steps (default: the sampler's)")
     p.add_argument("--grid", default=None, choices=GRID_KINDS, help="digits: time grid (default: the sampler's)")
@@ -395,6 +532,8 @@ def register(sub) -> None:
     p.add_argument("--num", type=int, default=1000, help="number of digits to sample (default 1000)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the digits config")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="stop training cleanly after M minutes with a checkpoint (continue with --resume)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import yaml
 
+from diffusionlab.checks import brief
 from diffusionlab.errors import DiffusionLabError
 
 
@@ -44,15 +45,49 @@ _SafeLoader.add_implicit_resolver(
 )
 
 
-def safe_load(text: str):
-    """Parse YAML text safely (no Python objects), reading ``1e-3`` as a float."""
-    return yaml.load(text, Loader=_SafeLoader)
+#: bounds on what a config may hold: its size in bytes, and the number of values once YAML aliases are expanded
+#: (a "billion laughs" document of a few lines names 10^9 values through nested aliases) and its nesting depth
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 64
+
+
+def check_size(data, where: str = "the config") -> None:
+    """Refuse ``data`` (parsed YAML) holding more than :data:`MAX_CONFIG_VALUES` values once aliases are expanded,
+    or nested deeper than :data:`MAX_CONFIG_DEPTH`; the walk stops at the first excess, so it is bounded too."""
+    stack, count = [(data, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise DiffusionLabError(f"{where} holds more than {MAX_CONFIG_VALUES} values once its YAML aliases are "
+                                    "expanded (an alias bomb?); refused")
+        if depth > MAX_CONFIG_DEPTH:
+            raise DiffusionLabError(f"{where} is nested more than {MAX_CONFIG_DEPTH} levels deep; refused")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            stack.extend((k, depth + 1) for k in node.keys())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def safe_load(text: str, where: str = "the config"):
+    """Parse YAML text safely (no Python objects), reading ``1e-3`` as a float; bounded (:func:`check_size`)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise DiffusionLabError(f"{where} is {len(text)} characters long, more than the {MAX_CONFIG_BYTES} a config "
+                                "may have; refused")
+    try:
+        data = yaml.load(text, Loader=_SafeLoader)
+    except RecursionError:
+        raise DiffusionLabError(f"{where} is nested too deeply to parse; refused") from None
+    check_size(data, where)
+    return data
 
 
 def parse_scalar(raw: str):
     """A command-line value parsed as YAML (``1e-3``, ``true``, ``[1, 2]``); the raw string when it is not YAML."""
     try:
-        return safe_load(raw)
+        return safe_load(raw, f"the command-line value {raw[:40]!r}")
     except yaml.YAMLError:
         return raw
 
@@ -87,7 +122,7 @@ def _check_type(where: str, value, annotation):
     elif isinstance(value, float):
         if "float" in allowed:
             if not math.isfinite(value):
-                raise _error(f"{where} must be a finite number, got {value!r}")
+                raise _error(f"{where} must be a finite number, got {brief(value)}")
             return value
     elif isinstance(value, str):
         if "str" in allowed:
@@ -102,7 +137,7 @@ def _check_type(where: str, value, annotation):
     want = " or ".join(dict.fromkeys(names[a] for a in allowed if a in names))
     if "None" in allowed:
         want += " or null"
-    raise _error(f"{where} must be {want}, got {value!r}")
+    raise _error(f"{where} must be {want}, got {brief(value)}")
 
 
 def _error(msg: str) -> DiffusionLabError:
@@ -206,7 +241,7 @@ class Catalogue:
 
     def get(self, name) -> Entry:
         if not isinstance(name, str) or name not in self.entries:
-            raise DiffusionLabError(f"unknown {self.kind} {name!r}; allowed: {', '.join(self.entries)}")
+            raise DiffusionLabError(f"unknown {self.kind} {brief(name)}; allowed: {', '.join(self.entries)}")
         return self.entries[name]
 
     def split(self, cfg) -> tuple[Entry, dict]:
@@ -214,7 +249,7 @@ class Catalogue:
         if isinstance(cfg, str):
             cfg = {"name": cfg}
         if not isinstance(cfg, dict):
-            raise DiffusionLabError(f"a {self.kind} config must be a mapping with a 'name', got {cfg!r}")
+            raise DiffusionLabError(f"a {self.kind} config must be a mapping with a 'name', got {brief(cfg)}")
         opts = dict(cfg)
         if "name" not in opts:
             raise DiffusionLabError(f"a {self.kind} config needs a 'name': one of {', '.join(self.entries)}")

@@ -3,13 +3,17 @@
 Every file the package writes goes through :func:`atomic_write_bytes` (bytes) or :func:`atomic_path` (a writer that
 needs a path, e.g. imageio or matplotlib): the data go to a temporary file in the target's directory, are
 fsync'ed, and the file is renamed over the target (then the directory is fsync'ed). A kill at any moment leaves
-either the previous file or the new one. :func:`load_weights` reads safetensors, or ``.pt`` files with
-``torch.load(weights_only=True)``: a pickle that carries code is refused and never executed.
+either the previous file or the new one. Every temporary (file or directory: checkpoints use
+:func:`temp_dir`) is named ``.dltmp.<pid>.<name>.<random>``, so :func:`clean_stale_temporaries` can remove those
+of writers that died (kill -9) without touching a live writer's. :func:`load_weights` reads safetensors, or
+``.pt`` files with ``torch.load(weights_only=True)``: a pickle that carries code is refused and never executed.
+:func:`os_error` turns an operating-system error into the one-line message of a :class:`DiffusionLabError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -45,6 +49,74 @@ def default_mode(directory: bool = False) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (``kill(pid, 0)``; a process of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def temp_owner(name: str) -> int | None:
+    """The writer's PID in a temporary's name ``.dltmp.<pid>.*``; None for any other name."""
+    if not name.startswith(TMP_PREFIX):
+        return None
+    pid, _, _ = name[len(TMP_PREFIX):].partition(".")
+    return int(pid) if pid.isdigit() else None
+
+
+def clean_stale_temporaries(directory: str | Path, extra=None) -> list[Path]:
+    """Remove the temporaries (files or directories) of dead writers directly inside ``directory``; return them.
+
+    A temporary is stale when its writer (the PID in its name) no longer runs; ``extra(name) -> bool`` marks other
+    names as stale too (e.g. an older naming scheme). A live writer's temporaries are never touched."""
+    import shutil
+
+    root = Path(directory)
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid = temp_owner(entry.name)
+        stale = (pid is not None and pid != os.getpid() and not pid_alive(pid)) or bool(extra and extra(entry.name))
+        if not stale:
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass  # a permission problem surfaces when the run writes there
+    return removed
+
+
+def os_error(e: OSError, doing: str) -> DiffusionLabError:
+    """A one-line error for an operating-system error while ``doing`` something (``"write DIR/x"``): the
+    system's own wording (``No space left on device``, ``File too large``, ``Permission denied``)."""
+    what = e.strerror or type(e).__name__
+    if e.errno == errno.EFBIG:
+        what += " (the file-size limit, ulimit -f)"
+    return DiffusionLabError(f"cannot {doing}: {what}")
+
+
+def temp_dir(parent: str | Path, name: str) -> Path:
+    """A new temporary directory ``.dltmp.<pid>.<name>.<random>`` in ``parent`` with default permissions."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}.{name}.", dir=parent))
+    os.chmod(tmp, default_mode(directory=True))
+    return tmp
 
 
 def _temp_name(path: Path) -> str:

@@ -50,6 +50,9 @@ class ArrayDataset:
             )
         if len(self.data) == 0:
             raise DiffusionLabError(f"dataset {self.name!r} is empty")
+        if min(self.data.shape) == 0:
+            raise DiffusionLabError(f"dataset {self.name!r} has an empty axis: samples of shape "
+                                    f"{tuple(self.data.shape[1:])}")
         if self.labels is not None and (self.labels.dtype != torch.long or self.labels.shape != (len(self.data),)):
             raise DiffusionLabError(
                 f"dataset {self.name!r}: labels must be a LongTensor of shape ({len(self.data)},), "
@@ -83,15 +86,125 @@ class ArrayDataset:
         return ArrayDataset(self.data.to(device), self.kind, self.name, labels, self.levels, self.num_classes)
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries such as imageio raise multi-line ones)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_array_bytes(nbytes: int, what: str) -> None:
+    """Refuse loading an array of ``nbytes`` bytes larger than this machine's memory (or the override
+    ``DIFFUSIONLAB_MAX_ARRAY_BYTES``): a file's header may claim any shape."""
+    from diffusionlab.checks import limit
+
+    top = limit("array_bytes", physical_memory() or 2**40)
+    if nbytes > top:
+        raise DiffusionLabError(f"{what} would need {nbytes / 2**30:.3g} GiB, more than the {top / 2**30:.3g} GiB "
+                                "allowed (this machine's memory; DIFFUSIONLAB_MAX_ARRAY_BYTES overrides)")
+
+
+def _npy_header(f, what: str) -> tuple[tuple, np.dtype, int]:
+    """``(shape, dtype, data bytes)`` from an open ``.npy`` stream's header (the stream is left after it)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:  # format 3.0 (utf-8 field names) has no public reader
+            import importlib
+
+            impl = importlib.import_module("numpy.lib._format_impl" if hasattr(np.lib, "_format_impl")
+                                           else "numpy.lib.format")
+            shape, _, dtype = impl._read_array_header(f, version)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
+        raise DiffusionLabError(f"cannot read {what}: malformed .npy header ({first_line(e)})") from None
+    if dtype.hasobject:
+        raise DiffusionLabError(f"{what} holds pickled (object) data, which diffusionlab never loads")
+    if any(n < 0 for n in shape):
+        raise DiffusionLabError(f"{what} has a malformed shape {shape}")
+    return tuple(shape), dtype, int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def check_npy_file(path: str, what: str | None = None) -> None:
+    """Refuse a ``.npy`` file whose header claims more data than the file holds (a truncated file, or a header
+    claiming a huge shape) or more than :func:`check_array_bytes` allows, before anything is allocated."""
+    what = what or f"array file {path!r}"
+    with open(path, "rb") as f:
+        shape, _, nbytes = _npy_header(f, what)
+        offset = f.tell()
+    size = os.path.getsize(path)
+    if size - offset < nbytes:
+        raise DiffusionLabError(f"{what} is truncated or lies about its size: its header claims shape {shape} "
+                                f"({nbytes} bytes of data), the file holds {size - offset}")
+    check_array_bytes(nbytes, what)
+
+
+def check_npz_member(npz, key: str, what: str) -> None:
+    """The same check for member ``key`` of an open ``np.load`` archive: a real ``.npy`` (not, say, a pickle) whose
+    header agrees with the member's size."""
+    name = key if key in npz.zip.namelist() else f"{key}.npy"
+    try:
+        info = npz.zip.getinfo(name)
+        with npz.zip.open(name) as f:
+            head = f.read(6)
+            if head != b"\x93NUMPY":
+                raise DiffusionLabError(f"{what}: member {key!r} is not a .npy array (a pickle or other data); refused")
+            with npz.zip.open(name) as g:
+                shape, _, nbytes = _npy_header(g, f"{what} member {key!r}")
+                offset = g.tell()
+    except DiffusionLabError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as e:
+        raise DiffusionLabError(f"cannot read {what} member {key!r}: {first_line(e)}") from None
+    if info.file_size - offset < nbytes:
+        raise DiffusionLabError(f"{what} member {key!r} is truncated or lies about its size: its header claims shape "
+                                f"{shape} ({nbytes} bytes), the member holds {info.file_size - offset}")
+    check_array_bytes(nbytes, f"{what} member {key!r}")
+
+
+def load_npy(path: str, what: str | None = None) -> np.ndarray:
+    """A ``.npy`` file read safely: a regular file, never unpickled, its header checked (:func:`check_npy_file`)."""
+    what = what or f"array file {path!r}"
+    if not os.path.isfile(path):
+        raise DiffusionLabError(f"{what} does not exist or is not a regular file")
+    try:
+        check_npy_file(path, what)
+        arr = np.load(path, allow_pickle=False)
+    except DiffusionLabError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise DiffusionLabError(f"cannot read {what}: {first_line(e)}") from None
+    if not isinstance(arr, np.ndarray):
+        raise DiffusionLabError(f"{what} is not a single .npy array")
+    return arr
+
+
 def _np_load(path: str, key: str | None, labels_key: str | None) -> tuple[np.ndarray, np.ndarray | None]:
     """The array at ``path`` (the ``key`` member of an ``.npz``, default its first) and the ``labels_key``
-    member if asked; pickles refused, the archive closed on return."""
+    member if asked; pickles refused, headers checked against the data (:func:`check_npy_file`), the archive
+    closed on return."""
     if not os.path.isfile(path):
         raise DiffusionLabError(f"array file {path!r} does not exist (expected a .npy or .npz file)")
     try:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        if not is_zip:
+            check_npy_file(path)
         obj = np.load(path, allow_pickle=False)
+    except DiffusionLabError:
+        raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DiffusionLabError(f"cannot read array file {path!r} (malformed .npy/.npz or pickled data): {e}") from None
+        raise DiffusionLabError(f"cannot read array file {path!r} (malformed .npy/.npz or pickled data): "
+                                f"{first_line(e)}") from None
     if isinstance(obj, np.ndarray):
         for opt, val in (("key", key), ("labels", labels_key)):
             if val is not None:
@@ -107,10 +220,14 @@ def _np_load(path: str, key: str | None, labels_key: str | None) -> tuple[np.nda
 def _npz_member(npz, key: str, path: str) -> np.ndarray:
     if key not in npz.files:
         raise DiffusionLabError(f"array archive {path!r} has no array {key!r}; it holds: {', '.join(npz.files)}")
+    check_npz_member(npz, key, f"array archive {path!r}")
     try:
-        return npz[key]
+        arr = npz[key]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DiffusionLabError(f"cannot read array {key!r} of {path!r}: {e}") from None
+        raise DiffusionLabError(f"cannot read array {key!r} of {path!r}: {first_line(e)}") from None
+    if not isinstance(arr, np.ndarray):
+        raise DiffusionLabError(f"array archive {path!r}: member {key!r} is not a .npy array; refused")
+    return arr
 
 
 def _to_model_space(arr: np.ndarray, kind: str, value_range: str | None, path: str) -> torch.Tensor:
@@ -166,6 +283,9 @@ def load_array(path: str, key: str | None = None, range: str | None = None,  # n
         )
     if arr.shape[0] == 0:
         raise DiffusionLabError(f"array in {path!r} is empty (shape {arr.shape})")
+    if min(arr.shape) == 0:
+        raise DiffusionLabError(f"array in {path!r} has an empty axis (shape {arr.shape}): every sample needs at "
+                                "least one value per axis")
     if arr.dtype == np.uint8 and range == "model":
         raise DiffusionLabError(f"array in {path!r} is uint8 (bytes 0..255), which cannot be in range model [-1, 1]")
     data = _to_model_space(arr, kind, range, path)

@@ -69,34 +69,90 @@ def _folder(path, what: str) -> str:
 
 
 def _read_bytes(path: str) -> bytes:
-    """The file's bytes, gunzipped when it ends in ``.gz``; a corrupt archive names the file."""
+    """The file's bytes, gunzipped when it ends in ``.gz`` (at most what :func:`check_array_bytes` allows: a small
+    archive may claim any size); a corrupt archive names the file."""
+    from diffusionlab.checks import limit
+    from diffusionlab.data.arrays import check_array_bytes, first_line, physical_memory
+
     try:
         if path.endswith(".gz"):
+            cap = limit("array_bytes", physical_memory() or 2**40)
             with gzip.open(path, "rb") as fh:
-                return fh.read()
+                data = fh.read(cap + 1)
+            check_array_bytes(len(data), f"{path!r} (decompressed)")
+            return data
+        check_array_bytes(os.path.getsize(path), repr(path))
         with open(path, "rb") as fh:
             return fh.read()
     except (OSError, EOFError, zlib.error) as e:
-        raise DiffusionLabError(f"cannot read {path!r}: {e}") from None
+        raise DiffusionLabError(f"cannot read {path!r}: {first_line(e)}") from None
 
 
 # ---- image folder -----------------------------------------------------------------------------------------
-def _image_files(folder: str) -> list[str]:
+def regular_files(folder: str, extensions: tuple[str, ...]) -> list[str]:
+    """Every regular file under ``folder`` (recursively, sorted) whose name ends in one of ``extensions``: named
+    pipes, sockets and devices are skipped (opening a pipe would wait forever), symlinks to regular files kept."""
     files = []
     for root, dirs, names in os.walk(folder):
         dirs.sort()
-        files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+        files += [os.path.join(root, n) for n in sorted(names)
+                  if n.lower().endswith(extensions) and os.path.isfile(os.path.join(root, n))]
     return files
+
+
+def _image_files(folder: str) -> list[str]:
+    return regular_files(folder, IMAGE_EXTENSIONS)
+
+
+#: the most pixels an image file may have without an override (DIFFUSIONLAB_MAX_IMAGE_PIXELS): a 97 KB PNG can
+#: claim 10000 x 10000 pixels and take 2.7 GB to decode
+MAX_IMAGE_PIXELS = 1 << 25
+
+
+def check_image_pixels(path: str, frames_allowed: bool = False, what: str = "image") -> tuple[int, int, int]:
+    """``(width, height, frames)`` of an image file from its header (Pillow, nothing decoded), refused when the
+    pixels (times the frames of an animation) exceed :data:`MAX_IMAGE_PIXELS` (a decompression bomb)."""
+    import warnings
+
+    from PIL import Image
+
+    from diffusionlab.checks import limit
+    from diffusionlab.data.arrays import first_line
+
+    top = limit("image_pixels", MAX_IMAGE_PIXELS)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                frames = int(getattr(im, "n_frames", 1) or 1) if frames_allowed else 1
+    except Image.DecompressionBombError:
+        raise DiffusionLabError(f"{what} {path!r} claims more pixels than Pillow allows (a decompression bomb); "
+                                "refused") from None
+    except Exception as e:  # Pillow raises many types for bad files
+        raise DiffusionLabError(f"cannot read {what} {path!r}: {first_line(e)}") from None
+    if w * h * frames > top:
+        raise DiffusionLabError(f"{what} {path!r} has {w} x {h} pixels{f' x {frames} frames' if frames > 1 else ''}, "
+                                f"more than the {top} allowed (a decompression bomb?); set "
+                                f"DIFFUSIONLAB_MAX_IMAGE_PIXELS to allow more")
+    if w < 1 or h < 1:
+        raise DiffusionLabError(f"{what} {path!r} has no pixels ({w} x {h})")
+    return w, h, frames
 
 
 def _read_image(path: str, channels: int) -> torch.Tensor:
     """One image file as float32 ``(channels, H, W)`` in ``[0, 1]`` (alpha dropped, grey <-> RGB converted)."""
     import imageio.v3 as iio
 
+    from diffusionlab.data.arrays import first_line
+
+    check_image_pixels(path)
     try:
         arr = np.asarray(iio.imread(path, plugin="pillow"))
     except Exception as e:  # imageio raises many types (OSError, ValueError, plugin errors) for bad files
-        raise DiffusionLabError(f"cannot read image {path!r}: {e}") from None
+        raise DiffusionLabError(f"cannot read image {path!r}: {first_line(e)}") from None
+    if arr.dtype == np.bool_:  # 1-bit images
+        arr = arr.astype(np.uint8) * 255
     if arr.dtype == np.uint8:
         x = arr.astype(np.float32) / 255.0
     elif arr.dtype == np.uint16:

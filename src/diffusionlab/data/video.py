@@ -132,16 +132,22 @@ def moving_mnist(path: str, frames: int = 20, size: int = 64, num: int | None = 
     positive_int("moving_mnist option size", size)
     if num is not None:
         positive_int("moving_mnist option num", num)
+    from diffusionlab.data.arrays import check_array_bytes, check_npy_file, first_line
+
     try:
+        check_npy_file(p, f"moving_mnist file {p!r}")
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except DiffusionLabError:
+        raise
     except (ValueError, OSError, EOFError) as e:
-        raise DiffusionLabError(f"cannot read moving_mnist file {p!r}: {e}") from None
-    if not isinstance(arr, np.ndarray) or arr.ndim != 4 or arr.dtype != np.uint8:
+        raise DiffusionLabError(f"cannot read moving_mnist file {p!r}: {first_line(e)}") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 4 or arr.dtype != np.uint8 or min(arr.shape) < 1:
         raise DiffusionLabError(f"moving_mnist file {p!r} must hold a uint8 array (frames, videos, H, W), got "
                                 f"{getattr(arr, 'dtype', type(arr))} {getattr(arr, 'shape', '')}")
     if arr.shape[0] < frames:
         raise DiffusionLabError(f"moving_mnist file {p!r} has {arr.shape[0]} frames, fewer than frames={frames}")
     n = arr.shape[1] if num is None else min(num, arr.shape[1])
+    check_array_bytes(4 * frames * n * arr.shape[2] * arr.shape[3], f"moving_mnist ({n} videos of {frames} frames)")
     sub = np.ascontiguousarray(arr[:frames, :n]).transpose(1, 0, 2, 3)[:, None]  # (N, 1, F, H, W)
     x = from_uint8(sub)
     if size != x.shape[-1] or size != x.shape[-2]:
@@ -154,11 +160,9 @@ def moving_mnist(path: str, frames: int = 20, size: int = 64, num: int | None = 
 
 # ---- folders of videos --------------------------------------------------------------------------------------
 def _video_files(folder: str) -> list[str]:
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(VIDEO_EXTENSIONS)]
-    return files
+    from diffusionlab.data.images import regular_files
+
+    return regular_files(folder, VIDEO_EXTENSIONS)
 
 
 def _to_unit(arr: np.ndarray, path: str) -> np.ndarray:
@@ -178,24 +182,32 @@ def read_video(path: str, channels: int = 1) -> torch.Tensor:
     ``.gif`` / ``.mp4`` via imageio (frames ``(F, H, W[, C])``; alpha dropped; MP4 needs the ffmpeg or pyav
     plugin); ``.npy`` (never unpickled) holding ``(F, H, W)`` or ``(F, H, W, C)``, uint8 or floats in [0, 1].
     Grey <-> RGB converted as for images (ITU-R BT.601 luma)."""
+    from diffusionlab.data.arrays import first_line, load_npy
+
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise DiffusionLabError(f"cannot read video {path!r}: {e}") from None
+        arr = load_npy(path, f"video {path!r}")
     else:
         import imageio.v3 as iio
 
+        if ext == ".gif":
+            from diffusionlab.data.images import check_image_pixels
+
+            check_image_pixels(path, frames_allowed=True, what="video")  # a decompression bomb is refused before decoding
         try:
             arr = np.asarray(iio.imread(path, index=None))
         except Exception as e:  # imageio raises many types for bad files or a missing plugin
-            hint = " (MP4 needs an imageio plugin: pip install imageio[ffmpeg])" if ext == ".mp4" else ""
-            raise DiffusionLabError(f"cannot read video {path!r}{hint}: {e}") from None
+            hint = ""
+            if ext == ".mp4":
+                from diffusionlab.video_io import mp4_available
+
+                hint = "" if mp4_available() else " (MP4 needs an imageio plugin: pip install imageio[ffmpeg])"
+            raise DiffusionLabError(f"cannot read video {path!r}{hint}: {first_line(e)}") from None
     if arr.ndim == 3:
         arr = arr[..., None]
-    if arr.ndim != 4 or arr.shape[-1] not in (1, 2, 3, 4) or arr.shape[0] < 1:
-        raise DiffusionLabError(f"video {path!r} has shape {arr.shape}; expected frames (F, H, W) or (F, H, W, C)")
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 2, 3, 4) or min(arr.shape) < 1:
+        raise DiffusionLabError(f"video {path!r} has shape {arr.shape}; expected frames (F, H, W) or (F, H, W, C), "
+                                "each at least 1")
     x = _to_unit(arr, path)
     x = x[..., :3] if x.shape[-1] >= 3 else x[..., :1]
     if channels == 1 and x.shape[-1] == 3:

@@ -175,13 +175,24 @@ def _check_size(size) -> int:
     return size
 
 
+#: the largest noise-prior alpha: beyond it the frames' noise is numerically one draw (``1 - r = 1 / (1 + alpha^2)``
+#: below 1e-6, so ``C^{-1}`` amplifies by more than 1e6 and float32 training loses every digit)
+MAX_ALPHA = 1e3
+#: the range of a Toeplitz covariance's diagonal ``a`` (the noise variance relative to i.i.d. noise): outside it
+#: ``C^{-1}`` or ``C`` overflows float32 arithmetic (``toeplitz:1e-300`` gives non-finite losses at every step)
+TOEPLITZ_DIAGONAL = (1e-6, 1e6)
+
+
 def _check_alpha(alpha) -> float:
     try:
         a = float(alpha)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DiffusionLabError(f"noise-prior alpha must be a number >= 0, got {alpha!r}") from None
     if not math.isfinite(a) or a < 0:
         raise DiffusionLabError(f"noise-prior alpha must be finite and >= 0, got {alpha!r}")
+    if a > MAX_ALPHA:
+        raise DiffusionLabError(f"noise-prior alpha must be at most {MAX_ALPHA:g} (beyond it the frames share one noise "
+                                f"draw to float precision: 1 - r = 1 / (1 + alpha^2) < 1e-6), got {alpha!r}")
     return a
 
 
@@ -393,6 +404,12 @@ def toeplitz(coeffs: Sequence[float], size: int, axis: int = 1) -> Dense:
         raise DiffusionLabError(f"Toeplitz coefficients must be numbers, got {coeffs!r}") from None
     if len(c) < 1:
         raise DiffusionLabError("Toeplitz covariance needs at least one coefficient (the diagonal a)")
+    if not all(math.isfinite(v) for v in c):
+        raise DiffusionLabError(f"Toeplitz coefficients must be finite numbers, got {c}")
+    lo, hi = TOEPLITZ_DIAGONAL
+    if not lo <= c[0] <= hi:
+        raise DiffusionLabError(f"Toeplitz covariance diagonal a = {c[0]:g} must lie in [{lo:g}, {hi:g}] (the noise "
+                                "variance relative to i.i.d. noise; outside it float32 training overflows)")
     if len(c) > size:
         raise DiffusionLabError(f"Toeplitz covariance has {len(c)} coefficients but only {size} frames")
     row = torch.zeros(size, dtype=_F64)

@@ -290,31 +290,54 @@ def parse_fitted_spec(spec: str) -> dict:
     return opts
 
 
-def resolve_fitted_noise(cfg: dict, data: torch.Tensor, out_dir, log=None) -> dict:
-    """If ``cfg["process"]["noise"]`` is ``fitted[:...]``: fit the frame covariance to ``data`` (the training set,
-    ``(N, *sample_shape)``), save it as ``out_dir/noise_covariance.safetensors`` and return a copy of ``cfg`` whose
-    spec is ``file:<absolute path>`` (so ``config.yaml`` rebuilds the same process). Otherwise ``cfg`` unchanged."""
+def is_fitted_spec(spec) -> bool:
+    return isinstance(spec, str) and spec.strip().lower().partition(":")[0] == "fitted"
+
+
+def _noise_axis(cfg: dict, sample_ndim: int) -> int:
+    axis = (cfg.get("process") or {}).get("noise_axis")
+    return (2 if sample_ndim == 4 else 1) if axis is None else int(axis)
+
+
+def fit_noise(cfg: dict, data: torch.Tensor, out_dir) -> tuple[dict, Covariance | None]:
+    """``(cfg, cov)``: if ``cfg["process"]["noise"]`` is ``fitted[:...]``, the frame covariance fitted to ``data``
+    (the training set, ``(N, *sample_shape)``) and a copy of ``cfg`` whose spec is ``file:<out_dir>/`` +
+    :data:`FITTED_FILE`, where :func:`save_fitted_noise` writes it; otherwise ``(cfg, None)``. Nothing is
+    written, so a run whose other input is bad leaves no file behind."""
     import copy
 
     spec = (cfg.get("process") or {}).get("noise")
-    if not (isinstance(spec, str) and spec.strip().lower().startswith("fitted")):
-        return cfg
+    if not is_fitted_spec(spec):
+        return cfg, None
     opts = parse_fitted_spec(spec)
-    sample_ndim = data.ndim - 1
-    axis = int(cfg["process"].get("noise_axis", 2 if sample_ndim == 4 else 1))
-    cov = fit_frame_covariance(data, axis=axis, **opts)
-    path = Path(out_dir).resolve() / FITTED_FILE
-    save_covariance(cov, path, meta={"spec": spec})
-    if log is not None:
-        log(f"diffusionlab: fitted noise covariance ({spec}) saved to {path}")
+    cov = fit_frame_covariance(data, axis=_noise_axis(cfg, data.ndim - 1), **opts)
+    cov.fitted_spec = spec
     cfg = copy.deepcopy(cfg)
-    cfg["process"]["noise"] = f"file:{path}"
+    cfg["process"]["noise"] = f"file:{Path(os.path.abspath(out_dir)) / FITTED_FILE}"
+    return cfg, cov
+
+
+def save_fitted_noise(cov: Covariance, out_dir) -> Path:
+    """Write a covariance of :func:`fit_noise` to ``out_dir/`` :data:`FITTED_FILE` (atomic), its spec in the
+    metadata (so ``--resume`` can tell whether the run's file answers the same spec)."""
+    return save_covariance(cov, Path(out_dir) / FITTED_FILE, meta={"spec": getattr(cov, "fitted_spec", "fitted")})
+
+
+def resolve_fitted_noise(cfg: dict, data: torch.Tensor, out_dir, log=None) -> dict:
+    """:func:`fit_noise`, then :func:`save_fitted_noise` at once (for callers outside the trainer); returns the
+    config naming the file."""
+    cfg, cov = fit_noise(cfg, data, out_dir)
+    if cov is not None:
+        path = save_fitted_noise(cov, out_dir)
+        if log is not None:
+            log(f"diffusionlab: fitted noise covariance saved to {path}")
     return cfg
 
 
 __all__ = [
     "CENTERS", "DEFAULT_MIN_EIG", "FITTED_FILE", "fit_frame_covariance", "frame_correlation", "frame_vectors",
     "load_covariance", "make_noise_covariance", "nearest_correlation", "parse_fitted_spec", "read_covariance_meta",
-    "resolve_fitted_noise", "save_covariance", "toeplitz_average", "toeplitz_spec",
+    "resolve_fitted_noise", "save_covariance", "toeplitz_average", "toeplitz_spec", "fit_noise", "save_fitted_noise",
+    "is_fitted_spec",
 ]
 

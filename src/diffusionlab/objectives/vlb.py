@@ -157,7 +157,14 @@ def vlb_from_prediction(model, pred: Prediction, x0, eps, t, variance=None, deco
     """The bound's term for each sample's own step: ``L_{t-1}`` for ``t >= 2``, ``L_0`` for ``t = 1`` (nats, ``(B,)``).
 
     ``pred`` is the model's prediction at ``x_t = s_t x0 + sigma_t eps``. ``detach_mean`` stops the gradient
-    through the mean (Nichol & Dhariwal's hybrid loss trains only the variance through this term)."""
+    through the mean (Nichol & Dhariwal's hybrid loss trains only the variance through this term).
+
+    Each branch sees only its own rows: the decoder gets the ``x_0`` error of the ``t = 1`` rows and zeros
+    elsewhere, the KL that of the ``t >= 2`` rows. Selecting afterwards is not enough, since the backward pass of
+    ``where`` multiplies the discarded branch's gradient by zero, and ``0 * inf = nan``: at ``t = T`` of the
+    cosine schedule (``s_T = 4.9e-5``) the error reaches ``1e5``, and in float32 the discretized decoder's two bin
+    edges then round to the same ``log_ndtr`` value (``log(-expm1(0)) = -inf``). Zeros keep both branches finite
+    without a host synchronisation (no boolean indexing)."""
     chain = require_chain(model.process, "the variational bound")
     variance = resolve_variance(variance, model)
     _check_choice("decoder", decoder, DECODERS)
@@ -166,8 +173,10 @@ def vlb_from_prediction(model, pred: Prediction, x0, eps, t, variance=None, deco
         err = err.detach()
     log_var = reverse_log_variance(chain, t, x0, variance, pred.v_var)
     B = chain.at("post_B", t, x0, lo=1)
-    kl = _kl_term(chain, B * err, t, log_var, variance, x0)
-    dec = _decoder_nll(chain, x0, err, log_var, variance, decoder)
+    first = (t == 1).reshape(-1, *([1] * (x0.ndim - 1)))
+    zero = torch.zeros_like(err)
+    kl = _kl_term(chain, B * torch.where(first, zero, err), t, log_var, variance, x0)
+    dec = _decoder_nll(chain, x0, torch.where(first, err, zero), log_var, variance, decoder)
     return torch.where(t == 1, dec, kl)
 
 

@@ -196,9 +196,12 @@ class Plan:
 
 
 def _check_budget(budget) -> int:
+    from diffusionlab.checks import at_most
+    from diffusionlab.processes.grid import MAX_GRID_STEPS
+
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise DiffusionLabError(f"--nfe must be an integer >= 1, got {budget!r}")
-    return budget
+    return at_most("--nfe", budget, "steps", MAX_GRID_STEPS)
 
 
 def plan(name: str, process, budget: int | None, grid: str | None = None, eps: float | None = None,

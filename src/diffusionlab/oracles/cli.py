@@ -156,13 +156,14 @@ def _save_npy(out: Path, arr: np.ndarray) -> None:
 
 def _load_points(path: str, oracle, what: str) -> torch.Tensor:
     """An ``(N, D)`` or ``(N, *sample_shape)`` array from a .npy file, as float64 ``(N, *sample_shape)``."""
+    from diffusionlab.data.arrays import load_npy
+
     p = Path(path)
     if not p.is_file():
         raise DiffusionLabError(f"{what} file not found: {p}")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DiffusionLabError(f"{what} {p} is not a readable .npy array: {e}") from None
+    arr = load_npy(str(p), f"{what} {p}")
+    if arr.ndim >= 1 and arr.shape[0] > MAX_SAMPLES:
+        _check_num(int(arr.shape[0]))
     shape = oracle.sample_shape
     ok = arr.ndim >= 2 and arr.shape[0] >= 1 and (tuple(arr.shape[1:]) == shape or tuple(arr.shape[1:]) == (oracle.dim,))
     if not ok:
@@ -171,6 +172,24 @@ def _load_points(path: str, oracle, what: str) -> torch.Tensor:
     if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
         raise DiffusionLabError(f"{what} {p} must hold finite numbers")
     return torch.as_tensor(arr, dtype=_F64).reshape(arr.shape[0], *shape)
+
+
+#: the most samples or points an oracle command takes without an override (DIFFUSIONLAB_MAX_SAMPLES)
+MAX_SAMPLES = 10_000_000
+
+
+def _check_num(num, minimum: int = 1) -> int:
+    from diffusionlab.checks import at_most
+
+    if isinstance(num, bool) or not isinstance(num, int) or num < minimum:
+        raise DiffusionLabError(f"--num must be an integer >= {minimum}, got {num!r}")
+    return at_most("--num", num, "samples", MAX_SAMPLES)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 3:
+        raise DiffusionLabError(f"--seed must be an integer in [0, 2^63 - 3], got {seed!r}")
+    return seed
 
 
 def _emit(obj: dict) -> None:
@@ -183,9 +202,16 @@ def cmd_oracle_sample(args) -> int:
     from diffusionlab.oracles.bench import plan
     from diffusionlab.samplers import parse_sampler
 
+    from diffusionlab.oracles.bench import _check_budget
+
     spec, _ = parse_sampler(args.sampler)
     if not spec.adaptive and args.nfe is None:
         raise DiffusionLabError(f"sampler {args.sampler!r} needs --nfe (its evaluation budget per sample path)")
+    if args.nfe is not None:
+        _check_budget(args.nfe)
+    _check_seed(args.seed)
+    if args.num is not None:
+        _check_num(args.num)
     out = _check_out(args.out)
     oracle = _oracle(args)
     dev = oracle.means.device
@@ -196,8 +222,6 @@ def cmd_oracle_sample(args) -> int:
             raise DiffusionLabError(f"--num {args.num} disagrees with the {x.shape[0]} rows of --init {args.init}")
     else:
         num = 1000 if args.num is None else args.num
-        if isinstance(num, bool) or num < 1:
-            raise DiffusionLabError(f"--num must be an integer >= 1, got {num}")
         x = process.prior_sample((num, *oracle.sample_shape), generator=torch.Generator().manual_seed(args.seed),
                                  dtype=_F64)
     gen = torch.Generator(device=dev).manual_seed(args.seed + 1)
@@ -252,7 +276,9 @@ def _budgets(text: str) -> list[int]:
         raise DiffusionLabError(f"--nfe must be comma-separated integers, got {text!r}") from None
     if not vals or any(v < 1 for v in vals):
         raise DiffusionLabError(f"--nfe budgets must be integers >= 1, got {text!r}")
-    return vals
+    from diffusionlab.oracles.bench import _check_budget
+
+    return [_check_budget(v) for v in vals]
 
 
 def cmd_bench_samplers(args) -> int:
@@ -264,6 +290,15 @@ def cmd_bench_samplers(args) -> int:
     from diffusionlab.samplers import parse_sampler
 
     budgets = _budgets(args.nfe)
+    _check_num(args.num, minimum=2)
+    _check_seed(args.seed)
+    if isinstance(args.projections, bool) or args.projections < 1:
+        raise DiffusionLabError(f"--projections must be an integer >= 1 (directions of the sliced distance), got "
+                                f"{args.projections}")
+    if args.projections > 100_000:
+        raise DiffusionLabError(f"--projections must be at most 100000, got {args.projections}")
+    if args.floor_seeds < 0 or args.floor_seeds > 10_000:
+        raise DiffusionLabError(f"--floor-seeds must be an integer in [0, 10000], got {args.floor_seeds}")
     if args.json is not None:
         _check_out(args.json, ".json")
     if args.plot is not None:

@@ -18,7 +18,7 @@ constructor ``N`` below (their defaults are the defaults), ``noise`` / ``noise_a
 
 from __future__ import annotations
 
-from diffusionlab.checks import positive_int
+from diffusionlab.checks import brief, positive_int
 from diffusionlab.configuration import Catalogue
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.processes.discrete import VEChain, VPChain
@@ -119,7 +119,7 @@ NOISE_KEYS = ("noise", "noise_axis")
 
 def _split(section: dict) -> tuple[dict, dict]:
     if not isinstance(section, dict):
-        raise DiffusionLabError(f"the process section must be a mapping with a 'name', got {section!r}")
+        raise DiffusionLabError(f"the process section must be a mapping with a 'name', got {brief(section)}")
     return ({k: v for k, v in section.items() if k not in NOISE_KEYS},
             {k: v for k, v in section.items() if k in NOISE_KEYS})
 
@@ -136,7 +136,7 @@ def resolve_process(section: dict) -> dict:
         parse_covariance_spec(noise["noise"])  # a bad spec fails before anything runs
     axis = noise["noise_axis"]
     if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or axis < 1):
-        raise DiffusionLabError(f"process.noise_axis must be an integer >= 1 (0 is the batch axis), got {axis!r}")
+        raise DiffusionLabError(f"process.noise_axis must be an integer >= 1 (0 is the batch axis), got {brief(axis)}")
     return {**out, **noise}
 
 
@@ -153,10 +153,13 @@ def noise_covariance(section: dict, sample_shape: tuple):
     return make_covariance(spec, sample_shape[axis - 1], axis)
 
 
-def build_process(section: dict, sample_shape: tuple):
-    """The process of a ``process:`` section for samples of ``sample_shape``, with its covariance."""
+def build_process(section: dict, sample_shape: tuple, cov=None):
+    """The process of a ``process:`` section for samples of ``sample_shape``, with its covariance (``cov`` if
+    given: a covariance built already, e.g. fitted to the data, checked against the samples' shape)."""
     proc, _ = _split(section)
-    return PROCESSES.build(proc, cov=noise_covariance(section, sample_shape))
+    if cov is None:
+        cov = noise_covariance(section, sample_shape)
+    return PROCESSES.build(proc, cov=cov)
 
 
 def make_process(name: str, cov=None, **options):

@@ -140,12 +140,19 @@ class TimeGrid:
 
 
 # ---- builders -------------------------------------------------------------------------------------------------
+#: the most steps a grid may have without an override (DIFFUSIONLAB_MAX_STEPS): a grid holds float64 host arrays
+#: and each step is one or more network evaluations, so 10^9 steps (8 GB of times alone) is a typing error
+MAX_GRID_STEPS = 100_000
+
+
 def _check_steps(steps, upper: int | None = None) -> int:
+    from diffusionlab.checks import at_most, brief
+
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise DiffusionLabError(f"number of sampling steps must be an integer >= 1, got {steps!r}")
+        raise DiffusionLabError(f"number of sampling steps must be an integer >= 1, got {brief(steps)}")
     if upper is not None and steps > upper:
         raise DiffusionLabError(f"number of sampling steps must be <= T = {upper} on this chain, got {steps}")
-    return steps
+    return at_most("the number of sampling steps", steps, "steps", MAX_GRID_STEPS)
 
 
 def _spread(ts: list[int], top: int) -> list[int]:

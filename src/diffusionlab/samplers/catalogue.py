@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from diffusionlab.checks import brief
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.processes.grid import GRID_KINDS, TimeGrid, as_grid
 
@@ -48,19 +49,19 @@ class Option:
         where = f"sampler {sampler!r} option {name}"
         if self.kind == "bool":
             if not isinstance(value, bool):
-                raise DiffusionLabError(f"{where} must be true or false, got {value!r}")
+                raise DiffusionLabError(f"{where} must be true or false, got {brief(value)}")
             return value
         if self.kind == "choice":
             if value not in self.choices or (isinstance(value, bool) and not any(c is value for c in self.choices)):
-                raise DiffusionLabError(f"{where} must be one of {', '.join(map(str, self.choices))}; got {value!r}")
+                raise DiffusionLabError(f"{where} must be one of {', '.join(map(str, self.choices))}; got {brief(value)}")
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DiffusionLabError(f"{where} must be {self.describe()}, got {value!r}")
+            raise DiffusionLabError(f"{where} must be {self.describe()}, got {brief(value)}")
         if self.kind == "integer" and (not isinstance(value, int)):
-            raise DiffusionLabError(f"{where} must be {self.describe()}, got {value!r}")
+            raise DiffusionLabError(f"{where} must be {self.describe()}, got {brief(value)}")
         v = value if self.kind == "integer" else float(value)
         if math.isnan(v) or (self.low is not None and v < self.low) or (self.high is not None and v > self.high):
-            raise DiffusionLabError(f"{where} must be {self.describe()}, got {value!r}")
+            raise DiffusionLabError(f"{where} must be {self.describe()}, got {brief(value)}")
         return v
 
     def describe(self) -> str:
@@ -206,7 +207,7 @@ SAMPLERS: dict[str, SamplerSpec] = {}
 
 def canonical(name) -> str:
     if not isinstance(name, str) or not name:
-        raise DiffusionLabError(f"a sampler name must be a non-empty string, got {name!r}")
+        raise DiffusionLabError(f"a sampler name must be a non-empty string, got {brief(name)}")
     return name.strip().replace("_", "-")
 
 
@@ -232,7 +233,7 @@ def get_sampler(name: str) -> SamplerSpec:
     """The spec of ``name``; :class:`DiffusionLabError` listing the registered names otherwise."""
     key = canonical(name)
     if key not in SAMPLERS:
-        raise DiffusionLabError(f"unknown sampler {name!r}; allowed: {', '.join(sampler_names())}")
+        raise DiffusionLabError(f"unknown sampler {brief(name)}; allowed: {', '.join(sampler_names())}")
     return SAMPLERS[key]
 
 

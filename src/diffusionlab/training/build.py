@@ -13,11 +13,18 @@ from diffusionlab.errors import DiffusionLabError
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else CPU; an unavailable device is a clear error."""
+    from diffusionlab.checks import brief
+    from diffusionlab.training.config import DEVICE_PATTERN
+
+    if not isinstance(name, str) or DEVICE_PATTERN.fullmatch(name) is None:
+        raise DiffusionLabError(f"unknown device {brief(name)}; use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DiffusionLabError(f"train.device is {name!r} but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DiffusionLabError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise DiffusionLabError(f"train.device is {name!r} but MPS is not available on this machine")
     return dev
@@ -30,11 +37,12 @@ def noise_covariance(pcfg: dict, sample_shape: tuple):
     return covariance(pcfg, sample_shape)
 
 
-def build_process(pcfg: dict, sample_shape: tuple):
-    """The process of a ``process:`` section, with its covariance (the process catalogue)."""
+def build_process(pcfg: dict, sample_shape: tuple, cov=None):
+    """The process of a ``process:`` section, with its covariance (the process catalogue; ``cov``: a covariance
+    built already, e.g. one fitted to the data, instead of the section's ``noise``)."""
     from diffusionlab.processes import build_process as build
 
-    return build(pcfg, sample_shape)
+    return build(pcfg, sample_shape, cov=cov)
 
 
 def build_model(cfg: dict, sample_shape: tuple, process, device) -> "torch.nn.Module":

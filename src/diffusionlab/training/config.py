@@ -27,13 +27,22 @@ docs/config.md lists every key (generated from the catalogues: ``python -m diffu
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
 
 from diffusionlab.configuration import Entry, parse_scalar, safe_load, yaml_error
+from diffusionlab.checks import at_most, brief
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.processes.grid import GRID_KINDS
+
+#: device names a config or ``--device`` may give
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
+#: intra-op threads a config may ask for (torch crashes on absurd counts such as 100000)
+MAX_THREADS = 1024
+#: the largest global batch without an override (DIFFUSIONLAB_MAX_BATCH_SIZE)
+MAX_BATCH_SIZE = 1 << 20
 
 # (type, check, description) per train key
 _POS_INT = (int, lambda v: v >= 1, "an integer >= 1")
@@ -53,9 +62,9 @@ TRAIN_SCHEMA = {
     "keep_checkpoints": _POS_INT,
     "log_every": _POS_INT,
     "sample_every": _NONNEG_INT,
-    "device": (str, lambda v: v == "auto" or v == "cpu" or v.startswith("cuda") or v == "mps", "auto, cpu, cuda[:N] or mps"),
+    "device": (str, lambda v: DEVICE_PATTERN.fullmatch(v) is not None, "auto, cpu, cuda, cuda:N or mps"),
     "max_bad_steps": _POS_INT,
-    "threads": _NONNEG_INT,
+    "threads": (int, lambda v: 0 <= v <= MAX_THREADS, f"an integer in [0, {MAX_THREADS}] (0: torch's default)"),
     "precision": (str, lambda v: v in ("fp32", "bf16"), "fp32 or bf16 (bf16 autocast, for GPUs)"),
     "channels_last": (bool, lambda v: True, "true or false (channels-last memory format, image data only)"),
     "compile": (bool, lambda v: True, "true or false (torch.compile the network)"),
@@ -92,6 +101,7 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, lr
     """
     opts = dict(locals())
     _check_section("train", opts, TRAIN_SCHEMA)
+    at_most("train.batch_size", batch_size, "batch_size", MAX_BATCH_SIZE)
     return opts
 
 
@@ -126,7 +136,7 @@ def _check_section(name: str, section: dict, schema: dict) -> None:
         is_bool = isinstance(value, bool)
         wants_bool = types is bool
         if (is_bool and not wants_bool) or not isinstance(value, types) or not ok(value):
-            raise DiffusionLabError(f"{name}.{key} must be {what}, got {value!r}")
+            raise DiffusionLabError(f"{name}.{key} must be {what}, got {brief(value)}")
 
 
 def check_sample(section: dict) -> None:
@@ -247,11 +257,22 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
 
 def load_yaml(path: str | Path) -> dict:
     """Parse a YAML file with the safe loader; errors name the file."""
+    from diffusionlab.configuration import MAX_CONFIG_BYTES
+    from diffusionlab.io import os_error
+
     path = Path(path)
     if not path.is_file():
         raise DiffusionLabError(f"config file not found: {path}")
     try:
-        data = safe_load(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # never more than a config may hold
+    except OSError as e:
+        raise os_error(e, f"read config file {path}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise DiffusionLabError(f"config file {path} is larger than the {MAX_CONFIG_BYTES} bytes a config may have; "
+                                "refused")
+    try:
+        data = safe_load(raw.decode("utf-8"), f"config file {path}")
     except yaml.YAMLError as e:
         raise yaml_error(e, str(path)) from None
     except UnicodeDecodeError:
@@ -271,9 +292,9 @@ def resolve(user: dict, overrides: list[str] | None = None) -> dict:
         raise DiffusionLabError(f"a config must be a mapping of sections, got {type(user).__name__}")
     for section, value in user.items():
         if section not in SECTIONS:
-            raise DiffusionLabError(f"unknown config section {section!r}; allowed: {', '.join(SECTIONS)}")
+            raise DiffusionLabError(f"unknown config section {brief(section)}; allowed: {', '.join(SECTIONS)}")
         if not isinstance(value, dict):
-            raise DiffusionLabError(f"config section {section!r} must be a mapping, got {value!r}")
+            raise DiffusionLabError(f"config section {section!r} must be a mapping, got {brief(value)}")
     out = {}
     for name, build in SECTIONS.items():
         out[name] = _model(user.get("model"), out["data"]) if name == "model" else build(user.get(name))

@@ -60,6 +60,37 @@ def sample_section(cfg: dict, sampler: str | None = None, steps: int | None = No
     return scfg
 
 
+def generate_chunks(model, scfg: dict, num: int, seed: int, device, shape, chunk: int = 1000, noise=None,
+                    progress: bool = False):
+    """:func:`generate`'s samples one chunk of at most ``chunk`` at a time (model space, on the CPU): memory stays
+    bounded by one chunk whatever ``num`` is, and the chunks are exactly those :func:`generate` concatenates
+    (one generator, drawn in the same order). ``progress`` shows the samples done over several chunks (the steps
+    of the one chunk otherwise)."""
+    from diffusionlab.progress import progress as progress_display
+    from diffusionlab.samplers import get_sampler, sample_in_chunks
+
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise DiffusionLabError(f"number of samples must be an integer >= 1, got {num!r}")
+    spec = get_sampler(scfg["sampler"])
+    grid = spec.grid(model.process, scfg.get("steps"), scfg.get("grid"),
+                     **({"rho": scfg["rho"]} if "rho" in scfg else {}))
+    gen = torch.Generator(device=device).manual_seed(check_seed(seed))
+    model.eval()
+    several = num > chunk
+    bar = progress_display(total=num, desc="sample", enabled=progress and several)
+    try:
+        for start in range(0, num, chunk):
+            n = min(chunk, num - start)
+            with torch.no_grad():
+                x = sample_in_chunks(spec, model, shape, n, chunk=n, generator=gen, device=device,
+                                     store_device="cpu", grid=grid, noise=noise, progress=progress and not several,
+                                     **sampler_options(scfg))
+            bar.update(n)
+            yield x
+    finally:
+        bar.close()
+
+
 def generate(model, scfg: dict, num: int, seed: int, device, shape, chunk: int = 1000, progress: bool = False,
              noise=None) -> torch.Tensor:
     """Draw ``num`` samples (model space, on the CPU) with the sampler, grid and options of the ``sample:`` section
@@ -67,17 +98,26 @@ def generate(model, scfg: dict, num: int, seed: int, device, shape, chunk: int =
 
     Deterministic given ``seed``: one generator on ``device`` supplies the prior noise and every injected noise.
     """
-    from diffusionlab.samplers import get_sampler, sample_in_chunks
+    return torch.cat(list(generate_chunks(model, scfg, num, seed, device, shape, chunk, noise, progress)), 0)
 
-    spec = get_sampler(scfg["sampler"])
-    grid = spec.grid(model.process, scfg.get("steps"), scfg.get("grid"),
-                     **({"rho": scfg["rho"]} if "rho" in scfg else {}))
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    model.eval()
-    with torch.no_grad():
-        return sample_in_chunks(spec, model, shape, int(num), chunk=chunk, generator=gen, device=device,
-                                store_device="cpu", grid=grid, noise=noise, progress=progress,
-                                **sampler_options(scfg))
+
+#: seeds a command accepts (a generator takes 64 bits; the trainer adds 1 for its noise generator)
+MAX_SEED = 2**63 - 2
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise DiffusionLabError(f"seed must be an integer in [0, 2^63 - 2], got {seed!r}")
+    return seed
+
+
+def check_finite_samples(x: torch.Tensor, done: int, source) -> None:
+    """Refuse samples with NaN or infinite values (``done`` samples drawn so far, from ``source``)."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise DiffusionLabError(f"sampling produced {bad} non-finite values within the first {done} samples of {source} "
+                                "(the weights hold NaN, or the sampler diverged: try more --steps or another "
+                                "--sampler); nothing was written")
 
 
 def load_run(run_dir: str | Path, device: str = "auto", weights: str = "ema"):
@@ -87,7 +127,9 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str = "ema"):
         raise DiffusionLabError(f"run directory not found: {run}")
     if not (run / "config.yaml").is_file():
         raise DiffusionLabError(f"{run} is not a run directory (no config.yaml)")
-    cfg = load_config(run / "config.yaml")
+    from diffusionlab.training.rundir import localize
+
+    cfg = localize(load_config(run / "config.yaml"), run)
     dev = resolve_device(device)
     ds = build_dataset(cfg)
     process = build_process(cfg["process"], ds.sample_shape)
@@ -106,5 +148,9 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str = "ema"):
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise DiffusionLabError(f"weights in {path} do not fit the model of {run}/config.yaml: {str(e).splitlines()[0]}") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:2])[:400]
+        raise DiffusionLabError(f"weights in {path} do not fit the model of {run}/config.yaml: {detail}") from None
+    bad = [k for k, v in sd.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DiffusionLabError(f"the weights of {run} hold NaN or infinite values ({bad[0]}); they cannot be sampled")
     return cfg, ds, model

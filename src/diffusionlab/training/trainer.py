@@ -2,8 +2,15 @@
 
 Determinism: batch indices come from a CPU generator and all diffusion noise from a generator on the
 training device, both seeded from ``train.seed`` and saved in every checkpoint together with torch's global
-RNG states, the optimizer state and the EMA weights; ``--resume`` therefore continues the very same
-trajectory (bit for bit on CPU).
+RNG states, the optimizer state (in its parameters' memory format), the EMA weights and the loop's own state
+(the losses of the log window in progress, the skipped-step count); ``--resume`` therefore continues the very
+same trajectory and the very same log (bit for bit on CPU).
+
+Nothing is lost (:mod:`diffusionlab.training.rundir`, :mod:`diffusionlab.training.stop`): everything is built and
+validated before the run directory is touched; one process writes a run (an exclusive lock); ``--resume`` refuses
+a changed config outside the keys that may change; SIGTERM, SIGINT and ``--max-minutes`` stop after a checkpoint
+with exit status 0; an operating-system error (a full disk, a file-size limit) is one line that names the intact
+checkpoint; skipped (non-finite) steps are counted and reported, and a run without a single finite step fails.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +27,14 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.training.build import build_dataset, build_model, build_process
-from diffusionlab.io import atomic_write_bytes, save_safetensors_atomic
-from diffusionlab.training.checkpoint import list_checkpoints, load_latest_checkpoint, restore_rng, save_checkpoint
+from diffusionlab.io import atomic_path, atomic_write_bytes, clean_stale_temporaries, os_error, save_safetensors_atomic
+from diffusionlab.training.checkpoint import (CKPT_DIR, checkpoint_name, list_checkpoints, load_latest_checkpoint,
+                                              restore_optimizer, restore_rng, save_checkpoint, stale_checkpoint_temp)
 from diffusionlab.training.config import dump
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "bad_steps"]
+#: warn when more than this fraction of the steps of a log window were skipped
+SKIP_WARN_FRACTION = 0.01
 
 
 class EMA:
@@ -75,11 +86,11 @@ def _refuse_existing(out: Path) -> None:
 def _check_model_takes(model, objective, ds, device) -> None:
     """One forward pass of the objective on two training samples, so a shape the model cannot take is a clear
     error before anything is written."""
-    x0 = ds.data[:2].to(device)
+    x0 = ds.data[:8].to(device)
     gen = torch.Generator(device=device).manual_seed(0)
     try:
         with torch.no_grad():
-            objective(model, x0, generator=gen)
+            loss = objective(model, x0, generator=gen)
     except DiffusionLabError:
         raise
     except (RuntimeError, ValueError) as e:
@@ -87,28 +98,61 @@ def _check_model_takes(model, objective, ds, device) -> None:
         raise DiffusionLabError(
             f"the model cannot take samples of shape {tuple(ds.sample_shape)} from {ds.name!r}: {first}"
         ) from None
+    if not bool(torch.isfinite(loss).any()):
+        top = float(x0.abs().max())
+        raise DiffusionLabError(f"the loss at initialisation is not finite for any of the first {len(x0)} training "
+                                f"samples of {ds.name!r} (largest |x| = {top:.3g}): no step could train; check the "
+                                "data's scale and the process and noise settings")
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise DiffusionLabError(f"cannot write to output directory {out}: {e.strerror or e}") from None
+class _Unchanged(Exception):
+    """Leaves :func:`_rewrite_log`'s atomic block when nothing was dropped (the old file stays)."""
 
 
 def _rewrite_log(path: Path, upto: int) -> None:
-    """Keep the log rows of steps <= ``upto`` (the resumed checkpoint), drop the rest."""
-    rows = []
-    if path.exists():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= upto]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    """Keep the log rows of steps <= ``upto`` (the resumed checkpoint), drop the rest (and any malformed row, e.g.
+    one cut by a kill). The new log replaces the old one atomically (:func:`diffusionlab.io.atomic_path`): a kill
+    at any moment leaves the old log or the new one, never a truncated one. Nothing is rewritten when nothing is
+    dropped."""
+    if not path.exists():
+        atomic_write_bytes(path, (",".join(LOG_FIELDS) + "\r\n").encode())
+        return
+    try:
+        with atomic_path(path) as tmp:
+            dropped = 0
+
+            def clean(lines):  # garbage (NUL bytes, undecodable bytes) drops its own line only
+                nonlocal dropped
+                for line in lines:
+                    if "\0" in line or "\ufffd" in line:
+                        dropped += 1
+                    else:
+                        yield line
+
+            with open(path, newline="", errors="replace") as src, open(tmp, "w", newline="") as dst:
+                reader = csv.DictReader(clean(src))
+                writer = csv.DictWriter(dst, fieldnames=LOG_FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                try:
+                    dropped += reader.fieldnames != LOG_FIELDS
+                    for row in reader:
+                        try:
+                            ok = all(row.get(k) not in (None, "") for k in LOG_FIELDS) and int(row["step"]) <= upto
+                        except ValueError:
+                            ok = False
+                        if ok:
+                            writer.writerow(row)
+                        else:
+                            dropped += 1
+                except (csv.Error, UnicodeDecodeError):  # garbage (NUL bytes, binary): keep the rows read so far
+                    dropped += 1
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 1))
+                dropped += f.read(1) not in (b"\n", b"")  # a row cut by a kill: appending would glue onto it
+            if not dropped:
+                raise _Unchanged
+    except _Unchanged:
+        pass
 
 
 class _LossModule(torch.nn.Module):
@@ -172,6 +216,7 @@ class TrainParts:
     mine: slice
     clip: float
     memory_format: torch.memory_format
+    fitted_noise: object = None
 
     @property
     def fused(self) -> bool:
@@ -181,8 +226,11 @@ class TrainParts:
 def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> TrainParts:
     """Build (and so validate) the data, process, model, objective, optimizer, EMA and generators of a run.
 
-    Nothing is written except, for ``process.noise: fitted``, the fitted covariance into ``out``."""
-    from diffusionlab.noise.fit import resolve_fitted_noise
+    Nothing is written. For ``process.noise: fitted`` (and an ``out`` directory) the covariance is fitted to the
+    data in memory (``fitted_noise``) and the config names the file the trainer writes it to once the run starts
+    (``file:noise_covariance.safetensors`` in ``out``). Under ``torchrun`` the process group is joined only after
+    everything is validated (:meth:`~diffusionlab.training.distributed.Distributed.start`)."""
+    from diffusionlab.noise.fit import fit_noise
     from diffusionlab.objectives import make_objective
     from diffusionlab.training.distributed import Distributed
     from diffusionlab.training.sampling import check_sample_section
@@ -192,9 +240,10 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
     device = dist.device
     torch.manual_seed(tcfg["seed"])
     ds = build_dataset(cfg)
+    fitted = None
     if out is not None:
-        cfg = resolve_fitted_noise(cfg, ds.data, out, log)  # `process.noise: fitted`: fit C, save it with the run
-    process = build_process(cfg["process"], ds.sample_shape)
+        cfg, fitted = fit_noise(cfg, ds.data, out)  # `process.noise: fitted`: fit C (written when the run starts)
+    process = build_process(cfg["process"], ds.sample_shape, cov=fitted)
     process.cov.check(ds.data[:1])
     check_sample_section(cfg["sample"], process)  # a bad sample: section fails now, not after training
     model = build_model(cfg, ds.sample_shape, process, device)
@@ -206,6 +255,7 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
         model.net.compile()  # in place: parameter names (checkpoints) stay those of the eager network
     params = [p for p in model.parameters() if p.requires_grad]
     local = dist.local_batch(tcfg["batch_size"])
+    dist.start()  # everything is valid: join the process group (torchrun), which DDP's wrapper needs
     return TrainParts(
         cfg=cfg, ds=ds, process=process, model=model, objective=objective,
         step_module=dist.wrap(_LossModule(model, objective)), params=params, opt=make_optimizer(params, tcfg),
@@ -216,6 +266,7 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
         dist=dist, autocast=_autocast(tcfg.get("precision", "fp32"), device),
         mine=slice(dist.rank * local, (dist.rank + 1) * local),
         clip=tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf"), memory_format=memory_format,
+        fitted_noise=fitted,
     )
 
 
@@ -285,119 +336,290 @@ class _Lagged:
         return out
 
 
-def train(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool = True, log=print) -> dict:
+def _saved_config(out: Path) -> dict | None:
+    """The full config the run in ``out`` was trained with (its ``config.yaml``, resolved again so that options
+    added since have their defaults); None when there is none."""
+    from diffusionlab.training.config import load_config
+    from diffusionlab.training.rundir import localize
+
+    path = out / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return localize(load_config(path), out)
+    except DiffusionLabError as e:
+        raise DiffusionLabError(f"cannot --resume {out}: its config.yaml does not resolve ({e})") from None
+
+
+def _resume_config(cfg: dict, out: Path, log) -> dict:
+    """``cfg`` checked against the run's saved config (:func:`diffusionlab.training.rundir.check_resume_config`);
+    a ``fitted`` noise spec answered by the run's own fitted file is replaced by that file (not fitted again)."""
+    from diffusionlab.noise.fit import FITTED_FILE, is_fitted_spec, read_covariance_meta
+    from diffusionlab.training.rundir import check_resume_config
+
+    saved = _saved_config(out)
+    if saved is None:
+        if list_checkpoints(out):
+            log(f"diffusionlab: warning: {out} has checkpoints but no config.yaml; the config cannot be compared")
+        return cfg
+    spec = cfg["process"].get("noise")
+    fitted = Path(os.path.abspath(out)) / FITTED_FILE
+    if is_fitted_spec(spec) and saved["process"].get("noise") == f"file:{fitted}" and fitted.is_file():
+        if read_covariance_meta(fitted).get("spec") == spec:
+            cfg = {**cfg, "process": {**cfg["process"], "noise": saved["process"]["noise"]}}
+    check_resume_config(saved, cfg, out)
+    if saved["train"]["steps"] != cfg["train"]["steps"] and cfg["train"]["lr_schedule"] != "constant":
+        log(f"diffusionlab: warning: train.steps changed {saved['train']['steps']} -> {cfg['train']['steps']} with "
+            f"lr_schedule {cfg['train']['lr_schedule']}: the schedule follows the new total from here on")
+    return cfg
+
+
+class _Loop:
+    """The loop's own state, saved with every checkpoint (``extra``) so that a resumed run continues the very same
+    log: the losses and skipped steps of the log window in progress, the last gradient norm, the skipped-step
+    total and the training time so far."""
+
+    def __init__(self, extra: dict | None = None):
+        extra = extra or {}
+        self.window: list[float] = [float(v) for v in extra.get("window", [])]
+        self.window_steps = int(extra.get("window_steps", len(self.window)))
+        self.window_bad = int(extra.get("window_bad", 0))
+        self.bad_total = int(extra.get("bad_steps", 0))
+        self.good_total = int(extra.get("good_steps", 0))
+        self.last_grad = float(extra.get("last_grad", float("nan")))
+        self.seconds_before = float(extra.get("seconds", 0.0))
+        self.in_row = 0
+
+    def extra(self, seconds: float, world_size: int) -> dict:
+        return {"bad_steps": self.bad_total, "good_steps": self.good_total, "world_size": world_size,
+                "window": self.window, "window_steps": self.window_steps, "window_bad": self.window_bad,
+                "last_grad": self.last_grad, "seconds": round(self.seconds_before + seconds, 3)}
+
+    def reset_window(self) -> None:
+        self.window, self.window_steps, self.window_bad = [], 0, 0
+
+
+def _intact_note(last_ckpt: int | None) -> str:
+    return f"the last checkpoint (step {last_ckpt}) is intact" if last_ckpt is not None else "no checkpoint was written"
+
+
+def train(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool = True, log=print,
+          max_minutes: float | None = None) -> dict:
     """Train the run described by the validated config ``cfg`` into ``out_dir``; return a summary dict.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) this is DistributedDataParallel training: gloo on CPU, NCCL on GPU;
     each rank takes its slice of the same global batch (``train.batch_size``, which must divide by the number of
     processes); rank 0 alone logs, checkpoints and writes the final weights.
-    """
-    from diffusionlab.progress import progress as progress_display
-    from diffusionlab.training.distributed import Distributed
 
-    out = Path(out_dir)
+    SIGTERM, SIGINT and the ``max_minutes`` budget stop the run after the current step with a checkpoint; the
+    summary then has ``stopped`` (the reason) and ``step`` (where it stopped), and ``--resume`` continues it.
+    """
+    from diffusionlab.training.stop import StopRequest
+
+    with StopRequest(max_minutes) as stop:
+        return _train(cfg, Path(out_dir), resume, progress, log, stop)
+
+
+def _train(cfg: dict, out: Path, resume: bool, progress: bool, log, stop) -> dict:
+    from diffusionlab.training.distributed import Distributed
+    from diffusionlab.training.rundir import RunLock, absolute_noise_path, preflight
+
     tcfg = cfg["train"]
-    dist = Distributed.from_env(tcfg["device"])
+    dist = Distributed.from_env(tcfg["device"])  # the process group is joined once everything is validated
     device = dist.device
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
-    if dist.is_main and not resume:
-        _refuse_existing(out)  # before anything (a fitted noise covariance) is written into ``out``
+        if dist.is_main and tcfg["threads"] > (os.cpu_count() or 1):
+            log(f"diffusionlab: warning: train.threads = {tcfg['threads']} exceeds the {os.cpu_count()} CPU cores here")
+    cfg = absolute_noise_path(cfg)
+    if resume:
+        cfg = _resume_config(cfg, out, log if dist.is_main else (lambda m: None))
+    else:
+        _refuse_existing(out)  # before anything is written into ``out``
     # build (and so validate) everything before the run directory is touched: bad input writes nothing
     p = build_parts(cfg, out, dist, log)
-    cfg = p.cfg
-    if dist.is_main:
-        _check_writable(out)
-    dist.barrier()
+    cfg, tcfg = p.cfg, p.cfg["train"]
+    if stop.requested():
+        log(f"diffusionlab: stopped {stop.describe()} before training started; nothing was written")
+        return {"steps": tcfg["steps"], "stopped": stop.reason, "step": None, "resumed_from": None}
+    lock = RunLock(out) if dist.is_main else None
+    try:
+        if lock is not None:
+            preflight(out, sum(q.numel() for q in p.params), tcfg["sample_every"], dist.world_size)
+            lock.acquire()
+            if not resume:
+                _refuse_existing(out)  # another writer may have finished a run here meanwhile
+            for d in (out, out / CKPT_DIR, out / "samples"):
+                clean_stale_temporaries(d, extra=stale_checkpoint_temp if d.name == CKPT_DIR else None)
+        dist.barrier()
+        return _run(p, cfg, out, resume, progress, log, stop, dist)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    start = 0
+
+def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log, stop, dist) -> dict:
+    """The steps of :func:`train` once the run directory is locked and checked."""
+    from diffusionlab.noise.fit import FITTED_FILE, save_fitted_noise
+    from diffusionlab.progress import progress as progress_display
+    from diffusionlab.training.rundir import portable
+
+    device = dist.device
+    tcfg = cfg["train"]
+    steps = tcfg["steps"]
+    start, extra, last_ckpt = 0, {}, None
     log_path = out / "log.csv"
     if resume:
-        ck = load_latest_checkpoint(out, device=device, warn=log if dist.is_main else (lambda m: None))
-        if ck is not None:
+        def apply(ck):
             p.model.load_state_dict(ck["model"])
             p.ema.load_state_dict(ck["ema"])
-            p.opt.load_state_dict(ck["optimizer"])
+            restore_optimizer(p.opt, ck["optimizer"])
             restore_rng(ck["state"], p.generators)
-            start = ck["step"]
+
+        ck = load_latest_checkpoint(out, device=device, warn=log if dist.is_main else (lambda m: None), apply=apply)
+        if ck is not None:
+            start, extra, last_ckpt = ck["step"], ck["meta"].get("extra", {}), ck["step"]
+            if steps < start:
+                raise DiffusionLabError(f"train.steps = {steps} is below step {start} of the run's newest checkpoint; a "
+                                        f"resumed run can only go on (give train.steps >= {start})")
             if dist.is_main:
                 log(f"diffusionlab: resuming {out} from step {start}")
         elif dist.is_main:
-            log(f"diffusionlab: no intact checkpoint in {out}; starting from step 0")
+            log(f"diffusionlab: no checkpoint in {out}; starting from step 0")
+    state = _Loop(extra)
     if dist.is_main:
-        _rewrite_log(log_path, start)
-        atomic_write_bytes(out / "config.yaml", dump(cfg).encode())
+        try:
+            if p.fitted_noise is not None:
+                save_fitted_noise(p.fitted_noise, out)
+            _rewrite_log(log_path, start)
+            atomic_write_bytes(out / "config.yaml", dump(portable(cfg, out)).encode())
+        except OSError as e:
+            raise os_error(e, f"write to the run directory {out}") from None
 
-    steps = tcfg["steps"]
-    bad = {"in_row": 0, "total": 0}
-    last_ckpt = start
-    window, last_grad, t0 = [], float("nan"), time.time()
+    t0 = time.time()
     lagged = _Lagged(device)
 
     def account(rows) -> None:
-        nonlocal last_grad
         for step, loss, grad_norm, ok in rows:
-            last_grad = grad_norm
+            state.last_grad = grad_norm
+            state.window_steps += 1
             if ok:
-                bad["in_row"] = 0
-                window.append(loss)
+                state.in_row = 0
+                state.good_total += 1
+                state.window.append(loss)
                 continue
-            bad["in_row"] += 1
-            bad["total"] += 1
-            if bad["in_row"] >= tcfg["max_bad_steps"]:
+            state.in_row += 1
+            state.bad_total += 1
+            state.window_bad += 1
+            if state.in_row >= tcfg["max_bad_steps"]:
                 raise DiffusionLabError(
-                    f"training stopped at step {step + 1}: {bad['in_row']} consecutive steps with a non-finite loss "
-                    f"or gradient ({bad['total']} skipped in all); the last checkpoint (step {last_ckpt}) is intact -- "
-                    "lower train.lr or check the data"
-                )
+                    f"training stopped at step {step + 1}: {state.in_row} consecutive steps with a non-finite loss "
+                    f"or gradient ({state.bad_total} skipped in all); {_intact_note(last_ckpt)} -- lower train.lr "
+                    "or check the data")
+
+    def checkpoint(step: int) -> None:
+        nonlocal last_ckpt
+        if dist.is_main:
+            try:
+                save_checkpoint(out, step, p.model.state_dict(), p.ema.state_dict(), p.opt, p.generators,
+                                extra=state.extra(time.time() - t0, dist.world_size), keep=tcfg["keep_checkpoints"],
+                                warn=log)
+            except OSError as e:
+                raise DiffusionLabError(f"cannot write checkpoint {checkpoint_name(step)} in {out / CKPT_DIR}: "
+                                        f"{os_error(e, 'x').args[0].removeprefix('cannot x: ')}; "
+                                        f"{_intact_note(last_ckpt)}") from None
+        last_ckpt = step
 
     bar = progress_display(range(start, steps), total=steps, initial=start, desc="train",
                            enabled=progress and dist.is_main)
     p.model.train()
-    logf = open(log_path, "a", newline="") if dist.is_main else None
-    writer = csv.DictWriter(logf, fieldnames=LOG_FIELDS) if logf else None
+    logf = writer = None
+    stopped_at = None
     try:
+        if dist.is_main:
+            logf = open(log_path, "a", newline="")
+            writer = csv.DictWriter(logf, fieldnames=LOG_FIELDS)
         for step in bar:
             account(lagged.push(step, train_step(p, step)))
             log_now = (step + 1) % tcfg["log_every"] == 0 or step + 1 == steps
             ckpt_now = (step + 1) % tcfg["checkpoint_every"] == 0 or step + 1 == steps
-            if log_now or ckpt_now:
+            halt = dist.any(stop.requested() is not None)
+            if log_now or ckpt_now or halt:
                 account(lagged.flush())
-            if writer and log_now:
-                mean_loss = sum(window) / len(window) if window else float("nan")
-                writer.writerow({"step": step + 1, "loss": f"{mean_loss:.6g}", "lr": f"{lr_at(step, tcfg):.6g}",
-                                 "grad_norm": f"{last_grad:.6g}", "seconds": f"{time.time() - t0:.2f}",
-                                 "bad_steps": bad["total"]})
-                logf.flush()
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if log_now:
+                mean_loss = sum(state.window) / len(state.window) if state.window else float("nan")
+                if writer:
+                    writer.writerow({"step": step + 1, "loss": f"{mean_loss:.6g}", "lr": f"{lr_at(step, tcfg):.6g}",
+                                     "grad_norm": f"{state.last_grad:.6g}",
+                                     "seconds": f"{state.seconds_before + time.time() - t0:.2f}",
+                                     "bad_steps": state.bad_total})
+                    logf.flush()
+                if dist.is_main and state.window_bad > SKIP_WARN_FRACTION * state.window_steps:
+                    log(f"diffusionlab: warning: {state.window_bad} of the {state.window_steps} steps up to step "
+                        f"{step + 1} were skipped (non-finite loss or gradient; {state.bad_total} in all)")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", skipped=state.bad_total)
             if (step + 1) % tcfg["log_every"] == 0:
-                window = []
-            if ckpt_now:
-                if dist.is_main:
-                    save_checkpoint(out, step + 1, p.model.state_dict(), p.ema.state_dict(), p.opt, p.generators,
-                                    extra={"bad_steps": bad["total"], "world_size": dist.world_size},
-                                    keep=tcfg["keep_checkpoints"])
-                last_ckpt = step + 1
+                state.reset_window()
+            if ckpt_now or halt:
+                checkpoint(step + 1)
             if dist.is_main and tcfg["sample_every"] and (step + 1) % tcfg["sample_every"] == 0:
                 _periodic_samples(cfg, p.ds, p.model, p.ema, out, step + 1, device)
+            if halt and step + 1 < steps:  # (a stop asked during the last step: the run is complete anyway)
+                stopped_at = step + 1
+                break
+    except OSError as e:
+        raise DiffusionLabError(f"{os_error(e, f'write {e.filename or out}').args[0]}; {_intact_note(last_ckpt)}") from None
     finally:
         bar.close()
         if logf:
-            logf.close()
-    summary = {"steps": steps, "resumed_from": start, "seconds": round(time.time() - t0, 2), "bad_steps": bad["total"],
-               "device": str(device), "world_size": dist.world_size, "parameters": sum(q.numel() for q in p.params)}
+            try:
+                logf.close()
+            except OSError:
+                pass
+    seconds = round(time.time() - t0, 2)
+    summary = {"steps": steps, "resumed_from": start, "seconds": seconds, "bad_steps": state.bad_total,
+               "skipped_steps": state.bad_total, "device": str(device), "world_size": dist.world_size,
+               "parameters": sum(q.numel() for q in p.params)}
+    if stopped_at is not None:
+        if dist.is_main:
+            log(f"diffusionlab: stopped {stop.describe()} at step {stopped_at} of {steps}; checkpoint "
+                f"{checkpoint_name(stopped_at)} is intact; continue with --resume")
+        dist.barrier()
+        return {**summary, "stopped": stop.reason, "step": stopped_at}
+    if state.good_total == 0:
+        raise DiffusionLabError(f"no step of the {steps} made progress: every one had a non-finite loss or gradient "
+                                f"({state.bad_total} skipped); no weights were written -- lower train.lr or check the "
+                                "data's scale and the noise covariance")
     if dist.is_main:
-        save_safetensors_atomic(p.ema.state_dict(), out / "model.safetensors", metadata={"weights": "ema"})
-        save_safetensors_atomic(p.model.state_dict(), out / "model_raw.safetensors", metadata={"weights": "raw"})
-        atomic_write_bytes(out / "train_summary.json", json.dumps(summary, indent=2).encode())
-        try:
-            from diffusionlab.plotting import plot_loss
-
-            plot_loss(log_path, out / "loss.png")
-        except Exception as e:  # a plot must never lose a finished run
-            log(f"diffusionlab: warning: could not plot the loss curve: {e}")
+        _write_final(p, out, summary, log_path, log, last_ckpt)
     dist.barrier()
     return summary
+
+
+def _write_final(p, out: Path, summary: dict, log_path: Path, log, last_ckpt) -> None:
+    """The final EMA and raw weights (refused when non-finite), the summary and the loss plot."""
+    ema, raw = p.ema.state_dict(), p.model.state_dict()
+    bad = [k for sd in (ema, raw) for k, v in sd.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DiffusionLabError(f"the trained weights hold non-finite values ({bad[0]}); no weights were written -- "
+                                f"lower train.lr or check the data; {_intact_note(last_ckpt)}")
+    for name, sd, kind in (("model.safetensors", ema, "ema"), ("model_raw.safetensors", raw, "raw")):
+        try:
+            save_safetensors_atomic(sd, out / name, metadata={"weights": kind})
+        except OSError as e:
+            raise DiffusionLabError(f"{os_error(e, f'write the final weights {out / name}').args[0]}; "
+                                    f"{_intact_note(last_ckpt)}: run again with --resume once that is fixed") from None
+    try:
+        atomic_write_bytes(out / "train_summary.json", json.dumps(summary, indent=2).encode())
+    except OSError as e:
+        raise os_error(e, f"write {out / 'train_summary.json'}") from None
+    try:
+        from diffusionlab.plotting import plot_loss
+
+        with atomic_path(out / "loss.png") as tmp:
+            plot_loss(log_path, tmp)
+    except Exception as e:  # a plot must never lose a finished run
+        log(f"diffusionlab: warning: could not plot the loss curve: {str(e).splitlines()[0] if str(e) else e}")
 
 
 def _autocast(precision: str, device: torch.device):

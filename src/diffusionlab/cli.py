@@ -91,6 +91,11 @@ def _main(argv):
         return _error(e, quiet=quiet_rank())
     except FileNotFoundError as e:
         return _error(f"file not found: {e.filename or e}")
+    except BrokenPipeError:  # the reader went away (``diffusionlab oracle example | head``): nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         return _error(f"{e.strerror or e}{where}")

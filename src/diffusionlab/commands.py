@@ -27,6 +27,12 @@ def packaged_config(name: str) -> Path:
     return Path(str(p))
 
 
+def shipped_configs() -> list[str]:
+    """The names of the configs shipped with the package."""
+    folder = Path(str(resources.files("diffusionlab") / "configs"))
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
 def _config_path(arg: str) -> Path:
     """A config file path, or the name of a packaged config (``digits`` -> configs/digits.yaml)."""
     p = Path(arg)
@@ -44,7 +50,7 @@ def cmd_train(args) -> int:
     from diffusionlab.training.trainer import train
 
     check_minutes(args.max_minutes)
-    cfg = load_config(_config_path(args.config), args.set)
+    cfg = load_config(_config_path(args.config), _with_threads(args))
     summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, log=_stderr,
                     max_minutes=args.max_minutes)
     from diffusionlab.training.distributed import quiet_rank
@@ -52,6 +58,29 @@ def cmd_train(args) -> int:
     if summary.get("stopped") is None and not quiet_rank():
         _stderr(_trained_line(summary, Path(args.out)))
     return 0
+
+
+def _with_threads(args) -> list[str]:
+    """The ``--set`` overrides with ``--threads N`` as ``train.threads=N`` (training reads its config)."""
+    from diffusionlab.threads import check_threads
+
+    extra = [] if args.threads is None else [f"train.threads={check_threads(args.threads)}"]
+    return [*args.set, *extra]
+
+
+def apply_threads(args) -> int:
+    """``--threads`` of a command that does not train (default :data:`~diffusionlab.threads.DEFAULT_THREADS`);
+    returns the count in use, which the command reports."""
+    from diffusionlab.threads import DEFAULT_THREADS, set_threads
+
+    return set_threads(DEFAULT_THREADS if args.threads is None else args.threads)
+
+
+def add_threads(p, trains: bool = False) -> None:
+    """Add ``--threads N`` to a subcommand's parser."""
+    what = "train.threads (the config's, default 1)" if trains else "1"
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"torch CPU threads (default: {what}; 0: torch's default, one per core)")
 
 
 def _trained_line(summary: dict, out: Path) -> str:
@@ -90,8 +119,13 @@ def _seed_arg(text: str) -> int:
 
 
 # -- sample -------------------------------------------------------------------------------------------------
-def _write_samples(x_display, kind: str, out: Path) -> None:
-    """Write samples (display space) to ``.npz`` (key ``x``), ``.npy`` or a ``.png`` grid/scatter, atomically."""
+#: training points drawn in grey under a 2-D scatter of samples
+REFERENCE_POINTS = 5000
+
+
+def _write_samples(x_display, kind: str, out: Path, reference=None) -> None:
+    """Write samples (display space) to ``.npz`` (key ``x``), ``.npy`` or a ``.png`` grid/scatter, atomically; a
+    scatter of 2-D points draws ``reference`` (the training data) in grey beneath the samples."""
     from diffusionlab.io import atomic_write_bytes
 
     if out.suffix not in SAMPLE_SUFFIXES:
@@ -118,7 +152,7 @@ def _write_samples(x_display, kind: str, out: Path) -> None:
         from diffusionlab.io import atomic_path
 
         with atomic_path(out) as tmp:
-            save_samples(arr, kind, tmp)
+            save_samples(arr, kind, tmp, reference=reference)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -164,8 +198,9 @@ def _stream_samples(chunks, ds, out: Path, num: int, source) -> None:
             done += len(x)
             check_finite_samples(x, done, source)
             parts.append(ds.to_display(x))
+        reference = ds.data[:REFERENCE_POINTS].cpu() if ds.kind == "points" else None
         try:
-            _write_samples(torch_cat(parts), ds.kind, out)
+            _write_samples(torch_cat(parts), ds.kind, out, reference)
         except OSError as e:
             raise os_error(e, f"write {out}") from None
         return
@@ -261,6 +296,7 @@ def cmd_sample(args) -> int:
         from diffusionlab.samplers import get_sampler
 
         get_sampler(args.sampler)  # validate the name before any work
+    threads = apply_threads(args)
     cfg, ds, model = _load_source(args, continuous=_continuous_sampler(args.sampler))
     if out.suffix in (".gif", ".mp4") and ds.kind != "videos":
         raise DiffusionLabError(f"{out.suffix} output is for video runs; this run's samples are {ds.kind}")
@@ -271,7 +307,7 @@ def cmd_sample(args) -> int:
                              shape=ds.sample_shape, progress=not args.quiet)
     _stream_samples(chunks, ds, out, args.num, _source_name(args))
     print(json.dumps({"out": str(out), "num": args.num, "sampler": scfg["sampler"], **_nfe_line(model, scfg, args.num),
-                      "seconds": round(time.time() - t0, 2)}))
+                      "seconds": round(time.time() - t0, 2), "threads": threads}))
     return 0
 
 
@@ -338,6 +374,7 @@ def cmd_evaluate(args) -> int:
     (:mod:`diffusionlab.likelihood.evaluate`). A run (``--run``) or a diffusers model (``--diffusers``). One JSON
     object on stdout."""
     _check_source(args)
+    threads = apply_threads(args)
     if args.num is not None:
         check_num(args.num, "--num")
     if args.steps is not None and (isinstance(args.steps, bool) or args.steps < 1):
@@ -382,6 +419,7 @@ def cmd_evaluate(args) -> int:
                                       batch_size=args.batch_size, divergence=args.divergence, probes=args.probes,
                                       rtol=args.rtol, atol=args.atol, variance=args.variance,
                                       progress=not args.quiet, log=_stderr, run=_source_name(args))
+    metrics["threads"] = threads
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -404,7 +442,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     check_num(args.num)  # before training, not after
     check_minutes(args.max_minutes)
-    cfg = load_config(packaged_config("digits"), args.set)
+    cfg = load_config(packaged_config("digits"), _with_threads(args))
     t0 = time.time()
     _stderr(f"diffusionlab demo: training a U-Net on the bundled 8x8 digits ({cfg['train']['steps']} steps) -> {out}")
     summary = train(cfg, out, resume=args.resume, progress=not args.quiet, log=_stderr, max_minutes=args.max_minutes)
@@ -454,14 +492,19 @@ def register(sub) -> None:
     from diffusionlab.experiments import register as register_experiments
     from diffusionlab.oracles.cli import register as register_oracles
 
-    p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("config", help="YAML config file, or the name of a packaged one (digits, toy2d)")
+    p = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train a run from a YAML config (a file, or the name of a shipped one: "
+                                   f"{', '.join(shipped_configs())}). Every key, its type, default and meaning: "
+                                   "docs/config.md (python -m diffusionlab.docs regenerates it). Override any key "
+                                   "with --set section.key=value.")
+    p.add_argument("config", help="YAML config file, or the name of a shipped one (see above)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the run's last intact checkpoint")
     p.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="stop cleanly after M minutes with a checkpoint (exit 0; continue with --resume); SIGTERM and "
                         "Ctrl-C stop the same way")
+    add_threads(p, trains=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -483,8 +526,10 @@ def register(sub) -> None:
     p.add_argument("--eta", type=float, default=None, help="shortcut for --set eta=VALUE (ddim)")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--seed", type=_seed_arg, default=0)
-    p.add_argument("--out", required=True, help="output .npz (key x), .npy or .png")
+    p.add_argument("--out", required=True, help="output .npz (key x), .npy or .png (a 2-D run's scatter shows the "
+                                                 "training data in grey)")
     p.add_argument("--device", default="auto")
+    add_threads(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sample)
 
@@ -520,6 +565,7 @@ def register(sub) -> None:
     p.add_argument("--variance", default=None, choices=("beta", "fixed_large", "beta_tilde", "learned"),
                    help="elbo: reverse variance (default: learned if the model learns it, else beta)")
     p.add_argument("--device", default="auto")
+    add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
@@ -534,6 +580,7 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
     p.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="stop training cleanly after M minutes with a checkpoint (continue with --resume)")
+    add_threads(p, trains=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 

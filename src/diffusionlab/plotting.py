@@ -51,14 +51,15 @@ def save_scatter(points, path, reference=None, title: str | None = None) -> Path
     return path
 
 
-def save_samples(x_display, kind: str, path) -> Path:
-    """A grid for images, a frame grid for videos (rows = videos, columns = frames), a scatter for 2-D points."""
+def save_samples(x_display, kind: str, path, reference=None) -> Path:
+    """A grid for images, a frame grid for videos (rows = videos, columns = frames), a scatter for 2-D points
+    (over the ``reference`` points in grey, e.g. the training data)."""
     if kind == "videos":
         from diffusionlab.video_io import save_frame_grid
 
         return save_frame_grid(x_display, path)
     if kind == "points":
-        return save_scatter(x_display, path)
+        return save_scatter(x_display, path, reference=reference)
     return save_image_grid(x_display, path)
 
 

@@ -72,6 +72,17 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output .npy (float64, (N, D) or (N, F, d))")
     p.set_defaults(func=cmd_oracle_sample)
 
+    p = oracle.add_parser("example", help="print a mixture spec (JSON) to start from: diffusionlab oracle example > "
+                                          "mixture.json",
+                          description="Print a Gaussian-mixture spec: {\"weights\": [K], \"means\": [K][D], "
+                                      "\"covs\": [K][D][D], \"frames\": F (optional: samples are (F, D/F) arrays "
+                                      "and --noise acts over the F frames)}. Weights are positive (normalised), "
+                                      "covariances symmetric positive semi-definite. Builtins: ring8 (8 Gaussians "
+                                      "of std 0.1 on a circle of radius 2), aniso16 (6 unequal-weight anisotropic "
+                                      "Gaussians in 16-D); --gmm takes a builtin name or a spec file.")
+    p.add_argument("--name", default="ring8", help="builtin mixture to print: ring8 (default) or aniso16")
+    p.set_defaults(func=cmd_oracle_example)
+
     p = oracle.add_parser("nll", help="probability-flow ODE log-likelihood with exact divergence (JSON on stdout)")
     _common(p, PROCESS_NAMES)
     p.add_argument("--points", required=True, help="points (.npy, (N, D) or (N, F, d))")
@@ -242,6 +253,17 @@ def cmd_oracle_sample(args) -> int:
     return 0
 
 
+# ---- oracle example ---------------------------------------------------------------------------------------------
+def cmd_oracle_example(args) -> int:
+    """Print the builtin mixture ``--name`` as a JSON spec (a starting point for ``--gmm FILE``)."""
+    from diffusionlab.oracles.bench import BUILTIN_SPECS
+
+    if args.name not in BUILTIN_SPECS:
+        raise DiffusionLabError(f"unknown builtin mixture {args.name!r}; allowed: {', '.join(BUILTIN_SPECS)}")
+    print(json.dumps(BUILTIN_SPECS[args.name](), indent=1))
+    return 0
+
+
 # ---- oracle nll ---------------------------------------------------------------------------------------------------
 def cmd_oracle_nll(args) -> int:
     """Probability-flow ODE NLL (exact divergence) of ``--points`` against the exact ``-log p_eps``."""
@@ -347,4 +369,4 @@ def cmd_bench_samplers(args) -> int:
     return 0
 
 
-__all__ = ["register", "cmd_oracle_sample", "cmd_oracle_nll", "cmd_bench_samplers"]
+__all__ = ["register", "cmd_oracle_sample", "cmd_oracle_example", "cmd_oracle_nll", "cmd_bench_samplers"]

@@ -36,11 +36,10 @@ from diffusionlab.configuration import Entry, parse_scalar, safe_load, yaml_erro
 from diffusionlab.checks import at_most, brief
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.processes.grid import GRID_KINDS
+from diffusionlab.threads import DEFAULT_THREADS, MAX_THREADS
 
 #: device names a config or ``--device`` may give
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
-#: intra-op threads a config may ask for (torch crashes on absurd counts such as 100000)
-MAX_THREADS = 1024
 #: the largest global batch without an override (DIFFUSIONLAB_MAX_BATCH_SIZE)
 MAX_BATCH_SIZE = 1 << 20
 
@@ -74,7 +73,7 @@ TRAIN_SCHEMA = {
 def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, lr_schedule: str = "constant",
                   weight_decay: float = 0.0, warmup: int = 200, grad_clip: float = 1.0, ema_decay: float = 0.999,
                   seed: int = 0, checkpoint_every: int = 1000, keep_checkpoints: int = 2, log_every: int = 50,
-                  sample_every: int = 0, device: str = "auto", max_bad_steps: int = 10, threads: int = 0,
+                  sample_every: int = 0, device: str = "auto", max_bad_steps: int = 10, threads: int = DEFAULT_THREADS,
                   precision: str = "fp32", channels_last: bool = False, compile: bool = False) -> dict:
     """The trainer's options (the ``train:`` section).
 
@@ -94,7 +93,7 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, lr
         sample_every: steps between sample grids written to samples/ (0: none)
         device: auto, cpu, cuda[:N] or mps
         max_bad_steps: stop after this many consecutive non-finite steps
-        threads: torch intra-op threads (0: torch's default)
+        threads: torch intra-op CPU threads (0: torch's default, one per core; diffusionlab.threads)
         precision: fp32 or bf16 (bf16 autocast)
         channels_last: channels-last memory format (image data only)
         compile: torch.compile the network

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from diffusionlab.errors import DiffusionLabError
+from diffusionlab.threads import set_threads
 from diffusionlab.training.build import build_dataset, build_model, build_process
 from diffusionlab.io import atomic_path, atomic_write_bytes, clean_stale_temporaries, os_error, save_safetensors_atomic
 from diffusionlab.training.checkpoint import (CKPT_DIR, checkpoint_name, list_checkpoints, load_latest_checkpoint,
@@ -428,7 +429,7 @@ def _train(cfg: dict, out: Path, resume: bool, progress: bool, log, stop) -> dic
     dist = Distributed.from_env(tcfg["device"])  # the process group is joined once everything is validated
     device = dist.device
     if tcfg.get("threads"):
-        torch.set_num_threads(int(tcfg["threads"]))
+        set_threads(int(tcfg["threads"]), "train.threads")
         if dist.is_main and tcfg["threads"] > (os.cpu_count() or 1):
             log(f"diffusionlab: warning: train.threads = {tcfg['threads']} exceeds the {os.cpu_count()} CPU cores here")
     cfg = absolute_noise_path(cfg)

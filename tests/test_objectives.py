@@ -429,3 +429,22 @@ def test_full_vlb_builds_no_graph():
     model = DiffusionModel(ChannelNet(2, dtype=torch.float64), VPChain(torch.linspace(1e-3, 0.2, 20, dtype=torch.float64)))
     out = full_vlb(model, torch.zeros(3, 2, dtype=torch.float64))
     assert not out.requires_grad
+
+
+def test_clipping_x0_in_the_bound_is_the_clipped_samplers_model():
+    """With clip_x0 the bound uses clamp(x_theta, -1, 1) in every reverse mean: for data inside [-1, 1] a prediction
+    clipped towards the data can only shrink each Gaussian KL's mean difference, so every term is <= the unclipped
+    one; and without any prediction outside [-1, 1] the two are the very same numbers."""
+    from diffusionlab.objectives import vlb_terms
+
+    oracle = _oracle(*CASES[0])
+    x0 = oracle.sample_data(256, torch.Generator().manual_seed(3)).clamp(-1, 1)
+    t = torch.randint(1, oracle.process.T + 1, (256,), generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    plain = vlb_terms(oracle, x0, t, noise=noise)
+    clipped = vlb_terms(oracle, x0, t, noise=noise, clip_x0=True)
+    assert (clipped <= plain + 1e-12).all() and (clipped < plain - 1e-6).any()
+    small = oracle.sample_data(64, torch.Generator().manual_seed(6)) * 1e-3  # predictions stay inside [-1, 1]
+    t1 = torch.full((64,), 3)
+    n1 = torch.randn(64, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 1e-3
+    assert torch.equal(vlb_terms(oracle, small, t1, noise=n1), vlb_terms(oracle, small, t1, noise=n1, clip_x0=True))

@@ -374,6 +374,8 @@ def cmd_evaluate(args) -> int:
     (:mod:`diffusionlab.likelihood.evaluate`). A run (``--run``) or a diffusers model (``--diffusers``). One JSON
     object on stdout."""
     _check_source(args)
+    if args.clip_x0 and args.metric != "elbo":
+        raise DiffusionLabError(f"--clip-x0 applies to --metric elbo, not to --metric {args.metric}")
     threads = apply_threads(args)
     if args.num is not None:
         check_num(args.num, "--num")
@@ -418,7 +420,8 @@ def cmd_evaluate(args) -> int:
         metrics = evaluate_likelihood(loaded, args.metric, num=num, seed=args.seed,
                                       batch_size=args.batch_size, divergence=args.divergence, probes=args.probes,
                                       rtol=args.rtol, atol=args.atol, variance=args.variance,
-                                      progress=not args.quiet, log=_stderr, run=_source_name(args))
+                                      progress=not args.quiet, log=_stderr, run=_source_name(args),
+                                      clip_x0=args.clip_x0)
     metrics["threads"] = threads
     print(json.dumps(metrics, indent=2))
     return 0
@@ -563,7 +566,11 @@ def register(sub) -> None:
     p.add_argument("--rtol", type=float, default=1e-5, help="nll: dopri5 relative tolerance (default 1e-5)")
     p.add_argument("--atol", type=float, default=1e-5, help="nll: dopri5 absolute tolerance (default 1e-5)")
     p.add_argument("--variance", default=None, choices=("beta", "fixed_large", "beta_tilde", "learned"),
-                   help="elbo: reverse variance (default: learned if the model learns it, else beta)")
+                   help="elbo: reverse variance (default: learned if the model learns it, else beta; fixed_large: "
+                        "beta-tilde_2 at t = 1, as Ho et al.'s code)")
+    p.add_argument("--clip-x0", action="store_true",
+                   help="elbo: clamp x_theta to [-1, 1] in the reverse means: the bound of the model as sampled with "
+                        "clip_x0 (improved-diffusion's calc_bpd_loop default)")
     p.add_argument("--device", default="auto")
     add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -191,7 +191,8 @@ def elbo_decoder(levels: int | None, process) -> str:
 
 
 def elbo_per_point(model, x: torch.Tensor, batch_size: int = 128, variance: str | None = None,
-                   decoder: str = "gaussian", generator: torch.Generator | None = None, progress: bool = False) -> dict:
+                   decoder: str = "gaussian", generator: torch.Generator | None = None, progress: bool = False,
+                   clip_x0: bool = False) -> dict:
     """DDPM's negative ELBO of prepared points ``x`` per point (nats, float64; ``model`` converted in place),
     every term evaluated once per point by :func:`~diffusionlab.objectives.full_vlb`: ``total``, ``prior``
     (``L_T``), ``decoder`` (``L_0``) and ``middle`` (``sum_{t=2}^T L_{t-1}``), each ``(N,)`` on the CPU, plus the
@@ -215,7 +216,7 @@ def elbo_per_point(model, x: torch.Tensor, batch_size: int = 128, variance: str 
     bar = progress_display(total=calls, desc=f"elbo ({x.shape[0]} points x {T} terms)", enabled=progress)
     for xb in batches:
         total, terms, prior = full_vlb(model, xb, variance=variance, decoder=decoder, generator=generator,
-                                       return_terms=True, bar=bar)
+                                       return_terms=True, bar=bar, clip_x0=clip_x0)
         for key, val in (("total", total), ("prior", prior), ("decoder", terms[:, 0]), ("middle", terms[:, 1:].sum(1))):
             parts[key].append(val.cpu())
     bar.close()
@@ -225,19 +226,20 @@ def elbo_per_point(model, x: torch.Tensor, batch_size: int = 128, variance: str 
 
 
 def elbo_metrics(model, x: torch.Tensor, levels: int | None = None, batch_size: int = 128, variance: str | None = None,
-                 decoder: str = "gaussian", generator: torch.Generator | None = None, progress: bool = False) -> dict:
+                 decoder: str = "gaussian", generator: torch.Generator | None = None, progress: bool = False,
+                 clip_x0: bool = False) -> dict:
     """DDPM's negative ELBO of prepared points ``x`` (dequantized unless ``decoder="discretized"``) summarised
     (:func:`elbo_per_point`): :func:`nll_summary`'s keys for the total and, under ``terms``, the prior ``L_T``,
     the decoder ``L_0`` and ``sum_{t=2}^T L_{t-1}`` in nats per point and bits per dimension (no offset: the
     offset belongs to the total)."""
-    per = elbo_per_point(model, x, batch_size, variance, decoder, generator, progress)
+    per = elbo_per_point(model, x, batch_size, variance, decoder, generator, progress, clip_x0)
     dim = x[0].numel()
     out = nll_summary(per["total"], dim, levels, decoder)
     out["terms"] = {"prior_L_T": _term(per["prior"], dim), "decoder_L_0": _term(per["decoder"], dim),
                     "sum_L_1_to_L_T-1": _term(per["middle"], dim)}
     out.update({"network_calls": per["network_calls"], "num": x.shape[0], "dim": dim, "T": int(model.process.T),
                 "network_evaluations_per_point": int(model.process.T), "decoder": decoder,
-                "variance": per["variance"]})
+                "variance": per["variance"], "clip_x0": clip_x0})
     return out
 
 
@@ -309,7 +311,8 @@ def check_request(metric: str, num: int = 1000, batch_size: int | None = None, d
 
 def evaluate_likelihood(loaded, metric: str, num: int = 1000, seed: int = 0, batch_size: int | None = None,
                         divergence: str = "exact", probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5,
-                        variance: str | None = None, progress: bool = False, log=None, run="") -> dict:
+                        variance: str | None = None, progress: bool = False, log=None, run="",
+                        clip_x0: bool = False) -> dict:
     """The ``nll`` or ``elbo`` report of a loaded run ``(cfg, ds, model)`` (module docstring: a run directory's
     :func:`~diffusionlab.training.sampling.load_run`, or a diffusers model), as a JSON-ready dict; ``run`` names
     it in the report.
@@ -338,7 +341,8 @@ def evaluate_likelihood(loaded, metric: str, num: int = 1000, seed: int = 0, bat
         body = nll_metrics(model, x, levels, batch_size=bs, divergence=divergence, num_probes=probes, rtol=rtol,
                            atol=atol, generator=est_gen, progress=progress)
     else:
-        body = elbo_metrics(model, x, levels, batch_size=bs, variance=variance, decoder=decoder, generator=est_gen,
+        body = elbo_metrics(model, x, levels, batch_size=bs, variance=variance, decoder=decoder, clip_x0=clip_x0,
+                            generator=est_gen,
                             progress=progress)
     out = {"metric": metric, "run": str(run), "process": pname, "data": description, "heldout": heldout,
            "num_available": int(pool.shape[0]), "seed": seed, "batch_size": bs, "levels": levels,

@@ -153,11 +153,13 @@ def _decoder_nll(chain, x0, err, log_var, variance, decoder) -> torch.Tensor:
 
 
 def vlb_from_prediction(model, pred: Prediction, x0, eps, t, variance=None, decoder="gaussian",
-                        detach_mean: bool = False) -> torch.Tensor:
+                        detach_mean: bool = False, clip_x0: bool = False) -> torch.Tensor:
     """The bound's term for each sample's own step: ``L_{t-1}`` for ``t >= 2``, ``L_0`` for ``t = 1`` (nats, ``(B,)``).
 
     ``pred`` is the model's prediction at ``x_t = s_t x0 + sigma_t eps``. ``detach_mean`` stops the gradient
-    through the mean (Nichol & Dhariwal's hybrid loss trains only the variance through this term).
+    through the mean (Nichol & Dhariwal's hybrid loss trains only the variance through this term). ``clip_x0``
+    clamps ``x_theta`` to ``[-1, 1]`` in every reverse mean: the bound of the model as a sampler with ``clip_x0``
+    draws from it (improved-diffusion's ``calc_bpd_loop`` with ``clip_denoised=True``).
 
     Each branch sees only its own rows: the decoder gets the ``x_0`` error of the ``t = 1`` rows and zeros
     elsewhere, the KL that of the ``t >= 2`` rows. Selecting afterwards is not enough, since the backward pass of
@@ -169,6 +171,8 @@ def vlb_from_prediction(model, pred: Prediction, x0, eps, t, variance=None, deco
     variance = resolve_variance(variance, model)
     _check_choice("decoder", decoder, DECODERS)
     err = model.parametrization.x0_error(pred, x0, eps)
+    if clip_x0:
+        err = (x0 + err).clamp(-1.0, 1.0) - x0
     if detach_mean:
         err = err.detach()
     log_var = reverse_log_variance(chain, t, x0, variance, pred.v_var)
@@ -181,13 +185,14 @@ def vlb_from_prediction(model, pred: Prediction, x0, eps, t, variance=None, deco
 
 
 def vlb_terms(model, x0: torch.Tensor, t, noise=None, generator=None, variance=None,
-              decoder="gaussian") -> torch.Tensor:
+              decoder="gaussian", clip_x0: bool = False) -> torch.Tensor:
     """``L_{t-1}`` (``L_0``, the decoder NLL, where ``t = 1``) at steps ``t`` for ``x_t ~ q(x_t | x_0)``, one
-    draw each; ``(B,)`` nats. ``t`` an int or ``(B,)``; ``noise`` fixes ``eps ~ N(0, C)``."""
+    draw each; ``(B,)`` nats. ``t`` an int or ``(B,)``; ``noise`` fixes ``eps ~ N(0, C)``; ``clip_x0`` as in
+    :func:`vlb_from_prediction`."""
     require_chain(model.process, "the variational bound")
     tb, eps, x_t, _, _ = noisy_inputs(model.process, x0, generator, batch_t(t, x0), noise)
     pred = model.predict(x_t, tb)
-    return vlb_from_prediction(model, pred, x0, eps, tb, variance, decoder)
+    return vlb_from_prediction(model, pred, x0, eps, tb, variance, decoder, clip_x0=clip_x0)
 
 
 def vlb_chunk(batch: int, t_chunk: int | None = None) -> int:
@@ -197,11 +202,12 @@ def vlb_chunk(batch: int, t_chunk: int | None = None) -> int:
 
 @torch.no_grad()
 def full_vlb(model, x0: torch.Tensor, variance=None, decoder="gaussian", generator=None, t_chunk: int | None = None,
-             return_terms: bool = False, bar=None):
+             return_terms: bool = False, bar=None, clip_x0: bool = False):
     """The whole bound ``L_T + sum_{t=1}^T L_{t-1}`` per sample (nats, ``(B,)``; ``-ELBO >= -log p_theta(x_0)``),
     every term evaluated (one ``x_t`` draw per term), batched over ``t`` in chunks of ``t_chunk`` steps
     (default: about 8192 samples per network call, :func:`vlb_chunk`). No gradients (evaluation). ``bar`` (a
-    progress display) is advanced by one per network call.
+    progress display) is advanced by one per network call; ``clip_x0`` clamps ``x_theta`` in every term
+    (:func:`vlb_from_prediction`).
 
     With ``return_terms``: ``(total, terms, prior)``, ``terms`` ``(B, T)`` with ``terms[:, t-1] = L_{t-1}``."""
     chain = require_chain(model.process, "the variational bound")
@@ -216,7 +222,7 @@ def full_vlb(model, x0: torch.Tensor, variance=None, decoder="gaussian", generat
         xs = x0.repeat(ts.numel(), *reps)
         tb = ts.repeat_interleave(b)
         terms[:, t0 - 1 : t0 - 1 + ts.numel()] = vlb_terms(model, xs, tb, generator=generator, variance=variance,
-                                                           decoder=decoder).reshape(ts.numel(), b).T
+                                                           decoder=decoder, clip_x0=clip_x0).reshape(ts.numel(), b).T
         if bar is not None:
             bar.update(1)
     prior = chain.prior_kl(x0)

@@ -33,7 +33,7 @@ BAD_FILE_RULES = ("error", "skip")
 #: how many following files :func:`load_or_next` tries in place of one that does not load
 MAX_SUBSTITUTES = 8
 #: how many bad files a message lists by name
-SHOWN = 3
+SHOWN = 10
 
 
 class DataError(DiffusionLabError):

@@ -111,5 +111,8 @@ def step_loader(batches: StepBatches, first: int, workers: int, prefetch: int = 
     kw = {}
     if workers:
         kw = {"prefetch_factor": prefetch, "worker_init_fn": _quiet_worker}
+    # a generator of its own: a DataLoader iterator draws its workers' base seed from it, which would otherwise
+    # advance torch's global RNG (dropout's) at every (re)start of the loader and break an exact resume
     return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(first, first + (1 << 62)),
-                                       num_workers=workers, pin_memory=pin_memory, **kw)
+                                       num_workers=workers, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(0), **kw)

@@ -4,8 +4,8 @@ Written by rank 0 to ``RUN/tensorboard/`` through :class:`torch.utils.tensorboar
 optional ``tensorboard`` package (``pip install diffusionlab[tensorboard]``); without it training goes on with one
 warning. At every ``log.csv`` row the scalars ``train/loss``, ``train/lr``, ``train/grad_norm``,
 ``train/skipped_steps`` and ``train/samples_per_second``; at every periodic sample grid the image
-``samples``. A resumed run opens the writer with ``purge_step`` at its checkpoint's step, so TensorBoard drops the
-events the interrupted run wrote after it and the curves continue without a fold.
+``samples``. A resumed run opens the writer with ``purge_step`` just after its checkpoint's step, so TensorBoard drops the
+events the interrupted run wrote after that checkpoint and the curves continue without a fold.
 """
 
 from __future__ import annotations
@@ -56,4 +56,4 @@ def open_tensorboard(run_dir: Path, start: int, log=print) -> Board | None:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return Board(SummaryWriter(log_dir=str(Path(run_dir) / TB_DIR), purge_step=start if start else None))
+    return Board(SummaryWriter(log_dir=str(Path(run_dir) / TB_DIR), purge_step=start + 1 if start else None))

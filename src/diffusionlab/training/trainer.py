@@ -443,7 +443,7 @@ def _fetch(p: TrainParts, step: int, dist) -> torch.Tensor | str:
         x0, failed = p.batches.get(step), None
     except DataError as e:
         x0, failed = None, str(e)
-    if p.batches.streaming and dist.any(failed is not None) and failed is None:
+    if dist.enabled and dist.any(failed is not None) and failed is None:  # every rank asks, whatever its data path
         failed = "another process could not read its part of the batch (its message names the file)"
     return failed if failed is not None else x0
 

@@ -655,6 +655,25 @@ def _fault_nan_after_a_checkpoint(tmp: Path):
         objectives.make_objective = real
 
 
+def _fault_cut_image_mid_run(tmp: Path):
+    """A PNG whose header is fine and whose body is cut, sorted last (the checks before training decode only the
+    first 8 files), first read at step 2 (0-based) of a run streaming the folder through 2 workers."""
+    import fakedata
+
+    folder = fakedata.pngs(tmp / "imgs", 9)
+    data = (folder / "004.png").read_bytes()
+    (folder / "zz_cut.png").write_bytes(data[: len(data) // 2])
+    cfg = {"data": {"name": "image_folder", "path": str(folder), "image_size": 8, "stream": True, "workers": 2},
+           "process": {"name": "vp", "T": 20},
+           "model": {"name": "unet", "base_channels": 8, "channel_mults": [1], "num_res_blocks": 1,
+                     "attn_resolutions": []},
+           "train": {"steps": 12, "batch_size": 4, "checkpoint_every": 100, "device": "cpu", "threads": 1, "seed": 3},
+           "sample": {"sampler": "ddim", "steps": 3}}
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return _cli(["train", path, "--out", tmp / "run", "--quiet"])
+
+
 #: (class, case, scenario(tmp) -> (exit status, stderr lines), fragment of the one error line)
 FAULTS = [
     ("OS error", "full disk at the second checkpoint", _fault_disk_full_at_second_checkpoint,
@@ -665,6 +684,9 @@ FAULTS = [
      "no step of the 5 made progress"),
     ("no progress", "non-finite from step 5 on", _fault_nan_after_a_checkpoint,
      "the last checkpoint (step 4) is intact"),
+    ("data", "a PNG whose body is cut, met at step 3 by the streaming loader (2 workers; `bad_files: error`)",
+     _fault_cut_image_mid_run, "zz_cut.png': image file is truncated; set data.bad_files=skip to go on without it "
+     "(each bad file is reported); the last checkpoint (step 2) is intact"),
 ]
 
 

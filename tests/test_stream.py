@@ -116,6 +116,15 @@ def test_streaming_and_in_memory_give_the_same_batches(tmp_path, name):
     assert len(src) == len(ds) and all(torch.equal(src.load(i), ds.data[i]) for i in range(len(ds)))
 
 
+def test_generated_sets_stream_the_draw_of_the_runs_seed():
+    """A set without a file reader (the 2-D ring, generated from train.seed) streamed from memory: the same draw,
+    so the same batches, as the in-memory path (seed 5, not the loader's default)."""
+    cfg = {"data": {"name": "ring", "num": 50}, "model": {"name": "mlp", "hidden": 8, "depth": 1, "emb_dim": 8},
+           "train": {"batch_size": 8, "device": "cpu", "seed": 5}}
+    memory = _batches(cfg, ["data.stream=false"], range(8))
+    assert torch.equal(memory, _batches(cfg, ["data.stream=true", "data.workers=1"], range(8)))
+
+
 def test_data_parallel_ranks_read_their_slices_of_the_same_global_batch(tmp_path):
     """Each rank of a 2-process job reads its half of the global batch (streamed or in memory): together, the batch
     one process reads."""

@@ -9,7 +9,10 @@
 - ``cifar10``: the *binary* version (``cifar-10-batches-bin``: records of 1 label byte + 3072 pixel bytes).
   The python version is a pickle and is refused: nothing here ever unpickles.
 
-Nothing is downloaded: a missing file is a :class:`DiffusionLabError` naming the path.
+Nothing is downloaded: a missing file is a :class:`DiffusionLabError` naming the path. Each file format also has a
+:class:`~diffusionlab.data.sources.Source` (:class:`ImageFolderSource`, :class:`MnistSource`,
+:class:`Cifar10Source`) that reads one sample at a time for streaming; the in-memory image folder is built from its
+source, so both decode alike, and a folder's bad files follow the rule of :mod:`diffusionlab.data.sources`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@
   folder (recursively, sorted); frames cropped to a square and resized as
   :func:`~diffusionlab.data.images.image_folder` does.
 
-Nothing is downloaded: a missing path is a :class:`DiffusionLabError` naming it. The loaders share the signature
+Nothing is downloaded: a missing path is a :class:`DiffusionLabError` naming it. ``moving_mnist`` and
+``video_folder`` have :class:`~diffusionlab.data.sources.Source` readers for streaming (:class:`MovingMnistSource`,
+:class:`VideoFolderSource`). The loaders share the signature
 style of :mod:`diffusionlab.data.images` (keyword options with defaults; ``seed`` where generated), so they are
 registered in ``diffusionlab.data._LOADERS`` as they are.
 """

@@ -105,16 +105,17 @@ def memory_budget(device: torch.device) -> int | None:
     return int(AUTO_STREAM_FRACTION * min(sizes)) if sizes else None
 
 
-def choose_stream(dcfg: dict, device: torch.device):
+def choose_stream(dcfg: dict, device: torch.device, seed: int):
     """``(stream, source)``: whether training streams the data of ``dcfg`` (``data.stream``; module docstring)
-    and the opened source when it was opened to decide (or to stream)."""
+    and the opened source when it was opened to decide (or to stream); ``seed`` (``train.seed``) generates the
+    generated sets, as on the in-memory path."""
     from diffusionlab.data import has_source, open_source
 
     if dcfg["stream"] is False:
         return False, None
     if dcfg["stream"] == "auto" and not has_source(dcfg):
         return False, None
-    source = open_source(dcfg)
+    source = open_source(dcfg, seed)
     if dcfg["stream"] is True:
         return True, source
     budget = memory_budget(device)
@@ -128,7 +129,7 @@ def open_training_data(cfg: dict, device: torch.device, batch: int, part: slice,
     from diffusionlab.training.build import build_dataset
 
     dcfg, seed = cfg["data"], cfg["train"]["seed"]
-    stream, source = choose_stream(dcfg, device)
+    stream, source = choose_stream(dcfg, device, seed)
     if stream:
         ds = source
         first = source.head(8)

@@ -1,10 +1,13 @@
-"""The training loop: AdamW with warm-up, gradient clipping, EMA, NaN guard, CSV log, checkpoints, exact resume.
+"""The training loop: AdamW with warm-up and schedules, gradient clipping and accumulation, fp32 / bf16 / fp16
+(with a gradient scaler), EMA, NaN guard, CSV log and TensorBoard, checkpoints, exact resume.
 
-Determinism: batch indices come from a CPU generator and all diffusion noise from a generator on the
-training device, both seeded from ``train.seed`` and saved in every checkpoint together with torch's global
-RNG states, the optimizer state (in its parameters' memory format), the EMA weights and the loop's own state
-(the losses of the log window in progress, the skipped-step count); ``--resume`` therefore continues the very
-same trajectory and the very same log (bit for bit on CPU).
+Determinism: the samples of each step's batch are a function of ``train.seed`` and the step
+(:mod:`diffusionlab.data.order`; in memory or streamed, :mod:`diffusionlab.training.batches`), and all diffusion
+noise comes from a generator on the training device seeded from ``train.seed``, saved in every checkpoint together
+with torch's global RNG states, the optimizer state (in its parameters' memory format), the gradient scaler's
+state, the EMA weights and the loop's own state (the losses of the log window in progress, the skipped-step
+count, the position in the data stream); ``--resume`` therefore continues the very same trajectory and the very
+same log (bit for bit on CPU).
 
 Nothing is lost (:mod:`diffusionlab.training.rundir`, :mod:`diffusionlab.training.stop`): everything is built and
 validated before the run directory is touched; one process writes a run (an exclusive lock); ``--resume`` refuses

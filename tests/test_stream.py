@@ -145,6 +145,35 @@ def test_flip_mirrors_the_chosen_samples_and_nothing_else(tmp_path):
         assert torch.equal(flipped[k][m], plain[k][m].flip(-1)) and torch.equal(flipped[k][~m], plain[k][~m])
 
 
+@pytest.mark.parametrize("key, value, fragment", [
+    ("stream", "sometimes", "data.stream must be true, false or auto"),
+    ("workers", -1, "data.workers must be an integer in [0, 256] or auto"),
+    ("prefetch", 0, "data.prefetch must be an integer in [1, 64]"),
+    ("flip", "yes", "data.flip must be true or false"),
+    ("bad_files", "ignore", "bad_files must be one of error, skip"),
+])
+def test_bad_loading_keys_are_refused_naming_them(tmp_path, key, value, fragment):
+    cfg = _image_cfg(fake.pngs(tmp_path / "imgs", 2))
+    cfg["data"][key] = value
+    with pytest.raises(DiffusionLabError) as e:
+        build_parts(resolve(cfg), log=lambda m: None)
+    assert fragment in str(e.value)
+
+
+def test_a_fitted_covariance_needs_the_set_in_memory(tmp_path):
+    """process.noise: fitted is fitted to the whole training set: refused when it is streamed, nothing written."""
+    cfg = {"data": {"name": "video_folder", "path": str(fake.npy_videos(tmp_path / "vids")), "frames": 4, "size": 8,
+                    "stream": True},
+           "process": {"name": "vp", "T": 20, "noise": "fitted"},
+           "model": {"name": "video_unet", "base_channels": 8, "channel_mults": [1], "num_res_blocks": 1,
+                     "attn_resolutions": []}, "train": {"batch_size": 2, "device": "cpu", "steps": 2}}
+    with pytest.raises(DiffusionLabError, match="a streamed set does not hold in memory: set data.stream=false"):
+        _run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    _run(cfg, tmp_path / "run", ["data.stream=false"])  # in memory it is fitted and trains
+    assert (tmp_path / "run" / "noise_covariance.safetensors").exists()
+
+
 def test_flip_is_refused_for_points():
     with pytest.raises(DiffusionLabError, match="data.flip mirrors images and videos"):
         resolve({"data": {"name": "ring", "flip": True}})

@@ -8,9 +8,16 @@ What it runs (each an entry of :func:`cases`; a failing entry is recorded with i
 
 - **training steps** of the digits U-Net (``configs/digits.yaml``) and the video space-time U-Net
   (``configs/video.yaml``) through the trainer's own :func:`~diffusionlab.training.trainer.build_parts` and
-  :func:`~diffusionlab.training.trainer.train_step`, for every precision in :data:`PRECISIONS` (one entry each:
-  a precision the trainer's config refuses -- fp16 until the gradient-scaler change lands -- is reported as "not
-  supported by this trainer version") and with ``train.compile`` on;
+  :func:`~diffusionlab.training.trainer.train_step`, for every precision in :data:`PRECISIONS` (one entry each;
+  fp16 runs with its gradient scaler; a precision a trainer's config refuses would be reported as "not supported by
+  this trainer version") and with ``train.compile`` on; digits with ``train.accumulate: 4`` (four micro-batches of
+  32 per step of 128);
+- **the CIFAR-10 recipe** (``configs/cifar10.yaml``: DDPM's 35.7M-parameter U-Net at batch 128) on a random
+  CIFAR-10 binary folder written to a temporary directory (50000 records; 64 in ``--dry-run``, with the network
+  shrunk): bf16 and fp16 in memory, and bf16 streamed by the DataLoader (2 worker processes, pinned memory,
+  prefetch 2) -- the step times then include the loader;
+- **an image folder streamed**: 1024 PNGs (32 x 32) read by 2 workers into pinned memory for the digits-sized U-Net
+  at 32 x 32 (3 channels), against the same folder in memory;
 - **sampling**: 50-step DDIM of the digits model (:func:`~diffusionlab.training.sampling.generate`);
 - **DDP**: one training step under DistributedDataParallel in a one-process NCCL group, no torchrun (the group is
   initialised here on 127.0.0.1; gloo in ``--dry-run``), through the trainer's
@@ -98,13 +105,62 @@ def _eager_compile(active: bool):
         torch.nn.Module.compile = orig
 
 
+#: the CIFAR-10 recipe's network shrunk for --dry-run
+TINY_CIFAR = ["model.base_channels=8", "model.channel_mults=[1,2]", "model.num_res_blocks=1", "model.groups=4"]
+#: the digits-sized U-Net on 32 x 32 RGB images of a folder
+FOLDER_MODEL = ["model.name=unet", "model.base_channels=24", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
+                "model.attn_resolutions=[16]", "model.conv_resample=false"]
+
+
 def _sizes(dry: bool) -> dict:
     if dry:
         return {"digits_batch": 8, "video_batch": 4, "video_overrides": ["data.num=8", "data.frames=4",
                                                                           "data.size=8"],
-                "sample_num": 8, "sample_steps": 3, "nll_points": 2, "nll_tol": 1e-2}
+                "sample_num": 8, "sample_steps": 3, "nll_points": 2, "nll_tol": 1e-2, "cifar_records": 64,
+                "cifar_batch": 8, "cifar_overrides": TINY_CIFAR, "pngs": 16, "folder_batch": 8}
     return {"digits_batch": 128, "video_batch": 16, "video_overrides": [], "sample_num": 1000, "sample_steps": 50,
-            "nll_points": 8, "nll_tol": 1e-5}
+            "nll_points": 8, "nll_tol": 1e-5, "cifar_records": 50000, "cifar_batch": 128, "cifar_overrides": [],
+            "pngs": 1024, "folder_batch": 128}
+
+
+@functools.lru_cache(maxsize=None)
+def _scratch() -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="gpu_check.")
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
+@functools.lru_cache(maxsize=None)
+def fake_cifar(records: int) -> str:
+    """A CIFAR-10 binary folder of random records (1 label byte + 3072 pixel bytes) in a scratch directory."""
+    import numpy as np
+
+    folder = Path(_scratch()) / f"cifar-{records}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    per = -(-records // 5)
+    for i in range(1, 6):
+        rec = np.concatenate([rng.integers(0, 10, (per, 1)), rng.integers(0, 256, (per, 3072))], axis=1)
+        (folder / f"data_batch_{i}.bin").write_bytes(rec.astype(np.uint8).tobytes())
+    return str(folder)
+
+
+@functools.lru_cache(maxsize=None)
+def png_folder(n: int) -> str:
+    """``n`` random 32 x 32 RGB PNGs in a scratch directory."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    folder = Path(_scratch()) / f"pngs-{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        iio.imwrite(folder / f"{i:05d}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    return str(folder)
 
 
 # ---- entries ------------------------------------------------------------------------------------------------------
@@ -131,9 +187,18 @@ def train_entry(config: str, precision: str, compile_: bool, batch: int, extra: 
             train_step(parts, step[0])
             step[0] += 1
 
-        times = _timed(one, device, args.warmup, args.steps)
+        try:
+            times = _timed(one, device, args.warmup, args.steps)
+        finally:
+            parts.batches.close()  # a streaming loader's workers
     out.update(status="ok", batch=batch, parameters=sum(p.numel() for p in parts.params), fused_adamw=parts.fused,
                step_ms=_ms(times, args), images_per_s=None if args.dry_run else round(batch / statistics.median(times), 1))
+    if parts.batches.streaming:
+        out["data"] = f"streamed, {cfg['data']['workers']} workers, pinned memory: {device.type == 'cuda'}"
+    if parts.scaler is not None:
+        out["grad_scale"] = parts.scaler.get_scale()
+    if cfg["train"]["accumulate"] > 1:
+        out["micro_batches"] = cfg["train"]["accumulate"]
     return out
 
 
@@ -240,6 +305,19 @@ def _ms(times: list[float], args):
     return None if args.dry_run else round(1000 * statistics.median(times), 2)
 
 
+def _cifar_overrides(sizes: dict) -> list[str]:
+    return [f"data.path={fake_cifar(sizes['cifar_records'])}", *sizes["cifar_overrides"]]
+
+
+def _folder_overrides(sizes: dict) -> list[str]:
+    return ["data.name=image_folder", f"data.path={png_folder(sizes['pngs'])}", "data.image_size=32", *FOLDER_MODEL]
+
+
+def _lazy(entry, config, precision, compile_, batch, data, extra, args):
+    """An entry whose data overrides are made (its files written) only when it runs."""
+    return lambda: entry(config, precision, compile_, batch, [*data(), *extra], args)
+
+
 def cases(args) -> list[tuple[str, callable]]:
     """``(name, thunk)`` for every entry of the check (module docstring)."""
     s = _sizes(args.dry_run)
@@ -247,9 +325,21 @@ def cases(args) -> list[tuple[str, callable]]:
     for precision in PRECISIONS:
         out.append((f"train digits {precision}", functools.partial(train_entry, "digits", precision, False,
                                                                  s["digits_batch"], [], args)))
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16", "fp16"):
         out.append((f"train digits {precision} compiled", functools.partial(train_entry, "digits", precision, True,
                                                                           s["digits_batch"], [], args)))
+    out.append(("train digits fp32 accumulate 4", functools.partial(train_entry, "digits", "fp32", False,
+                                                                    s["digits_batch"], ["train.accumulate=4"], args)))
+    cifar = functools.partial(_cifar_overrides, s)
+    for name, precision, extra in (("train cifar10 recipe bf16", "bf16", ["data.stream=false"]),
+                                   ("train cifar10 recipe fp16 (scaler)", "fp16", ["data.stream=false"]),
+                                   ("train cifar10 recipe bf16 streamed (2 workers)", "bf16",
+                                    ["data.stream=true", "data.workers=2", "data.prefetch=2"])):
+        out.append((name, _lazy(train_entry, "cifar10", precision, False, s["cifar_batch"], cifar, extra, args)))
+    folder = functools.partial(_folder_overrides, s)
+    for name, extra in (("train image folder in memory", ["data.stream=false"]),
+                        ("train image folder streamed (2 workers)", ["data.stream=true", "data.workers=2"])):
+        out.append((name, _lazy(train_entry, "digits", "bf16", False, s["folder_batch"], folder, extra, args)))
     for precision in PRECISIONS:
         out.append((f"train video {precision}", functools.partial(train_entry, "video", precision, False,
                                                                 s["video_batch"], s["video_overrides"], args)))

@@ -97,9 +97,22 @@ SMALL = {
     "toy2d": ["data.num=512", "train.batch_size=32", "model.hidden=32"],
     "toy2d_sde": ["data.num=512", "train.batch_size=32", "model.hidden=32"],
     "video": ["data.num=8", "data.frames=4", "train.batch_size=2", "model.base_channels=8"],
+    # DDPM's U-Net at width 8 (attention at 16 x 16 and dropout 0.1 kept) on a fake binary folder, streamed by a
+    # worker process with the recipe's random flips
+    "cifar10": ["model.base_channels=8", "model.channel_mults=[1,2]", "model.num_res_blocks=1", "model.groups=4",
+                "train.batch_size=4", "train.warmup=2", "data.stream=true", "data.workers=1"],
 }
 DEFAULT_SMALL = ["train.batch_size=4"]
 SHIPPED = sorted(p.stem for p in Path(str(resources.files("diffusionlab") / "configs")).glob("*.yaml"))
+
+
+def _data_files(name: str, tmp: Path) -> list[str]:
+    """Overrides pointing a shipped config that reads files at small fakes of them."""
+    if name == "cifar10":
+        import fakedata
+
+        return [f"data.path={fakedata.cifar10(tmp / 'cifar-10-batches-bin', n=30)}"]
+    return []
 
 
 def _shipped(name: str, steps: int, extra=()) -> dict:
@@ -116,16 +129,55 @@ def test_resume_is_bit_exact_for_every_shipped_config(tmp_path, name):
     operations: torch.equal is right); checkpoints every 3 steps and log rows every 4, so a log window straddles
     the resumed checkpoint. digits.yaml trains channels-last: its AdamW moments must come back channels-last."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(_shipped(name, 20), straight, progress=False, log=lambda m: None)
-    train(_shipped(name, 10), resumed, progress=False, log=lambda m: None)
+    files = _data_files(name, tmp_path)
+    train(_shipped(name, 20, files), straight, progress=False, log=lambda m: None)
+    train(_shipped(name, 10, files), resumed, progress=False, log=lambda m: None)
     (resumed / "model.safetensors").unlink()
-    train(_shipped(name, 20), resumed, resume=True, progress=False, log=lambda m: None)
+    train(_shipped(name, 20, files), resumed, resume=True, progress=False, log=lambda m: None)
     for weights in ("model.safetensors", "model_raw.safetensors"):
         assert _same(_weights(straight, weights), _weights(resumed, weights)), f"{name}: {weights} differs"
     # the 10-step run logged its own last step (10, not a multiple of 4); every other row, the first after the
     # resume (12, averaging steps 9..12 across the checkpoint) included, is the straight run's
     rows = [r for r in _log_rows(resumed) if r[0] != "10"]
     assert rows == _log_rows(straight), f"{name}: the resumed log differs from the straight one"
+
+
+#: the training features of issue 17 on the tiny config, each changing state a checkpoint must carry: the
+#: gradient scaler's scale (fp16 starting at 2^24 halves it over the first steps), the micro-batches, a list of
+#: learning-rate knots, TensorBoard and sample grids alongside
+FEATURES = {
+    "fp16 scaler": ["train.precision=fp16", "train.max_bad_steps=100"],
+    "accumulate 4": ["train.accumulate=4"],
+    "lr knots": ["train.lr_schedule=[[0, 1e-3], [8, 5e-3, cosine], [15, 1e-4, constant], [17, 2e-4]]",
+                 "train.warmup=0"],
+    "tensorboard, sample grids": ["train.tensorboard=true", "train.sample_every=5"],
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_resume_is_bit_exact_with_the_new_training_features(tmp_path, monkeypatch, feature):
+    """The same check as for the shipped configs (10 steps, --resume to 20, against 20 straight) with each feature
+    on; fp16 starts its scaler at 2^24 so that overflowing steps halve the scale before the checkpoint: a resume
+    that restarted the scaler would skip other steps."""
+    import diffusionlab.training.precision as precision
+
+    monkeypatch.setattr(precision, "FP16_INIT_SCALE", 2.0 ** 24)
+    over = [*FEATURES[feature], "train.checkpoint_every=3", "train.log_every=4"]
+
+    def cfg(steps):
+        return resolve({k: dict(v) for k, v in TINY.items()}, [*over, f"train.steps={steps}"])
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    summary = train(cfg(20), straight, progress=False, log=lambda m: None)
+    if feature == "fp16 scaler":
+        assert summary["skipped_steps"] >= 3 and summary["grad_scale"] < 2.0 ** 22, summary  # the scale moved
+    train(cfg(10), resumed, progress=False, log=lambda m: None)
+    (resumed / "model.safetensors").unlink()
+    train(cfg(20), resumed, resume=True, progress=False, log=lambda m: None)
+    for weights in ("model.safetensors", "model_raw.safetensors"):
+        assert _same(_weights(straight, weights), _weights(resumed, weights)), f"{feature}: {weights} differs"
+    assert [r for r in _log_rows(resumed) if r[0] != "10"] == _log_rows(straight)
+    assert json.loads((resumed / "train_summary.json").read_text())["skipped_steps"] == summary["skipped_steps"]
 
 
 def test_restored_adamw_moments_keep_the_parameters_memory_format(tmp_path):
@@ -177,6 +229,43 @@ def test_sigterm_checkpoints_says_so_exits_0_and_resume_is_bit_exact(tmp_path):
     rc, lines = _cli([*args[2:], "--out", run, "--resume"])  # the same command, in this process
     assert rc == 0, lines
     rc, lines = _cli([*args[2:], "--out", ref])
+    assert rc == 0, lines
+    assert _same(_weights(ref), _weights(run)) and _same(_weights(ref, "model_raw.safetensors"),
+                                                         _weights(run, "model_raw.safetensors"))
+
+
+def test_sigterm_with_streaming_workers_checkpoints_and_resume_is_bit_exact(tmp_path):
+    """SIGTERM to a run that streams an image folder through 2 prefetching worker processes (which ignore the
+    signal): the same clean stop, and --resume (streamed again) reaches the weights of an uninterrupted in-memory
+    run bit for bit (the same batches, the same operations)."""
+    import fakedata
+
+    folder = fakedata.pngs(tmp_path / "imgs", 13)
+    cfg = {"data": {"name": "image_folder", "path": str(folder), "image_size": 8, "flip": True},
+           "process": {"name": "vp", "T": 20},
+           "model": {"name": "unet", "base_channels": 8, "channel_mults": [1], "num_res_blocks": 1,
+                     "attn_resolutions": []},
+           "train": {"steps": 400, "batch_size": 4, "checkpoint_every": 1000, "log_every": 1000, "device": "cpu",
+                     "threads": 1, "seed": 2},
+           "sample": {"sampler": "ddim", "steps": 3}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    stream = ["--set", "data.stream=true", "--set", "data.workers=2"]
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    proc = subprocess.Popen([sys.executable, "-m", "diffusionlab", "train", str(path), "--quiet", *stream, "--out",
+                             str(run)], env=ENV, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (run / "log.csv").exists())
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM at step" in err and "Traceback" not in err, err
+    stopped = int(err.split("stopped by SIGTERM at step ")[1].split()[0])
+    assert 0 < stopped < 400, "the run finished before the signal"
+    assert [p.name for p in ck.list_checkpoints(run)] == [ck.checkpoint_name(stopped)]
+    rc, lines = _cli(["train", path, "--quiet", *stream, "--out", run, "--resume"])
+    assert rc == 0, lines
+    rc, lines = _cli(["train", path, "--quiet", "--set", "data.stream=false", "--out", ref])
     assert rc == 0, lines
     assert _same(_weights(ref), _weights(run)) and _same(_weights(ref, "model_raw.safetensors"),
                                                          _weights(run, "model_raw.safetensors"))
@@ -566,6 +655,25 @@ def _fault_nan_after_a_checkpoint(tmp: Path):
         objectives.make_objective = real
 
 
+def _fault_cut_image_mid_run(tmp: Path):
+    """A PNG whose header is fine and whose body is cut, sorted last (the checks before training decode only the
+    first 8 files), first read at step 2 (0-based) of a run streaming the folder through 2 workers."""
+    import fakedata
+
+    folder = fakedata.pngs(tmp / "imgs", 9)
+    data = (folder / "004.png").read_bytes()
+    (folder / "zz_cut.png").write_bytes(data[: len(data) // 2])
+    cfg = {"data": {"name": "image_folder", "path": str(folder), "image_size": 8, "stream": True, "workers": 2},
+           "process": {"name": "vp", "T": 20},
+           "model": {"name": "unet", "base_channels": 8, "channel_mults": [1], "num_res_blocks": 1,
+                     "attn_resolutions": []},
+           "train": {"steps": 12, "batch_size": 4, "checkpoint_every": 100, "device": "cpu", "threads": 1, "seed": 3},
+           "sample": {"sampler": "ddim", "steps": 3}}
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return _cli(["train", path, "--out", tmp / "run", "--quiet"])
+
+
 #: (class, case, scenario(tmp) -> (exit status, stderr lines), fragment of the one error line)
 FAULTS = [
     ("OS error", "full disk at the second checkpoint", _fault_disk_full_at_second_checkpoint,
@@ -576,14 +684,24 @@ FAULTS = [
      "no step of the 5 made progress"),
     ("no progress", "non-finite from step 5 on", _fault_nan_after_a_checkpoint,
      "the last checkpoint (step 4) is intact"),
+    ("data", "a PNG whose body is cut, met at step 3 by the streaming loader (2 workers; `bad_files: error`)",
+     _fault_cut_image_mid_run, "zz_cut.png': image file is truncated; set data.bad_files=skip to go on without it "
+     "(each bad file is reported); the last checkpoint (step 2) is intact"),
 ]
 
 
 #: (class, case, outcome, test): the faults that end well, for the third table of docs/errors.md
 BEHAVIOURS = [
-    ("resume", "10 steps, then `--resume` to 20, every shipped config (digits channels-last included)",
+    ("resume", "10 steps, then `--resume` to 20, every shipped config (digits channels-last included; cifar10 "
+     "streamed by a worker with random flips and dropout)",
      "weights, EMA weights and log.csv equal 20 straight steps bit for bit",
      "test_resume_is_bit_exact_for_every_shipped_config"),
+    ("resume", "the same with fp16 (the gradient scaler's scale moving), gradient accumulation, a list of "
+     "learning-rate knots, TensorBoard and sample grids", "bit for bit, the skipped-step count too",
+     "test_resume_is_bit_exact_with_the_new_training_features"),
+    ("signals", "SIGTERM to a run streaming an image folder through 2 prefetching worker processes", "checkpoint, "
+     "one line, exit 0; `--resume` equals an uninterrupted in-memory run bit for bit",
+     "test_sigterm_with_streaming_workers_checkpoints_and_resume_is_bit_exact"),
     ("resume", "SIGTERM mid-run, then `--resume`", "checkpoint at the step reached, one line, exit 0; the resumed "
      "weights equal an uninterrupted run's", "test_sigterm_checkpoints_says_so_exits_0_and_resume_is_bit_exact"),
     ("stop", "`train --max-minutes M`", "stops with a checkpoint after M minutes, says so, exit 0; `--resume` "

@@ -86,7 +86,9 @@ def add_threads(p, trains: bool = False) -> None:
 def _trained_line(summary: dict, out: Path) -> str:
     skipped = summary["skipped_steps"]
     note = f"{skipped} skipped: non-finite loss or gradient" if skipped else "none skipped"
-    return f"diffusionlab: trained {summary['steps']} steps in {summary['seconds']} s ({note}); weights: " \
+    rate = summary.get("samples_per_second")
+    speed = f" at {rate:.4g} samples/s" if rate else ""
+    return f"diffusionlab: trained {summary['steps']} steps in {summary['seconds']} s{speed} ({note}); weights: " \
            f"{out / 'model.safetensors'}"
 
 

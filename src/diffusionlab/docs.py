@@ -74,7 +74,12 @@ def config_reference() -> str:
              "resolution as the run's `config.yaml`. Override any key with `--set section.key=value` (YAML "
              "values). Shipped configs: `src/diffusionlab/configs/` (`diffusionlab train NAME`).", ""]
     lines += catalogue_section("the dataset", DATASETS, "Default `digits`. Generated sets take the seed "
-                               "`train.seed`.")
+                               "`train.seed`. Every dataset also takes the loading keys below.")
+    from diffusionlab.data.stream import loading_options
+
+    lines += ["### the loading keys of every dataset", "", "How training reads the set: in memory, or streamed "
+              "through a DataLoader (`diffusionlab.data.stream`; the batches are the same either way).", ""]
+    lines += entry_table(Entry("data", loading_options, "data")) + [""]
     lines += catalogue_section("the forward process", PROCESSES, "Default `vp`. Every process also takes the "
                                "covariance keys below.")
     lines += ["### the covariance keys of every process", ""] + entry_table(

@@ -38,6 +38,8 @@ class ArrayDataset:
     labels: torch.Tensor | None = None
     levels: int | None = None
     num_classes: int | None = None
+    #: files of a folder left out by ``bad_files: skip``, as ``(path, reason)`` (:mod:`diffusionlab.data.sources`)
+    skipped: tuple = ()
 
     def __post_init__(self):
         choice("dataset kind", self.kind, KINDS)
@@ -67,7 +69,7 @@ class ArrayDataset:
     @property
     def value_range(self) -> tuple[float, float] | None:
         """``(-1, 1)`` for images and videos (model space), None for points (no known range)."""
-        return None if self.kind == "points" else (-1.0, 1.0)
+        return value_range(self.kind)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -78,12 +80,23 @@ class ArrayDataset:
 
     def to_display(self, x: torch.Tensor) -> torch.Tensor:
         """Model space to display space: images and videos to ``[0, 1]``; points unchanged."""
-        return x if self.kind == "points" else to_unit(x)
+        return to_display(self.kind, x)
 
     def to(self, device: torch.device | str) -> "ArrayDataset":
         """A copy with ``data`` and ``labels`` on ``device``."""
         labels = None if self.labels is None else self.labels.to(device)
-        return ArrayDataset(self.data.to(device), self.kind, self.name, labels, self.levels, self.num_classes)
+        return ArrayDataset(self.data.to(device), self.kind, self.name, labels, self.levels, self.num_classes,
+                            self.skipped)
+
+
+def value_range(kind: str) -> tuple[float, float] | None:
+    """The model-space range of a kind of data: ``(-1, 1)`` for images and videos, None for points."""
+    return None if kind == "points" else (-1.0, 1.0)
+
+
+def to_display(kind: str, x: torch.Tensor) -> torch.Tensor:
+    """Model space to display space for a kind of data: images and videos to ``[0, 1]``; points unchanged."""
+    return x if kind == "points" else to_unit(x)
 
 
 def first_line(e: BaseException) -> str:

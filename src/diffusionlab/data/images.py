@@ -9,7 +9,10 @@
 - ``cifar10``: the *binary* version (``cifar-10-batches-bin``: records of 1 label byte + 3072 pixel bytes).
   The python version is a pickle and is refused: nothing here ever unpickles.
 
-Nothing is downloaded: a missing file is a :class:`DiffusionLabError` naming the path.
+Nothing is downloaded: a missing file is a :class:`DiffusionLabError` naming the path. Each file format also has a
+:class:`~diffusionlab.data.sources.Source` (:class:`ImageFolderSource`, :class:`MnistSource`,
+:class:`Cifar10Source`) that reads one sample at a time for streaming; the in-memory image folder is built from its
+source, so both decode alike, and a folder's bad files follow the rule of :mod:`diffusionlab.data.sources`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch.nn import functional as F
 
 from diffusionlab.data.arrays import ArrayDataset
 from diffusionlab.data.scaling import from_uint8, to_model
+from diffusionlab.data.sources import Source, check_rule, read_all, scan
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.checks import choice, positive_int
 
@@ -109,9 +113,16 @@ def _image_files(folder: str) -> list[str]:
 MAX_IMAGE_PIXELS = 1 << 25
 
 
-def check_image_pixels(path: str, frames_allowed: bool = False, what: str = "image") -> tuple[int, int, int]:
+#: the Pillow modes an image may have: grey, RGB or palette, with or without alpha, at 1, 8 or 16 bits (CMYK, YCbCr,
+#: LAB, HSV, 32-bit integer or float images are refused: read as channels they would be silently wrong colours)
+IMAGE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def check_image_pixels(path: str, frames_allowed: bool = False, what: str = "image",
+                       modes: tuple[str, ...] | None = None) -> tuple[int, int, int]:
     """``(width, height, frames)`` of an image file from its header (Pillow, nothing decoded), refused when the
-    pixels (times the frames of an animation) exceed :data:`MAX_IMAGE_PIXELS` (a decompression bomb)."""
+    pixels (times the frames of an animation) exceed :data:`MAX_IMAGE_PIXELS` (a decompression bomb) or, when
+    ``modes`` is given, when its mode is not one of them."""
     import warnings
 
     from PIL import Image
@@ -125,6 +136,7 @@ def check_image_pixels(path: str, frames_allowed: bool = False, what: str = "ima
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
+                mode = im.mode
                 frames = int(getattr(im, "n_frames", 1) or 1) if frames_allowed else 1
     except Image.DecompressionBombError:
         raise DiffusionLabError(f"{what} {path!r} claims more pixels than Pillow allows (a decompression bomb); "
@@ -137,6 +149,9 @@ def check_image_pixels(path: str, frames_allowed: bool = False, what: str = "ima
                                 f"DIFFUSIONLAB_MAX_IMAGE_PIXELS to allow more")
     if w < 1 or h < 1:
         raise DiffusionLabError(f"{what} {path!r} has no pixels ({w} x {h})")
+    if modes is not None and mode not in modes:
+        raise DiffusionLabError(f"{what} {path!r} has mode {mode}; expected grey, RGB or palette (with or without "
+                                "alpha) at 1, 8 or 16 bits")
     return w, h, frames
 
 
@@ -146,7 +161,7 @@ def _read_image(path: str, channels: int) -> torch.Tensor:
 
     from diffusionlab.data.arrays import first_line
 
-    check_image_pixels(path)
+    check_image_pixels(path, modes=IMAGE_MODES)
     try:
         arr = np.asarray(iio.imread(path, plugin="pillow"))
     except Exception as e:  # imageio raises many types (OSError, ValueError, plugin errors) for bad files
@@ -182,16 +197,51 @@ def _square_resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def image_folder(path: str, image_size: int = 32, channels: int = 3) -> ArrayDataset:
-    """Every PNG/JPEG under ``path`` (recursively, sorted) as ``(N, channels, image_size, image_size)``."""
-    folder = _folder(path, "image_folder")
-    positive_int("image_folder option image_size", image_size)
-    choice("image_folder option channels", channels, (1, 3))
-    files = _image_files(folder)
-    if not files:
-        raise DiffusionLabError(f"image_folder {folder!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    x = torch.stack([_square_resize(_read_image(f, channels), image_size) for f in files])
-    return ArrayDataset(to_model(x), "images", os.path.basename(os.path.normpath(folder)) or "image_folder", levels=256)
+class ImageFolderSource(Source):
+    """The images of a folder, read one at a time (:func:`image_folder`'s options; bad files by the rule of
+    :mod:`diffusionlab.data.sources`, their headers checked when the source is made)."""
+
+    kind, levels = "images", 256
+
+    def __init__(self, path: str, image_size: int = 32, channels: int = 3, bad_files: str = "error"):
+        super().__init__()
+        folder = _folder(path, "image_folder")
+        positive_int("image_folder option image_size", image_size)
+        choice("image_folder option channels", channels, (1, 3))
+        self.bad_files = check_rule(bad_files, "image_folder")
+        files = _image_files(folder)
+        if not files:
+            raise DiffusionLabError(f"image_folder {folder!r} holds no images (looked for "
+                                    f"{', '.join(IMAGE_EXTENSIONS)})")
+        self.name = os.path.basename(os.path.normpath(folder)) or "image_folder"
+        self.files, self.skipped = scan(files, lambda f: check_image_pixels(f, modes=IMAGE_MODES),
+                                        f"image_folder {folder!r}", self.bad_files)
+        self.size, self.channels = image_size, channels
+        self.sample_shape = (channels, image_size, image_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def where(self, i: int) -> str:
+        return self.files[i]
+
+    def load(self, i: int) -> torch.Tensor:
+        return to_model(_square_resize(_read_image(self.files[i], self.channels), self.size))
+
+
+def image_folder(path: str, image_size: int = 32, channels: int = 3, bad_files: str = "error") -> ArrayDataset:
+    """Every PNG/JPEG under ``path`` (recursively, sorted) as ``(N, channels, image_size, image_size)``.
+
+    Args:
+        path: the folder
+        image_size: the side the images are centre-cropped and resized to
+        channels: 1 (grey) or 3 (RGB)
+        bad_files: error (refuse a folder with an unreadable, wrong-mode or oversized image, naming it) or skip
+            (leave such files out, each reported with its path)
+    """
+    src = ImageFolderSource(path, image_size, channels, bad_files)
+    x, skipped = read_all(src, f"image_folder {path!r}")
+    return ArrayDataset(x, "images", src.name, levels=256, skipped=tuple(skipped))
 
 
 # ---- MNIST ------------------------------------------------------------------------------------------------
@@ -228,8 +278,8 @@ def _find(folder: str, names: list[str], what: str) -> str:
     )
 
 
-def mnist(path: str, split: str = "train") -> ArrayDataset:
-    """MNIST from its IDX files in ``path`` (or ``path/MNIST/raw``) as ``(N, 1, 28, 28)`` with labels."""
+def _mnist_arrays(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST's ``(N, 28, 28)`` uint8 images and ``(N,)`` labels of ``split`` from the IDX files in ``path``."""
     folder = _folder(path, "mnist")
     choice("mnist option split", split, ("train", "test"))
     raw = os.path.join(folder, "MNIST", "raw")
@@ -240,8 +290,30 @@ def mnist(path: str, split: str = "train") -> ArrayDataset:
     labels = read_idx(_find(folder, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"], "mnist"), 1)
     if len(images) != len(labels):
         raise DiffusionLabError(f"mnist in {folder!r}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def mnist(path: str, split: str = "train") -> ArrayDataset:
+    """MNIST from its IDX files in ``path`` (or ``path/MNIST/raw``) as ``(N, 1, 28, 28)`` with labels."""
+    images, labels = _mnist_arrays(path, split)
     return ArrayDataset(from_uint8(images[:, None]), "images", "mnist", torch.from_numpy(labels.astype(np.int64)),
                         levels=256, num_classes=10)
+
+
+class MnistSource(Source):
+    """MNIST kept as its bytes (``(N, 28, 28)`` uint8, a quarter of the float32 set), converted one image at a time."""
+
+    kind, name, levels, num_classes, sample_shape = "images", "mnist", 256, 10, (1, 28, 28)
+
+    def __init__(self, path: str, split: str = "train"):
+        super().__init__()
+        self.images, _ = _mnist_arrays(path, split)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, i: int) -> torch.Tensor:
+        return from_uint8(self.images[i][None])
 
 
 # ---- CIFAR-10 (binary version only) -----------------------------------------------------------------------
@@ -286,17 +358,63 @@ def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     return rec[:, 1:].reshape(-1, 3, 32, 32), labels
 
 
-def cifar10(path: str, split: str = "train") -> ArrayDataset:
-    """CIFAR-10 from the binary batches as ``(N, 3, 32, 32)`` with labels (train: batches 1-5, test: test_batch)."""
+def _cifar_files(path: str, split: str) -> list[str]:
     choice("cifar10 option split", split, ("train", "test"))
     folder = _cifar_folder(path)
     names = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
-    parts = []
-    for name in names:
-        p = os.path.join(folder, name)
+    files = [os.path.join(folder, name) for name in names]
+    for p in files:
         if not os.path.isfile(p):
             raise DiffusionLabError(f"cifar10: {p!r} not found (the {split} split needs {', '.join(names)})")
-        parts.append(read_cifar_batch(p))
+    return files
+
+
+class Cifar10Source(Source):
+    """CIFAR-10's binary batches memory-mapped (opened lazily in each process), one record converted at a time."""
+
+    kind, name, levels, num_classes, sample_shape = "images", "cifar10", 256, 10, (3, 32, 32)
+
+    def __init__(self, path: str, split: str = "train"):
+        super().__init__()
+        self.files = _cifar_files(path, split)
+        self.counts = []
+        for p in self.files:
+            size = os.path.getsize(p)
+            if not size or size % _CIFAR_RECORD:
+                raise DiffusionLabError(f"CIFAR-10 binary batch {p!r} is malformed: {size} bytes is not a positive "
+                                        f"multiple of the {_CIFAR_RECORD}-byte record (1 label byte + 3072 pixel "
+                                        "bytes)")
+            labels = self._records(p)[:, 0]
+            if labels.max() > 9:
+                raise DiffusionLabError(f"CIFAR-10 binary batch {p!r} is malformed: label {int(labels.max())} > 9")
+            self.counts.append(size // _CIFAR_RECORD)
+        self.starts = np.cumsum([0, *self.counts])
+        self._maps: dict = {}
+
+    def _records(self, p: str) -> np.ndarray:
+        return np.memmap(p, dtype=np.uint8, mode="r").reshape(-1, _CIFAR_RECORD)
+
+    def __getstate__(self):  # memory maps are not sent to worker processes: each opens its own
+        return {**self.__dict__, "_maps": {}}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def where(self, i: int) -> str:
+        f = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return f"record {i - int(self.starts[f])} of {self.files[f]}"
+
+    def load(self, i: int) -> torch.Tensor:
+        f = int(np.searchsorted(self.starts, i, side="right")) - 1
+        if f not in self._maps:
+            self._maps[f] = self._records(self.files[f])
+        rec = self._maps[f][i - int(self.starts[f])]
+        return from_uint8(rec[1:].reshape(3, 32, 32))
+
+
+def cifar10(path: str, split: str = "train") -> ArrayDataset:
+    """CIFAR-10 from the binary batches as ``(N, 3, 32, 32)`` with labels (train: batches 1-5, test: test_batch)."""
+    parts = [read_cifar_batch(p) for p in _cifar_files(path, split)]
     images = np.concatenate([im for im, _ in parts])
     labels = np.concatenate([lab for _, lab in parts]).astype(np.int64)
     return ArrayDataset(from_uint8(images), "images", "cifar10", torch.from_numpy(labels), levels=256, num_classes=10)

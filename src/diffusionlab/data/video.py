@@ -10,7 +10,9 @@
   folder (recursively, sorted); frames cropped to a square and resized as
   :func:`~diffusionlab.data.images.image_folder` does.
 
-Nothing is downloaded: a missing path is a :class:`DiffusionLabError` naming it. The loaders share the signature
+Nothing is downloaded: a missing path is a :class:`DiffusionLabError` naming it. ``moving_mnist`` and
+``video_folder`` have :class:`~diffusionlab.data.sources.Source` readers for streaming (:class:`MovingMnistSource`,
+:class:`VideoFolderSource`). The loaders share the signature
 style of :mod:`diffusionlab.data.images` (keyword options with defaults; ``seed`` where generated), so they are
 registered in ``diffusionlab.data._LOADERS`` as they are.
 """
@@ -27,6 +29,7 @@ from torch.nn import functional as F
 from diffusionlab.data.arrays import ArrayDataset
 from diffusionlab.data.images import _digits_arrays, _folder, _square_resize, digits_split
 from diffusionlab.data.scaling import from_uint8, to_model
+from diffusionlab.data.sources import Source, check_rule, read_all, scan
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.checks import choice, positive_int, real
 
@@ -115,11 +118,8 @@ def _take_frames(x: torch.Tensor, frames: int | None, what: str) -> torch.Tensor
 
 
 # ---- Moving MNIST -------------------------------------------------------------------------------------------
-def moving_mnist(path: str, frames: int = 20, size: int = 64, num: int | None = None) -> ArrayDataset:
-    """Moving MNIST's ``mnist_test_seq.npy`` (``(20, 10000, 64, 64)`` uint8, frames first) as
-    ``(N, 1, frames, size, size)``: the first ``num`` videos (all by default), their first ``frames`` frames,
-    frames resized to ``size`` when it is not 64 (bilinear, antialiased). ``path`` is the ``.npy`` file or a
-    folder holding ``mnist_test_seq.npy``. The array is memory-mapped, so a few videos load quickly."""
+def _moving_mnist_map(path: str, frames: int, size: int, num: int | None) -> tuple[str, np.ndarray, int]:
+    """``(file, memory map (F, N, H, W), videos used)`` of a Moving MNIST file, its options checked."""
     if not isinstance(path, (str, os.PathLike)):
         raise DiffusionLabError(f"moving_mnist option path must be a file path, got {path!r}")
     p = os.path.expanduser(os.fspath(path))
@@ -132,7 +132,7 @@ def moving_mnist(path: str, frames: int = 20, size: int = 64, num: int | None = 
     positive_int("moving_mnist option size", size)
     if num is not None:
         positive_int("moving_mnist option num", num)
-    from diffusionlab.data.arrays import check_array_bytes, check_npy_file, first_line
+    from diffusionlab.data.arrays import check_npy_file, first_line
 
     try:
         check_npy_file(p, f"moving_mnist file {p!r}")
@@ -147,15 +147,58 @@ def moving_mnist(path: str, frames: int = 20, size: int = 64, num: int | None = 
     if arr.shape[0] < frames:
         raise DiffusionLabError(f"moving_mnist file {p!r} has {arr.shape[0]} frames, fewer than frames={frames}")
     n = arr.shape[1] if num is None else min(num, arr.shape[1])
-    check_array_bytes(4 * frames * n * arr.shape[2] * arr.shape[3], f"moving_mnist ({n} videos of {frames} frames)")
-    sub = np.ascontiguousarray(arr[:frames, :n]).transpose(1, 0, 2, 3)[:, None]  # (N, 1, F, H, W)
+    return p, arr, n
+
+
+def _moving_mnist_videos(arr: np.ndarray, frames: int, size: int) -> torch.Tensor:
+    """Videos of a ``(F, n, H, W)`` uint8 block as ``(n, 1, frames, size, size)`` in model space."""
+    sub = np.ascontiguousarray(arr[:frames]).transpose(1, 0, 2, 3)[:, None]  # (N, 1, F, H, W)
     x = from_uint8(sub)
     if size != x.shape[-1] or size != x.shape[-2]:
         b, c, f, h, w = x.shape
         y = F.interpolate((x.reshape(b * c * f, 1, h, w) + 1) / 2, size=(size, size), mode="bilinear",
                           antialias=True, align_corners=False)
         x = to_model(y.clamp(0, 1)).reshape(b, c, f, size, size)
-    return ArrayDataset(x.contiguous(), "videos", "moving_mnist", levels=256)
+    return x.contiguous()
+
+
+def moving_mnist(path: str, frames: int = 20, size: int = 64, num: int | None = None) -> ArrayDataset:
+    """Moving MNIST's ``mnist_test_seq.npy`` (``(20, 10000, 64, 64)`` uint8, frames first) as
+    ``(N, 1, frames, size, size)``: the first ``num`` videos (all by default), their first ``frames`` frames,
+    frames resized to ``size`` when it is not 64 (bilinear, antialiased). ``path`` is the ``.npy`` file or a
+    folder holding ``mnist_test_seq.npy``. The array is memory-mapped, so a few videos load quickly."""
+    from diffusionlab.data.arrays import check_array_bytes
+
+    _, arr, n = _moving_mnist_map(path, frames, size, num)
+    check_array_bytes(4 * frames * n * arr.shape[2] * arr.shape[3], f"moving_mnist ({n} videos of {frames} frames)")
+    return ArrayDataset(_moving_mnist_videos(arr[:, :n], frames, size), "videos", "moving_mnist", levels=256)
+
+
+class MovingMnistSource(Source):
+    """Moving MNIST memory-mapped (opened lazily in each process), one video converted at a time."""
+
+    kind, name, levels = "videos", "moving_mnist", 256
+
+    def __init__(self, path: str, frames: int = 20, size: int = 64, num: int | None = None):
+        super().__init__()
+        self.path, _, self.n = _moving_mnist_map(path, frames, size, num)
+        self.frames, self.size = frames, size
+        self.sample_shape = (1, frames, size, size)
+        self._arr = None
+
+    def __getstate__(self):  # the memory map is not sent to worker processes: each opens its own
+        return {**self.__dict__, "_arr": None}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def where(self, i: int) -> str:
+        return f"video {i} of {self.path}"
+
+    def load(self, i: int) -> torch.Tensor:
+        if self._arr is None:
+            self._arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        return _moving_mnist_videos(self._arr[:, i:i + 1], self.frames, self.size)[0]
 
 
 # ---- folders of videos --------------------------------------------------------------------------------------
@@ -217,21 +260,82 @@ def read_video(path: str, channels: int = 1) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 0, 1, 2)))
 
 
-def video_folder(path: str, frames: int = 16, size: int = 64, channels: int = 1) -> ArrayDataset:
+def check_video_header(path: str, frames: int) -> None:
+    """What a video file's header tells without decoding it: a GIF's pixels (a decompression bomb), mode and frame
+    count, a ``.npy``'s shape; an MP4 is checked only when it is decoded."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".gif":
+        from diffusionlab.data.images import IMAGE_MODES, check_image_pixels
+
+        _, _, n = check_image_pixels(path, frames_allowed=True, what="video", modes=IMAGE_MODES)
+    elif ext == ".npy":
+        from diffusionlab.data.arrays import check_npy_file
+
+        what = f"video {path!r}"
+        check_npy_file(path, what)
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        if len(shape) not in (3, 4) or min(shape) < 1 or (len(shape) == 4 and shape[-1] not in (1, 2, 3, 4)):
+            raise DiffusionLabError(f"{what} has shape {shape}; expected frames (F, H, W) or (F, H, W, C), each at "
+                                    "least 1")
+        n = shape[0]
+    else:
+        return
+    if n < frames:
+        raise DiffusionLabError(f"video {path!r} has {n} frames, fewer than the {frames} asked for (option frames)")
+
+
+class VideoFolderSource(Source):
+    """The videos of a folder, read one at a time (:func:`video_folder`'s options; bad files by the rule of
+    :mod:`diffusionlab.data.sources`, their headers checked when the source is made)."""
+
+    kind, levels = "videos", 256
+
+    def __init__(self, path: str, frames: int = 16, size: int = 64, channels: int = 1, bad_files: str = "error"):
+        super().__init__()
+        folder = _folder(path, "video_folder")
+        positive_int("video_folder option frames", frames)
+        positive_int("video_folder option size", size)
+        choice("video_folder option channels", channels, (1, 3))
+        self.bad_files = check_rule(bad_files, "video_folder")
+        files = _video_files(folder)
+        if not files:
+            raise DiffusionLabError(f"video_folder {folder!r} holds no videos (looked for "
+                                    f"{', '.join(VIDEO_EXTENSIONS)})")
+        self.name = os.path.basename(os.path.normpath(folder)) or "video_folder"
+        self.files, self.skipped = scan(files, lambda f: check_video_header(f, frames), f"video_folder {folder!r}",
+                                        self.bad_files)
+        self.frames, self.size, self.channels = frames, size, channels
+        self.sample_shape = (channels, frames, size, size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def where(self, i: int) -> str:
+        return self.files[i]
+
+    def load(self, i: int) -> torch.Tensor:
+        f = self.files[i]
+        return to_model(resize_frames(_take_frames(read_video(f, self.channels), self.frames, f"video {f!r}"),
+                                      self.size))
+
+
+def video_folder(path: str, frames: int = 16, size: int = 64, channels: int = 1,
+                 bad_files: str = "error") -> ArrayDataset:
     """Every ``.gif`` / ``.mp4`` / ``.npy`` video under ``path`` (recursively, sorted) as
-    ``(N, channels, frames, size, size)``: the first ``frames`` frames of each (a shorter video is an error
-    naming it), each frame centre-cropped to a square and resized to ``size``."""
-    folder = _folder(path, "video_folder")
-    positive_int("video_folder option frames", frames)
-    positive_int("video_folder option size", size)
-    choice("video_folder option channels", channels, (1, 3))
-    files = _video_files(folder)
-    if not files:
-        raise DiffusionLabError(f"video_folder {folder!r} holds no videos (looked for {', '.join(VIDEO_EXTENSIONS)})")
-    vids = [resize_frames(_take_frames(read_video(f, channels), frames, f"video {f!r}"), size) for f in files]
-    x = torch.stack(vids)
-    return ArrayDataset(to_model(x).contiguous(), "videos", os.path.basename(os.path.normpath(folder)) or "video_folder",
-                        levels=256)
+    ``(N, channels, frames, size, size)``: the first ``frames`` frames of each, each frame centre-cropped to a
+    square and resized to ``size``.
+
+    Args:
+        path: the folder
+        frames: the frames taken from the start of each video (a shorter video is a bad file)
+        size: the side the frames are centre-cropped and resized to
+        channels: 1 (grey) or 3 (RGB)
+        bad_files: error (refuse a folder with an unreadable, short or oversized video, naming it) or skip (leave
+            such files out, each reported with its path)
+    """
+    src = VideoFolderSource(path, frames, size, channels, bad_files)
+    x, skipped = read_all(src, f"video_folder {path!r}")
+    return ArrayDataset(x.contiguous(), "videos", src.name, levels=256, skipped=tuple(skipped))
 
 
 #: what to add to ``diffusionlab.data._LOADERS``

@@ -51,7 +51,7 @@ TRAIN_SCHEMA = {
     "steps": _POS_INT,
     "batch_size": _POS_INT,
     "lr": ((int, float), lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "lr_schedule": (str, lambda v: v in ("constant", "cosine"), "one of constant, cosine"),
+    "lr_schedule": ((str, list), lambda v: True, "constant, cosine, linear or a list of [step, lr] knots"),
     "weight_decay": _NONNEG,
     "warmup": _NONNEG_INT,
     "grad_clip": _NONNEG,
@@ -64,24 +64,31 @@ TRAIN_SCHEMA = {
     "device": (str, lambda v: DEVICE_PATTERN.fullmatch(v) is not None, "auto, cpu, cuda, cuda:N or mps"),
     "max_bad_steps": _POS_INT,
     "threads": (int, lambda v: 0 <= v <= MAX_THREADS, f"an integer in [0, {MAX_THREADS}] (0: torch's default)"),
-    "precision": (str, lambda v: v in ("fp32", "bf16"), "fp32 or bf16 (bf16 autocast, for GPUs)"),
+    "precision": (str, lambda v: v in ("fp32", "bf16", "fp16"),
+                  "fp32, bf16 or fp16 (autocast, for GPUs; fp16 with a gradient scaler)"),
     "channels_last": (bool, lambda v: True, "true or false (channels-last memory format, image data only)"),
     "compile": (bool, lambda v: True, "true or false (torch.compile the network)"),
+    "accumulate": (int, lambda v: 1 <= v <= 4096, "an integer in [1, 4096]"),
+    "tensorboard": (bool, lambda v: True, "true or false (TensorBoard event files in the run's tensorboard/)"),
 }
 
 
-def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, lr_schedule: str = "constant",
-                  weight_decay: float = 0.0, warmup: int = 200, grad_clip: float = 1.0, ema_decay: float = 0.999,
+def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3,
+                  lr_schedule: str | list = "constant", weight_decay: float = 0.0, warmup: int = 200,
+                  grad_clip: float = 1.0, ema_decay: float = 0.999,
                   seed: int = 0, checkpoint_every: int = 1000, keep_checkpoints: int = 2, log_every: int = 50,
-                  sample_every: int = 0, device: str = "auto", max_bad_steps: int = 10, threads: int = DEFAULT_THREADS,
-                  precision: str = "fp32", channels_last: bool = False, compile: bool = False) -> dict:
+                  sample_every: int = 0, device: str = "auto", max_bad_steps: int = 10,
+                  threads: int = DEFAULT_THREADS, precision: str = "fp32", channels_last: bool = False,
+                  compile: bool = False, accumulate: int = 1, tensorboard: bool = False) -> dict:
     """The trainer's options (the ``train:`` section).
 
     Args:
         steps: optimizer steps in all (a resumed run continues to this count)
-        batch_size: the global batch (split over torchrun processes)
-        lr: AdamW learning rate
-        lr_schedule: constant or cosine decay after the warm-up
+        batch_size: the global batch of one optimizer step (split over torchrun processes, then into accumulate
+            micro-batches)
+        lr: AdamW learning rate (of the named schedules)
+        lr_schedule: constant, cosine or linear decay after the warm-up, or a list of [step, lr] / [step, lr,
+            shape] knots (shape linear, cosine or constant; diffusionlab.training.schedule)
         weight_decay: AdamW weight decay
         warmup: steps of linear learning-rate warm-up
         grad_clip: clip the gradient norm to this (0: no clipping)
@@ -94,13 +101,25 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, lr
         device: auto, cpu, cuda[:N] or mps
         max_bad_steps: stop after this many consecutive non-finite steps
         threads: torch intra-op CPU threads (0: torch's default, one per core; diffusionlab.threads)
-        precision: fp32 or bf16 (bf16 autocast)
+        precision: fp32, bf16 (bf16 autocast) or fp16 (fp16 autocast with a dynamic gradient scaler; overflowing
+            steps are skipped and reported)
         channels_last: channels-last memory format (image data only)
         compile: torch.compile the network
+        accumulate: split each optimizer step's batch into this many micro-batches, run one after another with
+            their gradients summed (the same trajectory, less memory; batch_size must divide by it times the
+            number of processes)
+        tensorboard: write TensorBoard event files to the run's tensorboard/ folder besides log.csv (needs the
+            tensorboard package: pip install diffusionlab[tensorboard]; without it a warning, and training goes on)
     """
     opts = dict(locals())
     _check_section("train", opts, TRAIN_SCHEMA)
+    from diffusionlab.training.schedule import check_lr_schedule
+
+    opts["lr_schedule"] = check_lr_schedule(lr_schedule)
     at_most("train.batch_size", batch_size, "batch_size", MAX_BATCH_SIZE)
+    if batch_size % accumulate:
+        raise DiffusionLabError(f"train.batch_size = {batch_size} does not divide into train.accumulate = "
+                                f"{accumulate} micro-batches; choose a multiple")
     return opts
 
 
@@ -166,9 +185,9 @@ _DEFAULT_NETWORK = {"points": "mlp", "images": "unet", "videos": "video_unet"}
 
 
 def _data(section: dict | None) -> dict:
-    from diffusionlab.data import DATASETS
+    from diffusionlab.data import resolve_data
 
-    return DATASETS.resolve({"name": "digits", **(section or {})})
+    return resolve_data({"name": "digits", **(section or {})})  # the dataset's options, then the loading keys
 
 
 def _process(section: dict | None) -> dict:

@@ -7,7 +7,8 @@
 - :func:`preflight`: what can be checked before a step is taken (every path the run writes, writable; free disk
   space for a checkpoint and the final weights; the file-size limit ``ulimit -f``), each failure one line.
 - :func:`check_resume_config`: ``--resume`` accepts a changed config only in the keys of :data:`MAY_CHANGE`
-  (more steps, logging and checkpoint cadence, device, threads, the ``sample:`` section); any other difference
+  (more steps, logging and checkpoint cadence, device, threads, gradient accumulation, how the data are read, the
+  ``sample:`` section); any other difference
   is refused, naming the keys. Both configs are full resolutions (:func:`diffusionlab.training.config.resolve`),
   so a key left at its default and the same key written out compare equal.
 - :func:`portable` / :func:`localize`: ``process.noise: file:PATH`` is saved relative to the run directory when
@@ -31,7 +32,9 @@ LOCK_NAME = "run.lock"
 #: keys of a run config that ``--resume`` may change (section -> keys; ``"*"``: the whole section)
 MAY_CHANGE = {
     "train": {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "device", "threads",
-              "max_bad_steps", "compile"},
+              "max_bad_steps", "compile", "tensorboard", "accumulate"},
+    # how the data are read (the batches are the same), and which bad files are left out (reported on resume)
+    "data": {"stream", "workers", "prefetch", "bad_files"},
     "sample": "*",
 }
 

@@ -1,10 +1,13 @@
-"""The training loop: AdamW with warm-up, gradient clipping, EMA, NaN guard, CSV log, checkpoints, exact resume.
+"""The training loop: AdamW with warm-up and schedules, gradient clipping and accumulation, fp32 / bf16 / fp16
+(with a gradient scaler), EMA, NaN guard, CSV log and TensorBoard, checkpoints, exact resume.
 
-Determinism: batch indices come from a CPU generator and all diffusion noise from a generator on the
-training device, both seeded from ``train.seed`` and saved in every checkpoint together with torch's global
-RNG states, the optimizer state (in its parameters' memory format), the EMA weights and the loop's own state
-(the losses of the log window in progress, the skipped-step count); ``--resume`` therefore continues the very
-same trajectory and the very same log (bit for bit on CPU).
+Determinism: the samples of each step's batch are a function of ``train.seed`` and the step
+(:mod:`diffusionlab.data.order`; in memory or streamed, :mod:`diffusionlab.training.batches`), and all diffusion
+noise comes from a generator on the training device seeded from ``train.seed``, saved in every checkpoint together
+with torch's global RNG states, the optimizer state (in its parameters' memory format), the gradient scaler's
+state, the EMA weights and the loop's own state (the losses of the log window in progress, the skipped-step
+count, the position in the data stream); ``--resume`` therefore continues the very same trajectory and the very
+same log (bit for bit on CPU).
 
 Nothing is lost (:mod:`diffusionlab.training.rundir`, :mod:`diffusionlab.training.stop`): everything is built and
 validated before the run directory is touched; one process writes a run (an exclusive lock); ``--resume`` refuses
@@ -15,9 +18,9 @@ checkpoint; skipped (non-finite) steps are counted and reported, and a run witho
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -27,11 +30,12 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.threads import set_threads
-from diffusionlab.training.build import build_dataset, build_model, build_process
+from diffusionlab.training.build import build_model, build_process
 from diffusionlab.io import atomic_path, atomic_write_bytes, clean_stale_temporaries, os_error, save_safetensors_atomic
 from diffusionlab.training.checkpoint import (CKPT_DIR, checkpoint_name, list_checkpoints, load_latest_checkpoint,
                                               restore_optimizer, restore_rng, save_checkpoint, stale_checkpoint_temp)
 from diffusionlab.training.config import dump
+from diffusionlab.training.schedule import lr_at  # noqa: F401 (the trainer's schedule; imported from here too)
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "bad_steps"]
 #: warn when more than this fraction of the steps of a log window were skipped
@@ -68,26 +72,15 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
-def lr_at(step: int, cfg: dict) -> float:
-    """Linear warm-up over ``train.warmup`` steps, then constant or cosine decay to 0."""
-    base, warm, total = cfg["lr"], cfg["warmup"], cfg["steps"]
-    if warm and step < warm:
-        return base * (step + 1) / warm
-    if cfg.get("lr_schedule", "constant") == "cosine":
-        frac = (step - warm) / max(1, total - warm)
-        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-    return base
-
-
 def _refuse_existing(out: Path) -> None:
     if list_checkpoints(out) or (out / "model.safetensors").exists():
         raise DiffusionLabError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
 
 
-def _check_model_takes(model, objective, ds, device) -> None:
-    """One forward pass of the objective on two training samples, so a shape the model cannot take is a clear
-    error before anything is written."""
-    x0 = ds.data[:8].to(device)
+def _check_model_takes(model, objective, ds, first: torch.Tensor, device) -> None:
+    """One forward pass of the objective on a few training samples (``first``), so a shape the model cannot take
+    is a clear error before anything is written."""
+    x0 = first.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
     try:
         with torch.no_grad():
@@ -210,7 +203,7 @@ class TrainParts:
     params: list
     opt: torch.optim.Optimizer
     ema: EMA
-    data: torch.Tensor
+    data: torch.Tensor | None  # the whole training set on the device (None when streamed)
     generators: dict
     dist: object
     autocast: object
@@ -218,6 +211,9 @@ class TrainParts:
     clip: float
     memory_format: torch.memory_format
     fitted_noise: object = None
+    batches: object = None  # diffusionlab.training.batches: MemoryBatches or StreamBatches
+    scaler: object = None  # torch.amp.GradScaler (fp16)
+    accumulate: int = 1
 
     @property
     def fused(self) -> bool:
@@ -231,43 +227,55 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
     data in memory (``fitted_noise``) and the config names the file the trainer writes it to once the run starts
     (``file:noise_covariance.safetensors`` in ``out``). Under ``torchrun`` the process group is joined only after
     everything is validated (:meth:`~diffusionlab.training.distributed.Distributed.start`)."""
-    from diffusionlab.noise.fit import fit_noise
+    from diffusionlab.noise.fit import fit_noise, is_fitted_spec
     from diffusionlab.objectives import make_objective
     from diffusionlab.training.distributed import Distributed
     from diffusionlab.training.sampling import check_sample_section
+
+    from diffusionlab.training.batches import open_training_data
+    from diffusionlab.training.precision import autocast, grad_scaler
 
     tcfg = cfg["train"]
     dist = dist or Distributed.from_env(tcfg["device"])
     device = dist.device
     torch.manual_seed(tcfg["seed"])
-    ds = build_dataset(cfg)
+    local = dist.local_batch(tcfg["batch_size"])
+    if local % tcfg["accumulate"]:
+        raise DiffusionLabError(f"the batch of each of the {dist.world_size} processes ({local}) does not divide into "
+                                f"train.accumulate = {tcfg['accumulate']} micro-batches; choose a train.batch_size "
+                                "that is a multiple of both")
+    mine = slice(dist.rank * local, (dist.rank + 1) * local)
+    ds, batches, first = open_training_data(cfg, device, tcfg["batch_size"], mine, log)
     fitted = None
     if out is not None:
-        cfg, fitted = fit_noise(cfg, ds.data, out)  # `process.noise: fitted`: fit C (written when the run starts)
+        if batches.streaming and is_fitted_spec(cfg["process"].get("noise")):
+            raise DiffusionLabError("process.noise: fitted fits the covariance to the whole training set, which a "
+                                    "streamed set does not hold in memory: set data.stream=false, or fit it once "
+                                    "and give it as file:PATH")
+        cfg, fitted = fit_noise(cfg, None if batches.streaming else ds.data, out)  # `fitted`: fit C (written later)
     process = build_process(cfg["process"], ds.sample_shape, cov=fitted)
-    process.cov.check(ds.data[:1])
+    process.cov.check(first[:1])
     check_sample_section(cfg["sample"], process)  # a bad sample: section fails now, not after training
     model = build_model(cfg, ds.sample_shape, process, device)
     objective = make_objective(dict(cfg["objective"]), process)
-    _check_model_takes(model, objective, ds, device)
+    _check_model_takes(model, objective, ds, first, device)
     memory_format = _memory_format(tcfg, ds)
     model = model.to(memory_format=memory_format)
     if tcfg.get("compile"):
         model.net.compile()  # in place: parameter names (checkpoints) stay those of the eager network
     params = [p for p in model.parameters() if p.requires_grad]
-    local = dist.local_batch(tcfg["batch_size"])
     dist.start()  # everything is valid: join the process group (torchrun), which DDP's wrapper needs
     return TrainParts(
         cfg=cfg, ds=ds, process=process, model=model, objective=objective,
         step_module=dist.wrap(_LossModule(model, objective)), params=params, opt=make_optimizer(params, tcfg),
-        ema=EMA(model, tcfg["ema_decay"]), data=ds.data.to(device),
-        # every rank holds the same generators: they draw the global batch, each rank uses its slice
-        generators={"data": torch.Generator().manual_seed(tcfg["seed"]),
-                    "noise": torch.Generator(device=device).manual_seed(tcfg["seed"] + 1)},
-        dist=dist, autocast=_autocast(tcfg.get("precision", "fp32"), device),
-        mine=slice(dist.rank * local, (dist.rank + 1) * local),
+        ema=EMA(model, tcfg["ema_decay"]), data=getattr(batches, "data", None),
+        # every rank holds the same generator: it draws the global batch's noise, each rank uses its slice (the
+        # batch's samples themselves are a function of the seed and the step: diffusionlab.data.order)
+        generators={"noise": torch.Generator(device=device).manual_seed(tcfg["seed"] + 1)},
+        dist=dist, autocast=autocast(tcfg["precision"], device), mine=mine,
         clip=tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf"), memory_format=memory_format,
-        fitted_noise=fitted,
+        fitted_noise=fitted, batches=batches, scaler=grad_scaler(tcfg["precision"], device),
+        accumulate=tcfg["accumulate"],
     )
 
 
@@ -281,30 +289,59 @@ def _memory_format(tcfg: dict, ds) -> torch.memory_format:
     return torch.channels_last
 
 
-def train_step(p: TrainParts, step: int) -> torch.Tensor:
-    """One optimizer step at index ``step``; returns the device tensor ``[loss, grad_norm, ok]`` and never waits
-    for the device: a non-finite loss or gradient (``ok = 0``) skips the AdamW and EMA updates on the device
-    (the fused kernel's ``found_inf``; the unfused fallback reads the flag)."""
+def _backward(p: TrainParts, loss: torch.Tensor) -> None:
+    (p.scaler.scale(loss) if p.scaler is not None else loss).backward()
+
+
+def train_step(p: TrainParts, step: int, x0: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimizer step at index ``step`` (on ``x0``, the rank's slice of the step's batch, when given; else
+    fetched); returns the device tensor ``[loss, grad_norm, ok]`` and never waits for the device: a non-finite loss
+    or gradient (``ok = 0``; under fp16 a gradient that overflowed the scaler's scale) skips the AdamW and EMA
+    updates on the device (the fused kernel's ``found_inf``; the unfused fallback reads the flag).
+
+    With ``train.accumulate = k`` the slice is run as ``k`` micro-batches, each loss divided by ``k`` and the
+    gradients summed before one update: the gradient of the whole batch's mean loss (up to the rounding of the
+    sum's order), so the trajectory is that of one batch of the same size. The diffusion times and noise are drawn
+    for the whole global batch at once, as without accumulation."""
     tcfg = p.cfg["train"]
     for g in p.opt.param_groups:
         g["lr"] = lr_at(step, tcfg)
-    device = p.data.device
-    idx = torch.randint(p.data.shape[0], (tcfg["batch_size"],), generator=p.generators["data"])
-    x0 = p.data[idx.to(device, non_blocking=True)]
-    t, noise = draw_inputs(p.objective, p.process, x0, p.generators["noise"])
-    x0, noise = (v[p.mine].contiguous(memory_format=p.memory_format) for v in (x0, noise))
-    with p.autocast:
-        loss = p.step_module(x0, t[p.mine], noise).float().mean()
+    if x0 is None:
+        x0 = p.batches.get(step)
+    like = x0.new_empty(()).expand(tcfg["batch_size"], *x0.shape[1:])  # the global batch's shape, no storage
+    t, noise = draw_inputs(p.objective, p.process, like, p.generators["noise"])
+    x0, noise = x0.contiguous(memory_format=p.memory_format), noise[p.mine].contiguous(memory_format=p.memory_format)
+    t = t[p.mine]
     p.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    k = p.accumulate
+    if k == 1:
+        with p.autocast:
+            loss = p.step_module(x0, t, noise).float().mean()
+        _backward(p, loss)
+        loss = loss.detach()
+    else:
+        m, total = x0.shape[0] // k, 0.0
+        for j in range(k):
+            sl = slice(j * m, (j + 1) * m)
+            sync = j == k - 1 or not hasattr(p.step_module, "no_sync")  # DDP all-reduces once, after the last
+            with contextlib.nullcontext() if sync else p.step_module.no_sync():
+                with p.autocast:
+                    part = p.step_module(x0[sl], t[sl], noise[sl]).float().mean()
+                _backward(p, part / k)
+            total = total + part.detach()
+        loss = total / k
+    if p.scaler is not None:
+        p.scaler.unscale_(p.opt)  # the true gradients (an overflow leaves inf or nan in them)
     grad_norm = torch.nn.utils.clip_grad_norm_(p.params, p.clip)
-    loss = p.dist.mean(loss.detach())  # the global batch's loss: every rank takes the same decision
+    loss = p.dist.mean(loss)  # the global batch's loss: every rank takes the same decision
     ok = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
     if p.fused:
         p.opt.found_inf = 1.0 - ok  # read by the fused AdamW kernel: a nonzero flag skips the whole update
         p.opt.step()
     elif ok.item():
         p.opt.step()
+    if p.scaler is not None:
+        p.scaler.update()  # halves the scale after an overflow (the step above was skipped), grows it otherwise
     p.ema.update(p.model, step, ok=ok)
     return torch.stack([loss, grad_norm.float(), ok])
 
@@ -369,7 +406,7 @@ def _resume_config(cfg: dict, out: Path, log) -> dict:
         if read_covariance_meta(fitted).get("spec") == spec:
             cfg = {**cfg, "process": {**cfg["process"], "noise": saved["process"]["noise"]}}
     check_resume_config(saved, cfg, out)
-    if saved["train"]["steps"] != cfg["train"]["steps"] and cfg["train"]["lr_schedule"] != "constant":
+    if saved["train"]["steps"] != cfg["train"]["steps"] and cfg["train"]["lr_schedule"] in ("cosine", "linear"):
         log(f"diffusionlab: warning: train.steps changed {saved['train']['steps']} -> {cfg['train']['steps']} with "
             f"lr_schedule {cfg['train']['lr_schedule']}: the schedule follows the new total from here on")
     return cfg
@@ -398,6 +435,53 @@ class _Loop:
 
     def reset_window(self) -> None:
         self.window, self.window_steps, self.window_bad = [], 0, 0
+
+
+def _fetch(p: TrainParts, step: int, dist) -> torch.Tensor | str:
+    """The rank's batch of ``step``, or the message of a :class:`~diffusionlab.data.sources.DataError` (under
+    torchrun every rank learns of any rank's failure, so all stop together)."""
+    from diffusionlab.data.sources import DataError
+
+    try:
+        x0, failed = p.batches.get(step), None
+    except DataError as e:
+        x0, failed = None, str(e)
+    if dist.enabled and dist.any(failed is not None) and failed is None:  # every rank asks, whatever its data path
+        failed = "another process could not read its part of the batch (its message names the file)"
+    return failed if failed is not None else x0
+
+
+def _data_order(p: TrainParts, step: int) -> dict:
+    """Where the run is in its data stream (saved in checkpoints; the order itself is a function of the seed and
+    the step: :mod:`diffusionlab.data.order`)."""
+    n = len(p.batches)
+    batch = p.cfg["train"]["batch_size"]
+    return {"data_order": {"order": "epochs", "size": n, "batch": batch, "samples": step * batch,
+                           "epoch": round(step * batch / n, 4)}}
+
+
+def _check_data_order(extra: dict, p: TrainParts, log) -> None:
+    """Warn when a resumed checkpoint's data stream is not this run's: written before the epoch order (batches
+    were drawn with replacement), or over a set of another size (files added to or removed from a folder)."""
+    saved = extra.get("data_order")
+    if not isinstance(saved, dict):
+        log("diffusionlab: warning: this checkpoint was written by a diffusionlab that drew batches with "
+            "replacement; from here on they follow the epoch order (diffusionlab.data.order), so the run is not the "
+            "one an uninterrupted run of that version would have been")
+    elif saved.get("size") != len(p.batches):
+        log(f"diffusionlab: warning: the training set had {saved.get('size')} samples when the checkpoint was "
+            f"written and has {len(p.batches)} now: the batches from here on follow the order of the new set")
+
+
+def _rate(steps: int, batch: int, seconds: float) -> float | None:
+    """Training throughput in samples per second."""
+    return round(steps * batch / seconds, 2) if seconds > 0 and steps > 0 else None
+
+
+def _scaler_note(p: TrainParts) -> str:
+    if p.scaler is None:
+        return ""
+    return f": under fp16, gradients that overflowed the gradient scaler's scale (now {p.scaler.get_scale():g})"
 
 
 def _intact_note(last_ckpt: int | None) -> str:
@@ -463,7 +547,9 @@ def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log,
     """The steps of :func:`train` once the run directory is locked and checked."""
     from diffusionlab.noise.fit import FITTED_FILE, save_fitted_noise
     from diffusionlab.progress import progress as progress_display
+    from diffusionlab.training.precision import restore_scaler, scaler_state
     from diffusionlab.training.rundir import portable
+    from diffusionlab.training.tensorboard import open_tensorboard
 
     device = dist.device
     tcfg = cfg["train"]
@@ -476,6 +562,7 @@ def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log,
             p.ema.load_state_dict(ck["ema"])
             restore_optimizer(p.opt, ck["optimizer"])
             restore_rng(ck["state"], p.generators)
+            restore_scaler(p.scaler, ck["meta"].get("extra", {}).get("grad_scaler"))
 
         ck = load_latest_checkpoint(out, device=device, warn=log if dist.is_main else (lambda m: None), apply=apply)
         if ck is not None:
@@ -485,6 +572,7 @@ def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log,
                                         f"resumed run can only go on (give train.steps >= {start})")
             if dist.is_main:
                 log(f"diffusionlab: resuming {out} from step {start}")
+                _check_data_order(extra, p, log)
         elif dist.is_main:
             log(f"diffusionlab: no checkpoint in {out}; starting from step 0")
     state = _Loop(extra)
@@ -499,6 +587,7 @@ def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log,
 
     t0 = time.time()
     lagged = _Lagged(device)
+    tb = open_tensorboard(out, start, log) if tcfg["tensorboard"] and dist.is_main else None
 
     def account(rows) -> None:
         for step, loss, grad_norm, ok in rows:
@@ -523,8 +612,9 @@ def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log,
         if dist.is_main:
             try:
                 save_checkpoint(out, step, p.model.state_dict(), p.ema.state_dict(), p.opt, p.generators,
-                                extra=state.extra(time.time() - t0, dist.world_size), keep=tcfg["keep_checkpoints"],
-                                warn=log)
+                                extra={**state.extra(time.time() - t0, dist.world_size), **_data_order(p, step),
+                                       "grad_scaler": scaler_state(p.scaler)},
+                                keep=tcfg["keep_checkpoints"], warn=log)
             except OSError as e:
                 raise DiffusionLabError(f"cannot write checkpoint {checkpoint_name(step)} in {out / CKPT_DIR}: "
                                         f"{os_error(e, 'x').args[0].removeprefix('cannot x: ')}; "
@@ -541,7 +631,14 @@ def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log,
             logf = open(log_path, "a", newline="")
             writer = csv.DictWriter(logf, fieldnames=LOG_FIELDS)
         for step in bar:
-            account(lagged.push(step, train_step(p, step)))
+            x0 = _fetch(p, step, dist)
+            if isinstance(x0, str):  # the data cannot be read: stop with a checkpoint of the steps done
+                account(lagged.flush())
+                if step > start and last_ckpt != step:
+                    checkpoint(step)
+                raise DiffusionLabError(f"training stopped before step {step + 1}: {x0}; "
+                                        f"{_intact_note(last_ckpt)}: fix the data, then continue with --resume")
+            account(lagged.push(step, train_step(p, step, x0)))
             log_now = (step + 1) % tcfg["log_every"] == 0 or step + 1 == steps
             ckpt_now = (step + 1) % tcfg["checkpoint_every"] == 0 or step + 1 == steps
             halt = dist.any(stop.requested() is not None)
@@ -557,14 +654,21 @@ def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log,
                     logf.flush()
                 if dist.is_main and state.window_bad > SKIP_WARN_FRACTION * state.window_steps:
                     log(f"diffusionlab: warning: {state.window_bad} of the {state.window_steps} steps up to step "
-                        f"{step + 1} were skipped (non-finite loss or gradient; {state.bad_total} in all)")
+                        f"{step + 1} were skipped (non-finite loss or gradient{_scaler_note(p)}; {state.bad_total} "
+                        "in all)")
                 bar.set_postfix(loss=f"{mean_loss:.4f}", skipped=state.bad_total)
+                if tb is not None:
+                    tb.scalars(step + 1, loss=mean_loss, lr=lr_at(step, tcfg), grad_norm=state.last_grad,
+                               skipped_steps=state.bad_total,
+                               samples_per_second=_rate(step + 1 - start, tcfg["batch_size"], time.time() - t0))
             if (step + 1) % tcfg["log_every"] == 0:
                 state.reset_window()
             if ckpt_now or halt:
                 checkpoint(step + 1)
             if dist.is_main and tcfg["sample_every"] and (step + 1) % tcfg["sample_every"] == 0:
-                _periodic_samples(cfg, p.ds, p.model, p.ema, out, step + 1, device)
+                grid = _periodic_samples(cfg, p.ds, p.model, p.ema, out, step + 1, device)
+                if tb is not None:
+                    tb.image(step + 1, grid)
             if halt and step + 1 < steps:  # (a stop asked during the last step: the run is complete anyway)
                 stopped_at = step + 1
                 break
@@ -572,15 +676,23 @@ def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log,
         raise DiffusionLabError(f"{os_error(e, f'write {e.filename or out}').args[0]}; {_intact_note(last_ckpt)}") from None
     finally:
         bar.close()
+        p.batches.close()
+        if tb is not None:
+            tb.close()
         if logf:
             try:
                 logf.close()
             except OSError:
                 pass
     seconds = round(time.time() - t0, 2)
+    done = (stopped_at or steps) - start
     summary = {"steps": steps, "resumed_from": start, "seconds": seconds, "bad_steps": state.bad_total,
                "skipped_steps": state.bad_total, "device": str(device), "world_size": dist.world_size,
-               "parameters": sum(q.numel() for q in p.params)}
+               "parameters": sum(q.numel() for q in p.params),
+               "samples_per_second": _rate(done, tcfg["batch_size"], seconds),
+               "data": "streamed" if p.batches.streaming else "in memory"}
+    if p.scaler is not None:
+        summary["grad_scale"] = p.scaler.get_scale()
     if stopped_at is not None:
         if dist.is_main:
             log(f"diffusionlab: stopped {stop.describe()} at step {stopped_at} of {steps}; checkpoint "
@@ -623,18 +735,10 @@ def _write_final(p, out: Path, summary: dict, log_path: Path, log, last_ckpt) ->
         log(f"diffusionlab: warning: could not plot the loss curve: {str(e).splitlines()[0] if str(e) else e}")
 
 
-def _autocast(precision: str, device: torch.device):
-    """``bf16``: autocast the forward pass to bfloat16 (GPU; on CPU it is allowed but rarely faster);
-    ``fp32``: a no-op context."""
-    import contextlib
-
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _periodic_samples(cfg, ds, model, ema, out: Path, step: int, device) -> None:
-    """A small grid/scatter from the EMA weights during training (``train.sample_every``)."""
+def _periodic_samples(cfg, ds, model, ema, out: Path, step: int, device) -> Path:
+    """A small grid (images), frame grid (videos) or scatter (points) from the EMA weights during training
+    (``train.sample_every``), drawn by the run's ``sample:`` section (the sampler catalogue), written atomically to
+    ``samples/step_N.png``; returns its path."""
     import copy
 
     from diffusionlab.plotting import save_samples
@@ -642,6 +746,11 @@ def _periodic_samples(cfg, ds, model, ema, out: Path, step: int, device) -> None
 
     ema_model = copy.deepcopy(model)
     ema_model.load_state_dict(ema.state_dict())
+    ema_model.eval()
     x = generate(ema_model, cfg["sample"], num=min(64, cfg["sample"]["num"]), seed=step, device=device,
                  shape=ds.sample_shape)
-    save_samples(ds.to_display(x.cpu()), ds.kind, out / "samples" / f"step_{step:08d}.png")
+    path = out / "samples" / f"step_{step:08d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_samples(ds.to_display(x.float().cpu()), ds.kind, tmp)
+    return path

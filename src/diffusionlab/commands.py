@@ -148,12 +148,22 @@ def cmd_sample(args) -> int:
 
         get_sampler(args.sampler)  # validate the name before any work
     cfg, ds, model = _load_source(args, continuous=_continuous_sampler(args.sampler))
+    # -- class labels, guidance, known values (diffusionlab.conditioning.cli) --
+    from diffusionlab.conditioning.cli import resolve as resolve_conditioning, run_sample as sample_conditional
+
+    cond = resolve_conditioning(args, cfg["sample"])
+    if cond.get("known") is not None:  # the method's own steps, grid and options
+        return sample_conditional(args, cfg, ds, model, None, cond, out)
     scfg = sample_section(cfg, args.sampler, args.steps, args.grid, args.set, args.eta)
+    if cond:
+        return sample_conditional(args, cfg, ds, model, scfg, cond, out)
+    # --
+    num = 64 if args.num is None else args.num
     t0 = time.time()
-    x = generate(model, scfg, num=args.num, seed=args.seed, device=next(model.parameters()).device,
+    x = generate(model, scfg, num=num, seed=args.seed, device=next(model.parameters()).device,
                  shape=ds.sample_shape, progress=not args.quiet)
     _write_samples(ds.to_display(x), ds.kind, out)
-    print(json.dumps({"out": str(out), "num": args.num, "sampler": scfg["sampler"], **_nfe_line(model, scfg, args.num),
+    print(json.dumps({"out": str(out), "num": num, "sampler": scfg["sampler"], **_nfe_line(model, scfg, num),
                       "seconds": round(time.time() - t0, 2)}))
     return 0
 
@@ -310,11 +320,14 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler option, e.g. eta=0.5 (refused if the sampler has no such option)")
     p.add_argument("--eta", type=float, default=None, help="shortcut for --set eta=VALUE (ddim)")
-    p.add_argument("--num", type=int, default=64, help="number of samples")
+    p.add_argument("--num", type=int, default=None, help="number of samples (default 64, or the rows of --known)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .npz (key x), .npy or .png")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
+    from diffusionlab.conditioning.cli import add_arguments as add_conditioning_arguments
+
+    add_conditioning_arguments(p)  # --class, --guidance, --guidance-interval, --known, --mask, --method
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="score a trained run (JSON on stdout)",

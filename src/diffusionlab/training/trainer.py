@@ -22,6 +22,7 @@ from diffusionlab.training.build import build_dataset, build_model, build_proces
 from diffusionlab.io import atomic_write_bytes, save_safetensors_atomic
 from diffusionlab.training.checkpoint import list_checkpoints, load_latest_checkpoint, restore_rng, save_checkpoint
 from diffusionlab.training.config import dump
+from diffusionlab.training.labels import batch_labels, training_labels
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "bad_steps"]
 
@@ -72,14 +73,15 @@ def _refuse_existing(out: Path) -> None:
         raise DiffusionLabError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
 
 
-def _check_model_takes(model, objective, ds, device) -> None:
+def _check_model_takes(model, objective, ds, device, labels=None) -> None:
     """One forward pass of the objective on two training samples, so a shape the model cannot take is a clear
     error before anything is written."""
     x0 = ds.data[:2].to(device)
     gen = torch.Generator(device=device).manual_seed(0)
+    extra = {} if labels is None else {"labels": labels[:2]}  # class labels (training/labels.py)
     try:
         with torch.no_grad():
-            objective(model, x0, generator=gen)
+            objective(model, x0, generator=gen, **extra)
     except DiffusionLabError:
         raise
     except (RuntimeError, ValueError) as e:
@@ -120,8 +122,10 @@ class _LossModule(torch.nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.objective(self.model, x0, t=t, noise=noise)
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels=None) -> torch.Tensor:
+        if labels is None:
+            return self.objective(self.model, x0, t=t, noise=noise)
+        return self.objective(self.model, x0, t=t, noise=noise, labels=labels)  # class-conditional (training/labels.py)
 
 
 def draw_inputs(objective, process, x0: torch.Tensor, generator: torch.Generator):
@@ -172,6 +176,7 @@ class TrainParts:
     mine: slice
     clip: float
     memory_format: torch.memory_format
+    labels: torch.Tensor | None = None  # class labels of the data, on the device (training/labels.py)
 
     @property
     def fused(self) -> bool:
@@ -199,7 +204,8 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
     check_sample_section(cfg["sample"], process)  # a bad sample: section fails now, not after training
     model = build_model(cfg, ds.sample_shape, process, device)
     objective = make_objective(dict(cfg["objective"]), process)
-    _check_model_takes(model, objective, ds, device)
+    labels = training_labels(ds, model, tcfg, device)  # class labels (training/labels.py)
+    _check_model_takes(model, objective, ds, device, labels)
     memory_format = _memory_format(tcfg, ds)
     model = model.to(memory_format=memory_format)
     if tcfg.get("compile"):
@@ -216,6 +222,7 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
         dist=dist, autocast=_autocast(tcfg.get("precision", "fp32"), device),
         mine=slice(dist.rank * local, (dist.rank + 1) * local),
         clip=tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf"), memory_format=memory_format,
+        labels=labels,
     )
 
 
@@ -241,8 +248,11 @@ def train_step(p: TrainParts, step: int) -> torch.Tensor:
     x0 = p.data[idx.to(device, non_blocking=True)]
     t, noise = draw_inputs(p.objective, p.process, x0, p.generators["noise"])
     x0, noise = (v[p.mine].contiguous(memory_format=p.memory_format) for v in (x0, noise))
+    # class labels with label dropout (training/labels.py); None for an unconditional net
+    labels = batch_labels(p.labels, idx, tcfg.get("p_uncond", 0.0), p.model.num_classes, p.generators["noise"])
+    extra = () if labels is None else (labels[p.mine],)
     with p.autocast:
-        loss = p.step_module(x0, t[p.mine], noise).float().mean()
+        loss = p.step_module(x0, t[p.mine], noise, *extra).float().mean()
     p.opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(p.params, p.clip)

@@ -193,15 +193,18 @@ def _systematic(logw: torch.Tensor, generator) -> torch.Tensor:
 
 def _twisted_mean(model, x: torch.Tensor, known: Known, grid, i: int, clip_x0: bool, twist: float):
     """The reverse mean of step ``i`` and the twisting function ``log p~_i(y | x) = -twist ||y - x_theta,k(x)||^2 /
-    (2 sig_i^2)`` (Wu et al. 2023, sec. 3.2: a Gaussian at the denoiser's prediction of the known part with the
-    noise level's variance, ``sig = sigma / s``) with its gradient in ``x`` (one evaluation, one backward pass)."""
+    (2 r_i^2)`` (Wu et al. 2023, sec. 3.2: a Gaussian at the denoiser's prediction of the known part) with
+    ``r^2 = sig^2 / (1 + sig^2)``, ``sig = sigma / s`` (the posterior variance of unit-variance data, Song et al.
+    2023, "Pseudoinverse-guided diffusion models", sec. 3.2), and its gradient in ``x`` (one evaluation, one
+    backward pass)."""
     A, B, _ = grid.posterior(i)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         pred = model.predict(xg, grid.time(i, xg))
         x0 = pred.x0.clamp(-1.0, 1.0) if clip_x0 else pred.x0
         r = known.mask.to(x0.dtype) * (known.y - x0)
-        lt = -0.5 * twist * r.square().reshape(r.shape[0], -1).sum(1) / grid.sig[i] ** 2
+        r2 = grid.sig[i] ** 2 / (1.0 + grid.sig[i] ** 2)
+        lt = -0.5 * twist * r.square().reshape(r.shape[0], -1).sum(1) / r2
         (grad,) = torch.autograd.grad(lt.sum(), xg)
     return A * x + B * x0.detach(), lt.detach().to(torch.float64), grad
 

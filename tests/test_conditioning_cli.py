@@ -177,3 +177,8 @@ def test_bench_samplers_conditional(tmp_path, capsys):
     assert main(["bench", "samplers", "--gmm", "ring8", "--mask", "first:2", "--nfe", "8"]) == 2
     assert "leave some" in capsys.readouterr().err
     assert main(["bench", "samplers", "--gmm", "ring8", "--methods", "smc", "--nfe", "8"]) == 2
+
+
+def test_export_refuses_a_class_conditional_unet(run, tmp_path, capsys):
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exp")]) == 2
+    assert "model.num_classes = 10" in capsys.readouterr().err and not (tmp_path / "exp").exists()

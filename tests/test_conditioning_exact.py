@@ -270,3 +270,38 @@ def test_known_values_are_checked():
     with pytest.raises(DiffusionLabError, match="coupling"):
         spec.run(o, x, torch.ones(6, dtype=torch.bool), 5, coupling="both")
     assert isinstance(Known(x, torch.ones(6), o.process.cov).mask, torch.Tensor)
+
+
+@pytest.mark.parametrize("name,opts", [("replace", {}), ("smc", {"particles": 4}), ("dps", {"scale": 0.2})])
+def test_video_prediction_on_an_exact_gaussian_video_model(name, opts):
+    """Videos (B, C, F, H, W) whose frames are strongly correlated (AR(1), rho = 0.95, across 4 frames of 2 x 2
+    pixels), noise C = progressive:1 across the frames, the first 2 frames known: the predicted frames' mean over
+    draws is the exact conditional mean Sigma_uk Sigma_kk^-1 y for SMC (Gaussian conditioning; 400 draws: 5 standard
+    errors of the conditional sd); replace and DPS predict from the known frames too (their mean points the exact
+    way: cosine > 0.95) but shrink towards the prior (measured up to 0.5 conditional sd off)."""
+    from diffusionlab.oracles.gaussian import GaussianOracle
+    from diffusionlab.processes import make_process
+
+    f, shape = 4, (1, 4, 2, 2)
+    rho = 0.95
+    frames = torch.tensor([[rho ** abs(i - j) for j in range(f)] for i in range(f)], dtype=F64)
+    sigma = torch.kron(frames, torch.eye(4, dtype=F64)) * 0.5  # (F x F) (x) (H W): flattened (C, F, H, W)
+    process = make_process("vp", make_covariance("progressive:1.0", f, axis=2))
+    o = GaussianOracle(torch.zeros(shape, dtype=F64), sigma, process)
+    y = o.sample_data(1, torch.Generator().manual_seed(16))
+    mask = torch.zeros(1, *shape, dtype=torch.bool)
+    mask[:, :, :2] = True
+    n = 400
+    with torch.no_grad():
+        x = get_method(name).run(o, y.expand(n, *shape), mask, 100, noise=torch.Generator().manual_seed(17), **opts)
+    m = mask.reshape(-1)
+    k, u = torch.nonzero(m).reshape(-1), torch.nonzero(~m).reshape(-1)
+    gain = sigma[u][:, k] @ torch.linalg.inv(sigma[k][:, k])
+    want = gain @ y.reshape(-1)[k]
+    sd = torch.diagonal(sigma[u][:, u] - gain @ sigma[k][:, u]).sqrt()
+    got = x.reshape(n, -1)[:, u].mean(0)
+    assert torch.equal(x.reshape(n, -1)[:, k], y.reshape(-1)[k].expand(n, -1))
+    if name == "smc":
+        assert bool(((got - want).abs() < 5 / math.sqrt(n) * sd).all()), (got - want) / sd
+    else:
+        assert float(torch.nn.functional.cosine_similarity(got, want, dim=0)) > 0.95

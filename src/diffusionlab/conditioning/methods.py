@@ -27,9 +27,10 @@ wrong when C correlates them. With i.i.d. noise both are the same.
             Alg. 1)                                                                       resampling)
 ``dps``     reconstruction guidance: the ancestral step moved against                    ``steps`` NFE and as many
             ``grad ||y - x_theta,k||`` (Chung et al. 2023, Alg. 1)                        backward passes; biased
-``smc``     SMCDiff (Trippe et al. 2022, Alg. 1): ``particles`` copies per row, weighted   ``steps * particles`` NFE;
-            by the model's predictive ``N(y'; mu_theta,k, v C_kk)`` of the known part's  asymptotically exact
-            next value, resampled (systematic) when the effective sample size drops
+``smc``     SMCDiff (Trippe et al. 2022, Alg. 1): ``particles`` copies per row, weighted   ``steps * particles`` NFE
+            by the model's predictive ``N(y'; mu_theta,k, v C_kk)`` of the known part's  (and as many backward
+            next value, resampled (systematic) when the effective sample size drops;     passes with ``twist``);
+            proposals twisted towards the known values (Wu et al. 2023, Alg. 1)          asymptotically exact
 =========== ======================================================================= ==============================
 
 NFE are evaluations per output sample (one row through the network); the model's ``nfe`` counter counts calls, and
@@ -270,7 +271,10 @@ def _twisted_move(known: Known, mean: torch.Tensor, y_next: torch.Tensor, v: flo
     """:func:`_move` with the unknown part's proposal shifted by ``delta = Sigma g`` (``Sigma = v C_u|k`` its
     covariance, ``g`` the twisting function's gradient on the unknown entries; Wu et al. 2023, eq. 8), and the
     log ratio ``log p_theta(x_u) / q(x_u) = -g . xi - g . delta / 2`` (``xi`` the proposal's noise) the weights
-    need. ``Sigma g`` by Matheron's rule: ``C_u|k g = (C g - shift(C g))_u``."""
+    need. ``Sigma g`` by Matheron's rule: ``C_u|k g = (C g - shift(C g))_u``. The shift is capped at the norm of
+    the proposal's noise (``sqrt(v)`` per unknown entry) by scaling ``g`` per particle -- the weights stay exact for the
+    scaled ``g``, so the target is unchanged; a learned denoiser's ``x_theta`` can have a large Jacobian at high noise
+    (``1 / s``), which uncapped would throw the particles far outside the data."""
     cond = known.conditioner
     e = math.sqrt(v) * noise(mean)
     kg = known.cov.apply(g)
@@ -281,10 +285,14 @@ def _twisted_move(known: Known, mean: torch.Tensor, y_next: torch.Tensor, v: flo
     else:
         base, xi, sg = mean, e, kg
     unknown = (~known.mask).to(mean.dtype)
+    b = mean.shape[0]
     delta = v * sg * unknown
+    cap = math.sqrt(v) * unknown.reshape(b, -1).sum(1).sqrt()
+    norm = delta.reshape(b, -1).norm(dim=1)
+    c = torch.where(norm > cap, cap / norm.clamp(min=1e-30), torch.ones_like(norm)).reshape(b, *([1] * (g.ndim - 1)))
+    g, delta = c * g, c * delta
     xi = xi * unknown
     x = known.impose(base + delta + xi, y_next)
-    b = mean.shape[0]
     log_ratio = -(g * xi).reshape(b, -1).sum(1) - 0.5 * (g * delta).reshape(b, -1).sum(1)
     return x, log_ratio.to(torch.float64)
 
@@ -390,8 +398,8 @@ def dps(model, known: Known, grid, noise=None, progress: bool = False, scale: fl
 
 
 @register_method(
-    "smc", "SMCDiff: particles weighted by the model's predictive of the known part, resampled",
-    "Trippe et al. 2022, Algorithm 1 (SMCDiff)", options={
+    "smc", "SMCDiff with twisted proposals: particles weighted by the model's predictive of the known part, resampled",
+    "Trippe et al. 2022, Algorithm 1 (SMCDiff); Wu et al. 2023, Algorithm 1 (twisting)", options={
         "particles": integer("particles per output sample", 1),
         "ess": number("resample a row when its effective sample size falls below ess * particles", 0.0, 1.0),
         "twist": number("weight of the twisting function (Wu et al. 2023; 0: SMCDiff's untwisted proposals)", 0.0),
@@ -409,7 +417,13 @@ def smc(model, known: Known, grid, noise=None, progress: bool = False, particles
     kernel conditioned on it (``coupling``; module docstring); rows whose effective sample size falls below
     ``ess * particles`` are resampled (systematic). At the end one particle per row is drawn by its weight. For an
     exact model whose reverse kernel is the true one (fine grids) the draws converge to ``p(x_u | x_k = y)`` as the
-    particles grow (Trippe et al. 2022, Thm. 1)."""
+    particles grow (Trippe et al. 2022, Thm. 1).
+
+    With ``twist > 0`` (the twisted diffusion sampler's idea, Wu et al. 2023, Alg. 1) the unknown part's proposal is
+    moved by ``Sigma grad log p~(y | x_t)``, ``p~ = N(y; x_theta,k(x_t), r^2 / twist)`` (:func:`_twisted_mean`), and
+    the weights carry the ratio ``p_theta / proposal`` and the twisting functions' ratio between steps, which
+    telescopes: the target is unchanged, the particles are spent where the known values are likely (one backward
+    pass per step)."""
     return _walk(model, known, grid, noise, progress, particles, True, variance, coupling, clip_x0, ess, twist,
                  desc="smc")
 

@@ -10,7 +10,8 @@
 
 ``diffusionlab experiment video-prediction --run DIR --known-frames 2 --num 64 --method smc --out DIR``
     The first ``known-frames`` frames of held-out videos (the dataset's held-out split) are known; a conditional
-    method (:mod:`diffusionlab.conditioning.methods`) fills in the rest. Whether the digit's identity is kept is
+    method (:mod:`diffusionlab.conditioning.methods`; ``clip_x0`` on unless the method spec says otherwise) fills in
+    the rest. Whether the digit's identity is kept is
     measured with the digits classifier on the 8x8 window with most ink of every frame
     (:func:`~diffusionlab.metrics.video.frame_predictions`): the fraction of generated frames assigned to the
     video's label and to the class the classifier sees in the known frames, next to the same for the real
@@ -50,8 +51,9 @@ def _write(out: Path, name: str, payload: dict, table: str) -> None:
 
 # ---- class guidance -----------------------------------------------------------------------------------------------
 def class_guidance(run, guidances=(0.0, 1.0, 2.0, 3.0), per_class: int = 100, seed: int = 0, device: str = "auto",
-                   out=None, show: int = 8, progress: bool = False, log=print) -> dict:
-    """The class-guidance table of a class-conditional digits run (module docstring); figures into ``out``."""
+                   out=None, show: int = 8, progress: bool = False, log=print, interval=None, name: str = "guidance") -> dict:
+    """The class-guidance table of a class-conditional digits run (module docstring); figures into ``out``, files
+    named ``name``; ``interval``: guide only at noise levels ``sigma / s`` in ``(lo, hi]``."""
     from diffusionlab.conditioning.generate import generate_conditional, labels_for
     from diffusionlab.metrics import evaluate_digits
     from diffusionlab.metrics.digits import classifier_accuracy, predict_digits
@@ -76,7 +78,8 @@ def class_guidance(run, guidances=(0.0, 1.0, 2.0, 3.0), per_class: int = 100, se
         t0 = time.time()
         x, info = generate_conditional(model, ds.sample_shape, num, seed, dev, sampler=spec,
                                        sampler_options=sampler_options(scfg), grid=scfg.get("steps"),
-                                       kind=scfg.get("grid"), classes=classes, guidance=w, progress=progress)
+                                       kind=scfg.get("grid"), classes=classes, guidance=w, interval=interval,
+                                       progress=progress)
         x01 = ds.to_display(x).float().clamp(0, 1)
         pred, conf = predict_digits(x01)
         per = [float((pred[labels == c] == c).double().mean()) for c in classes]
@@ -89,13 +92,14 @@ def class_guidance(run, guidances=(0.0, 1.0, 2.0, 3.0), per_class: int = 100, se
         log(f"class-guidance: w = {w:g}: mean class accuracy {rows[-1]['mean_accuracy']:.3f}, FD {metrics['fd']:.3f}")
         grids.append(x01.reshape(k, per_class, 1, 8, 8)[:, :show])
     payload = {"run": str(run), "sampler": scfg["sampler"], "steps": rows[0]["nfe_per_sample"], "per_class": per_class,
-               "seed": seed, "classifier_test_accuracy": classifier_accuracy(), "rows": rows}
+               "seed": seed, "guidance_interval": None if interval is None else list(interval),
+               "classifier_test_accuracy": classifier_accuracy(), "rows": rows}
     table = guidance_table(payload)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _guidance_figures(out, guidances, grids, show)
-        _write(out, "guidance", payload, table)
+        _guidance_figures(out, guidances, grids, show, name)
+        _write(out, name, payload, table)
     return payload
 
 
@@ -113,21 +117,21 @@ def guidance_table(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def _guidance_figures(out: Path, guidances, grids, show: int) -> None:
+def _guidance_figures(out: Path, guidances, grids, show: int, name: str = "guidance") -> None:
     from diffusionlab.plotting import save_image_grid
 
     for w, g in zip(guidances, grids):
-        save_image_grid(g.reshape(-1, 1, 8, 8), out / f"guidance_w{w:g}.png", nrow=show, scale=4)
-    # rows = classes; per row the blocks of every w side by side, a blank column between blocks
+        save_image_grid(g.reshape(-1, 1, 8, 8), out / f"{name}_w{w:g}.png", nrow=show, scale=4)
+    # rows = classes; per row the blocks of every w side by side, a white column between blocks
     k = grids[0].shape[0]
-    blank = torch.zeros(k, 1, 1, 8, 8)
+    blank = torch.ones(k, 1, 1, 8, 8)
     parts = []
     for i, g in enumerate(grids):
         parts.append(g)
         if i < len(grids) - 1:
             parts.append(blank)
     wide = torch.cat(parts, dim=1)
-    save_image_grid(wide.reshape(-1, 1, 8, 8), out / "guidance_rows.png", nrow=wide.shape[1], scale=4)
+    save_image_grid(wide.reshape(-1, 1, 8, 8), out / f"{name}_rows.png", nrow=wide.shape[1], scale=4)
 
 
 # ---- video prediction ---------------------------------------------------------------------------------------------
@@ -160,6 +164,8 @@ def video_prediction(run, known_frames: int = 2, num: int = 64, method: str = "s
     mask = torch.zeros(1, 1, f, 1, 1, dtype=torch.bool)
     mask[:, :, :known_frames] = True
     spec, opts = parse_method(method)
+    if "clip_x0" in spec.options and "clip_x0" not in opts:
+        opts["clip_x0"] = True  # videos live in [-1, 1]; a learned x_theta far outside it derails the known part's pull
     dev = next(model.parameters()).device
     t0 = time.time()
     x, info = generate_conditional(model, ds.sample_shape, num, seed, dev, known=real,
@@ -178,7 +184,9 @@ def video_prediction(run, known_frames: int = 2, num: int = 64, method: str = "s
         seen = frame_predictions(real_d[:, :, :known_frames])[0]
         seen_class = torch.mode(seen, dim=1).values
         gen = pred[:, known_frames:]
+        top = torch.nn.functional.one_hot(gen, 10).sum(1).max(1).values.double()
         return {"label_accuracy": float((gen == labels[:, None]).double().mean()),
+                "self_consistency": float((top / gen.shape[1]).mean()),
                 "agreement_with_known_frames": float((gen == seen_class[:, None]).double().mean()),
                 "last_frame_label_accuracy": float((pred[:, -1] == labels).double().mean()),
                 "confidence": float(conf[:, known_frames:].mean())}
@@ -206,12 +214,13 @@ def video_prediction(run, known_frames: int = 2, num: int = 64, method: str = "s
 def prediction_table(payload: dict) -> str:
     """Markdown: the identity measures of the predictions, the real continuations and unconditional samples."""
     lines = ["| videos | generated frames = video's digit | = digit seen in the known frames | last frame = digit | "
-             "classifier confidence |", "| --- | --- | --- | --- | --- |"]
+             "frames = their video's most frequent digit | classifier confidence |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for key, name in (("prediction", f"predicted ({payload['method']}, {payload['known_frames']} frames known)"),
                       ("real", "real continuation (ceiling)"), ("unconditional", "unconditional samples (chance)")):
         r = payload[key]
         lines.append(f"| {name} | {r['label_accuracy']:.3f} | {r['agreement_with_known_frames']:.3f} | "
-                     f"{r['last_frame_label_accuracy']:.3f} | {r['confidence']:.3f} |")
+                     f"{r['last_frame_label_accuracy']:.3f} | {r['self_consistency']:.3f} | {r['confidence']:.3f} |")
     return "\n".join(lines)
 
 
@@ -222,6 +231,9 @@ def register(sub) -> None:
     p.add_argument("--run", required=True)
     p.add_argument("--guidance", default="0,1,2,3", help="guidance weights, comma separated (default 0,1,2,3)")
     p.add_argument("--per-class", type=int, default=100, help="samples per class and weight (default 100)")
+    p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
+                   help="guide only at noise levels sigma/s in (LO, HI] (Kynkaanniemi et al. 2024)")
+    p.add_argument("--name", default="guidance", help="file name stem of the outputs (default guidance)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="directory for guidance.json/.md and the grids")
@@ -248,8 +260,11 @@ def _positive(name: str, value: int) -> int:
 
 
 def _cmd_guidance(args) -> int:
+    from diffusionlab.conditioning.generate import parse_interval
+
     res = class_guidance(args.run, _floats(args.guidance, "--guidance"), _positive("--per-class", args.per_class),
-                         args.seed, args.device, args.out, progress=not args.quiet, log=_stderr)
+                         args.seed, args.device, args.out, progress=not args.quiet, log=_stderr,
+                         interval=parse_interval(args.guidance_interval), name=args.name)
     print(guidance_table(res))
     return 0
 

@@ -61,6 +61,12 @@ def _garbage_pth(tmp):
     return str(p)
 
 
+def _npy(tmp, name: str, arr) -> str:
+    p = tmp / f"{name}.npy"
+    np.save(p, arr)
+    return str(p)
+
+
 def _corrupt_weights(tmp):
     run = Path(_run(tmp))
     bad = tmp / "corrupt_run"
@@ -135,6 +141,18 @@ CASES = [
      lambda t: ["sample", "--diffusers", str(t / "nodir"), "--out", str(t / "o.npz")], "diffusers folder not found"),
     ("export that does not map", "`export` of an MLP run",
      lambda t: ["export", "--run", _run(t), "--out", str(t / "exp")], "cannot be exported to diffusers"),
+    ("class of an unconditional model", "`sample --class 3` on a run without `model.num_classes`",
+     lambda t: ["sample", "--run", _run(t), "--class", "3", "--out", str(t / "o.npz")], "not class-conditional"),
+    ("guidance without a class", "`sample --guidance 2` without `--class`",
+     lambda t: ["sample", "--run", _run(t), "--guidance", "2", "--out", str(t / "o.npz")], "needs classes"),
+    ("mask that does not fit", "`oracle sample --known` of 2-D points with a mask of 3 entries",
+     lambda t: ["oracle", "sample", "--gmm", "ring8", "--known", _npy(t, "k", np.zeros((4, 2))), "--mask",
+                _npy(t, "m", np.ones(3)), "--method", "smc", "--nfe", "10", "--out", str(t / "o.npy")],
+     "does not broadcast"),
+    ("unknown conditional method", "`oracle sample --method inpaint`",
+     lambda t: ["oracle", "sample", "--gmm", "ring8", "--known", _npy(t, "k", np.zeros((4, 2))), "--mask",
+                _npy(t, "m", np.array([1, 0])), "--method", "inpaint", "--nfe", "10", "--out", str(t / "o.npy")],
+     "unknown conditional method 'inpaint'"),
 ]
 
 

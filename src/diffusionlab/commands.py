@@ -293,7 +293,8 @@ def cmd_sample(args) -> int:
     if out.suffix not in SAMPLE_SUFFIXES:
         raise DiffusionLabError(f"--out must end in one of {', '.join(SAMPLE_SUFFIXES)}, got {out}")
     _check_out_dir(out)
-    check_num(args.num)
+    if args.num is not None:
+        check_num(args.num)
     if args.sampler is not None:
         from diffusionlab.samplers import get_sampler
 
@@ -302,13 +303,23 @@ def cmd_sample(args) -> int:
     cfg, ds, model = _load_source(args, continuous=_continuous_sampler(args.sampler))
     if out.suffix in (".gif", ".mp4") and ds.kind != "videos":
         raise DiffusionLabError(f"{out.suffix} output is for video runs; this run's samples are {ds.kind}")
+    # -- class labels, guidance, known values (diffusionlab.conditioning.cli) --
+    from diffusionlab.conditioning.cli import resolve as resolve_conditioning, run_sample as sample_conditional
+
+    cond = resolve_conditioning(args, cfg["sample"])
+    if cond.get("known") is not None:  # the method's own steps, grid and options
+        return sample_conditional(args, cfg, ds, model, None, cond, out)
     scfg = sample_section(cfg, args.sampler, args.steps, args.grid, args.set, args.eta)
-    _check_output_size(out, args.num, ds.sample_shape, ds.kind)
+    if cond:
+        return sample_conditional(args, cfg, ds, model, scfg, cond, out)
+    # --
+    num = 64 if args.num is None else args.num
+    _check_output_size(out, num, ds.sample_shape, ds.kind)
     t0 = time.time()
-    chunks = generate_chunks(model, scfg, num=args.num, seed=args.seed, device=next(model.parameters()).device,
+    chunks = generate_chunks(model, scfg, num=num, seed=args.seed, device=next(model.parameters()).device,
                              shape=ds.sample_shape, progress=not args.quiet)
-    _stream_samples(chunks, ds, out, args.num, _source_name(args))
-    print(json.dumps({"out": str(out), "num": args.num, "sampler": scfg["sampler"], **_nfe_line(model, scfg, args.num),
+    _stream_samples(chunks, ds, out, num, _source_name(args))
+    print(json.dumps({"out": str(out), "num": num, "sampler": scfg["sampler"], **_nfe_line(model, scfg, num),
                       "seconds": round(time.time() - t0, 2), "threads": threads}))
     return 0
 
@@ -529,13 +540,16 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler option, e.g. eta=0.5 (refused if the sampler has no such option)")
     p.add_argument("--eta", type=float, default=None, help="shortcut for --set eta=VALUE (ddim)")
-    p.add_argument("--num", type=int, default=64, help="number of samples")
+    p.add_argument("--num", type=int, default=None, help="number of samples (default 64, or the rows of --known)")
     p.add_argument("--seed", type=_seed_arg, default=0)
     p.add_argument("--out", required=True, help="output .npz (key x), .npy or .png (a 2-D run's scatter shows the "
                                                  "training data in grey)")
     p.add_argument("--device", default="auto")
     add_threads(p)
     p.add_argument("--quiet", action="store_true")
+    from diffusionlab.conditioning.cli import add_arguments as add_conditioning_arguments
+
+    add_conditioning_arguments(p)  # --class, --guidance, --guidance-interval, --known, --mask, --method
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="score a trained run (JSON on stdout)",

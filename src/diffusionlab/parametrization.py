@@ -11,6 +11,13 @@ Network conditioning
     ``c_in = 1 / sqrt(s_t^2 + sigma_t^2)`` (``x_t``'s scale without C's correlations; this matters for VE,
     where ``sigma_t`` reaches 50).
 
+Class labels
+    A net built with ``num_classes = K`` is called ``net(x, c_noise, labels)`` with ``labels`` a ``(B,)`` integer
+    tensor in ``0..K``, ``K`` being the "no label" index that label dropout trains (Ho & Salimans 2022); every
+    method below takes ``labels=None`` (the net's own default: the no-label index) and passes them on. A net without
+    ``num_classes`` refuses labels. Guidance and conditioning on known values are model wrappers
+    (:mod:`diffusionlab.conditioning`), so the samplers never see labels.
+
 What the network output means (``prediction``), all rank-agnostic (via :func:`~diffusionlab.utils.bcast`)
     - ``"eps"`` -- ``eps_theta``, the noise (Ho et al. 2020): ``x0 = (x_t - sigma eps) / s``;
     - ``"x0"`` -- ``x_theta``, the clean data: ``eps = (x_t - s x0) / sigma``;
@@ -44,7 +51,7 @@ import torch
 from torch import nn
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.utils import per_batch
+from diffusionlab.utils import as_labels, per_batch
 
 def batch_t(t, x: torch.Tensor) -> torch.Tensor:
     """``t`` (an int/float, a 0-d tensor or a ``(B,)`` tensor) as a ``(B,)`` tensor on ``x``'s device."""
@@ -228,7 +235,8 @@ class DiffusionModel(nn.Module):
         scale_input: feed the net ``c_in x_t``, ``c_in = 1 / sqrt(s_t^2 + sigma_t^2)``.
 
     ``nfe`` counts network evaluations (every :meth:`forward`); samplers never count themselves.
-    ``t`` may be an int/float, a 0-d tensor or a ``(B,)`` tensor.
+    ``t`` may be an int/float, a 0-d tensor or a ``(B,)`` tensor; ``labels`` (class-conditional nets only, module
+    docstring) None, an int or a ``(B,)`` integer tensor.
     """
 
     def __init__(self, net: nn.Module | None, process, prediction: str = "eps", learn_variance: bool = False,
@@ -255,6 +263,22 @@ class DiffusionModel(nn.Module):
     def cov(self):
         return self.process.cov
 
+    @property
+    def num_classes(self) -> int | None:
+        """The net's number of classes ``K`` (labels ``0..K-1``, ``K`` = no label), None for an unconditional net."""
+        return getattr(self.net, "num_classes", None)
+
+    def labels_for(self, labels, x: torch.Tensor) -> torch.Tensor | None:
+        """``labels`` as a ``(B,)`` int64 tensor on ``x``'s device (an int is one label for the batch); None stays
+        None. Refused for an unconditional net; values outside ``0..num_classes`` refused on the CPU
+        (:func:`~diffusionlab.utils.as_labels`: an accelerator never waits for the host)."""
+        if labels is None:
+            return None
+        if self.num_classes is None:
+            raise DiffusionLabError("this model's network has no class labels (it was built without num_classes); "
+                                    "train a class-conditional model (model.num_classes) to condition on a class")
+        return as_labels(labels, x, self.num_classes)
+
     # -- conditioning ---------------------------------------------------------------------------------------
     def c_noise(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """``1000 t / T`` as a float ``(B,)`` tensor."""
@@ -266,15 +290,18 @@ class DiffusionModel(nn.Module):
         s, sigma = coeffs_like(self.process, tb, x)
         return tb, s, sigma
 
-    def _raw(self, x_t: torch.Tensor, tb: torch.Tensor, s, sigma) -> torch.Tensor:
+    def _raw(self, x_t: torch.Tensor, tb: torch.Tensor, s, sigma, labels=None) -> torch.Tensor:
         """The network evaluation proper (what subclasses such as the Gaussian oracle replace)."""
         x_in = x_t / (s * s + sigma * sigma).sqrt() if self.scale_input else x_t
-        return self.net(x_in, self.c_noise(tb, x_t.dtype))
+        lab = self.labels_for(labels, x_t)
+        if lab is None:
+            return self.net(x_in, self.c_noise(tb, x_t.dtype))
+        return self.net(x_in, self.c_noise(tb, x_t.dtype), lab)
 
-    def forward(self, x_t: torch.Tensor, t) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor:
         """The raw network output (both halves when ``learn_variance``); counts one evaluation."""
         tb, s, sigma = self.coeffs(t, x_t)
-        out = self._raw(x_t, tb, s, sigma)
+        out = self._raw(x_t, tb, s, sigma) if labels is None else self._raw(x_t, tb, s, sigma, labels)
         self.nfe += 1
         return out
 
@@ -290,10 +317,10 @@ class DiffusionModel(nn.Module):
         return mean, v_var
 
     # -- decoded predictions --------------------------------------------------------------------------------
-    def predict(self, x_t: torch.Tensor, t) -> Prediction:
+    def predict(self, x_t: torch.Tensor, t, labels=None) -> Prediction:
         """One network evaluation decoded into ``eps``, ``x0`` (and ``v_var``)."""
         tb, s, sigma = self.coeffs(t, x_t)
-        out = self._raw(x_t, tb, s, sigma)
+        out = self._raw(x_t, tb, s, sigma) if labels is None else self._raw(x_t, tb, s, sigma, labels)
         self.nfe += 1
         mean, v_var = self.split(out)
         eps, x0 = self.parametrization.decode(mean, x_t, s, sigma)
@@ -304,21 +331,24 @@ class DiffusionModel(nn.Module):
         _, s, sigma = self.coeffs(t, x0)
         return self.parametrization.target(eps, x0, s, sigma)
 
-    def eps(self, x_t: torch.Tensor, t) -> torch.Tensor:
+    def _predict(self, x_t: torch.Tensor, t, labels) -> Prediction:
+        return self.predict(x_t, t) if labels is None else self.predict(x_t, t, labels=labels)
+
+    def eps(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor:
         """``E[eps | x_t]`` as predicted."""
-        return self.predict(x_t, t).eps
+        return self._predict(x_t, t, labels).eps
 
-    def x0(self, x_t: torch.Tensor, t) -> torch.Tensor:
+    def x0(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor:
         """``E[x_0 | x_t]`` as predicted."""
-        return self.predict(x_t, t).x0
+        return self._predict(x_t, t, labels).x0
 
-    def c_score(self, x_t: torch.Tensor, t) -> torch.Tensor:
+    def c_score(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor:
         """``C grad log p_t(x_t) = -eps / sigma_t`` (no solve)."""
-        return self.predict(x_t, t).c_score
+        return self._predict(x_t, t, labels).c_score
 
-    def score(self, x_t: torch.Tensor, t) -> torch.Tensor:
+    def score(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor:
         """``grad log p_t(x_t) = -C^{-1} eps / sigma_t`` (one ``cov.solve``)."""
-        p = self.predict(x_t, t)
+        p = self._predict(x_t, t, labels)
         return -self.process.cov.solve(p.eps) / p.sigma
 
     def extra_repr(self) -> str:

@@ -64,3 +64,40 @@ def mean_and_stderr(values) -> tuple[float, float | None]:
 
         raise DiffusionLabError("mean_and_stderr got no values")
     return v.mean().item(), (v.std() / math.sqrt(n)).item() if n > 1 else None
+
+
+def as_labels(labels, x: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Class labels (an int, a 0-d or ``(B,)`` integer tensor) as a ``(B,)`` int64 tensor on ``x``'s device for the
+    batch of ``x``. With ``num_classes`` the values must lie in ``0..num_classes`` (``num_classes`` is the "no label"
+    index); they are checked on the CPU only, so an accelerator never waits for the host."""
+    from diffusionlab.errors import DiffusionLabError
+
+    if isinstance(labels, bool) or not (isinstance(labels, int) or torch.is_tensor(labels)):
+        raise DiffusionLabError(f"labels must be an int or an integer tensor, got {labels!r}")
+    lab = torch.as_tensor(labels, device=x.device)
+    if lab.dtype.is_floating_point or lab.dtype == torch.bool or lab.is_complex():
+        raise DiffusionLabError(f"labels must be integers, got dtype {lab.dtype}")
+    lab = per_batch(lab.to(torch.long), x, "labels")
+    if num_classes is not None and lab.device.type == "cpu" and lab.numel():
+        lo, hi = int(lab.min()), int(lab.max())
+        if lo < 0 or hi > num_classes:
+            raise DiffusionLabError(f"labels must lie in 0..{num_classes} ({num_classes} classes, {num_classes} = no "
+                                    f"label), got {lo}..{hi}")
+    return lab
+
+
+def as_mask(mask, shape) -> torch.Tensor:
+    """A mask (1 = known, 0 = unknown; bool or numbers) broadcast to ``shape`` as a bool tensor on its own device;
+    entries other than 0 and 1 are refused."""
+    from diffusionlab.errors import DiffusionLabError
+
+    m = torch.as_tensor(mask)
+    if m.dtype != torch.bool:
+        if m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+            raise DiffusionLabError("a mask holds 0 (unknown) and 1 (known) only")
+        m = m != 0
+    try:
+        return torch.broadcast_to(m, tuple(shape)).clone()
+    except RuntimeError:
+        raise DiffusionLabError(f"a mask of shape {tuple(m.shape)} does not broadcast to the samples' shape "
+                                f"{tuple(shape)}") from None

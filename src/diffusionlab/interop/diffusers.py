@@ -376,6 +376,9 @@ def export_blockers(cfg: dict, model) -> list[str]:
         bad.append(f"parametrization.prediction {model.prediction!r}")
     if not isinstance(net, UNet):
         return bad
+    if getattr(net, "num_classes", None) is not None:
+        bad.append(f"model.num_classes = {net.num_classes}: the label embedding of a class-conditional U-Net is not "
+                   "mapped to UNet2DModel's class embedding")
     if tuple(mcfg.get("channel_mults", (1, 2, 2)))[:1] != (1,):
         bad.append(f"model.channel_mults {list(mcfg.get('channel_mults'))}: the first must be 1 (UNet2DModel's input "
                    "conv and time embedding take the first level's width)")

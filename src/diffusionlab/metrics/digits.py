@@ -323,6 +323,16 @@ def _forward(model: DigitsClassifier, x: torch.Tensor, dev: torch.device, batch:
     return torch.cat(feats).numpy(), torch.cat(probs)
 
 
+def predict_digits(samples, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shipped classifier's ``(predicted class, max probability)`` of 8x8 digit samples in [0, 1] (``(N,)``
+    int64 and float64, on the CPU)."""
+    x = _check_samples(samples)
+    dev = _device(device)
+    _, probs = _forward(load_classifier(dev), x, dev)
+    conf, pred = probs.max(1)
+    return pred, conf
+
+
 def reference_statistics(reference: str = "test", device=None) -> tuple[np.ndarray, np.ndarray]:
     """Feature mean and covariance (float64) of a reference split of the real digits; cached per device."""
     if not isinstance(reference, str) or reference not in REFERENCES:

@@ -55,11 +55,17 @@ class Reshaped(nn.Module):
         self.inner_shape = tuple(inner_shape)
         self.out_mult = out_mult
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_classes(self) -> int | None:
+        """The inner network's number of classes (None: unconditional)."""
+        return getattr(self.inner, "num_classes", None)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels=None) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.sample_shape:
             raise DiffusionLabError(f"network expects samples of shape {self.sample_shape}, got {tuple(x.shape[1:])}")
         b = x.shape[0]
-        y = self.inner(x.reshape(b, *self.inner_shape), c_noise)
+        xi = x.reshape(b, *self.inner_shape)
+        y = self.inner(xi, c_noise) if labels is None else self.inner(xi, c_noise, labels)
         return y.reshape(b, self.out_mult * self.sample_shape[0], *self.sample_shape[1:])
 
 

@@ -8,6 +8,12 @@ by the Transformer sinusoids (Vaswani et al. 2017) as in DDPM (Ho et al. 2020) a
     freqs_i = max_period^(-i / half),  i = 0 .. half - 1,    emb = [cos(c * freqs), sin(c * freqs)]
 
 followed by a two-layer MLP (``Linear, SiLU, Linear``), :class:`TimeEmbedding`.
+
+Class-conditional networks (``num_classes = K``) add a learned label embedding to it, as guided-diffusion does
+(Dhariwal & Nichol 2021, sec. 4: ``emb = emb + label_emb(y)``), with one extra row, index ``K``, for "no label":
+the unconditional model that classifier-free guidance needs and that label dropout trains (Ho & Salimans 2022,
+Algorithm 1), :class:`LabelEmbedding`. Such a net is called ``net(x, c_noise, labels)``; ``labels=None`` is the
+no-label index for the whole batch.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from diffusionlab.utils import per_batch
+from diffusionlab.utils import as_labels, per_batch
 from diffusionlab.checks import positive_int, real
 
 
@@ -69,3 +75,43 @@ def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+class LabelEmbedding(nn.Module):
+    """Class labels ``0..K-1`` and the no-label index ``K`` to ``(B, dim)`` vectors (module docstring): an
+    ``nn.Embedding`` of ``K + 1`` rows with torch's default ``N(0, 1)`` initialisation (guided-diffusion's)."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = positive_int("num_classes", num_classes)
+        self.table = nn.Embedding(num_classes + 1, positive_int("embedding dim", dim))
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def forward(self, labels, x: torch.Tensor) -> torch.Tensor:
+        """The embedding of ``labels`` (None: the no-label index) for the batch of ``x``."""
+        if labels is None:
+            idx = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        else:
+            idx = as_labels(labels, x, self.num_classes)
+        return self.table(idx)
+
+
+def conditional_embedding(time_emb: torch.Tensor, label: "LabelEmbedding | None", labels, x: torch.Tensor,
+                          net: str) -> torch.Tensor:
+    """``time_emb + label(labels)`` for a class-conditional net; ``time_emb`` itself for an unconditional one, which
+    refuses labels (``net`` names it in the error)."""
+    if label is None:
+        if labels is not None:
+            from diffusionlab.errors import DiffusionLabError
+
+            raise DiffusionLabError(f"this {net} was built without num_classes and takes no labels")
+        return time_emb
+    return time_emb + label(labels, x).to(time_emb.dtype)
+
+
+def check_num_classes(num_classes) -> int | None:
+    """``num_classes``: None (unconditional) or an integer >= 1."""
+    return None if num_classes is None else positive_int("num_classes", num_classes)

@@ -7,7 +7,8 @@ Input ``Linear(D, hidden)``, then ``depth`` pre-norm residual blocks
 each adding the noise embedding (the DDPM ResBlock pattern of Ho et al. 2020 with linear layers instead of
 convolutions), and an output ``Linear(hidden, out_mult * D)`` after ``SiLU(LayerNorm h)``. The output layer
 and each block's ``W2`` are zero-initialised (improved-diffusion ``zero_module``), so the untrained network
-returns zeros and each block starts as the identity.
+returns zeros and each block starts as the identity. With ``num_classes`` the label embedding
+(:class:`~diffusionlab.models.embedding.LabelEmbedding`) is added to the noise embedding.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from torch.nn import functional as F
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.checks import positive_int
-from diffusionlab.models.embedding import TimeEmbedding, check_c_noise, zero_init
+from diffusionlab.models.embedding import (
+    LabelEmbedding,
+    TimeEmbedding,
+    check_c_noise,
+    check_num_classes,
+    conditional_embedding,
+    zero_init,
+)
 
 
 class ResidualMLPBlock(nn.Module):
@@ -37,9 +45,11 @@ class ResidualMLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """Noise-conditioned residual MLP: ``net(x (B, dim), c_noise (B,)) -> (B, out_mult * dim)``."""
+    """Noise-conditioned residual MLP: ``net(x (B, dim), c_noise (B,), labels=None) -> (B, out_mult * dim)``
+    (``labels`` only with ``num_classes``: class labels ``0..num_classes``, the last one "no label")."""
 
-    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, emb_dim: int = 128, out_mult: int = 1):
+    def __init__(self, dim: int, hidden: int = 256, depth: int = 4, emb_dim: int = 128, out_mult: int = 1,
+                 num_classes: int | None = None):
         super().__init__()
         self.dim = positive_int("dim", dim)
         positive_int("hidden", hidden)
@@ -51,11 +61,14 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(ResidualMLPBlock(hidden, emb_dim) for _ in range(depth))
         self.out_norm = nn.LayerNorm(hidden)
         self.out = zero_init(nn.Linear(hidden, out_mult * dim))
+        # created last, so the other layers draw the same initial weights as the unconditional net's
+        self.num_classes = check_num_classes(num_classes)
+        self.label = None if num_classes is None else LabelEmbedding(num_classes, emb_dim)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels=None) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise DiffusionLabError(f"MLP expects points of shape (B, {self.dim}), got {tuple(x.shape)}")
-        emb = F.silu(self.time(check_c_noise(c_noise, x)))
+        emb = F.silu(conditional_embedding(self.time(check_c_noise(c_noise, x)), self.label, labels, x, "MLP"))
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)

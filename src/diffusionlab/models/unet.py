@@ -14,7 +14,9 @@ A residual block is ``GroupNorm, SiLU, conv3x3, + embedding (or scale-shift: Gro
 SiLU, dropout, conv3x3 (zero-init)`` plus a 1x1 skip conv when the channel count changes. Attention uses
 :func:`torch.nn.functional.scaled_dot_product_attention` and a zero-initialised output projection, so each
 block starts as the identity. GroupNorm uses at most ``groups`` groups, the largest count that divides the
-channels. Inputs in ``torch.channels_last`` memory format work unchanged.
+channels. Inputs in ``torch.channels_last`` memory format work unchanged. With ``num_classes`` a label
+embedding is added to the noise embedding (guided-diffusion's ``label_emb``; index ``num_classes`` = no label), and
+the net is called ``net(x, c_noise, labels)``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from torch.nn import functional as F
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.checks import int_tuple, positive_int, real
-from diffusionlab.models.embedding import TimeEmbedding, check_c_noise, zero_init
+from diffusionlab.models.embedding import (
+    LabelEmbedding,
+    TimeEmbedding,
+    check_c_noise,
+    check_num_classes,
+    conditional_embedding,
+    zero_init,
+)
 
 
 def group_count(channels: int, groups: int) -> int:
@@ -185,7 +194,7 @@ def unet_layout(base_channels: int, mults, num_res_blocks: int, resolutions: lis
 
 
 class UNet(nn.Module):
-    """Noise-conditioned U-Net: ``net(x (B, C, H, W), c_noise (B,)) -> (B, out_mult * C, H, W)``.
+    """Noise-conditioned U-Net: ``net(x (B, C, H, W), c_noise (B,), labels=None) -> (B, out_mult * C, H, W)``.
 
     ``attn_resolutions`` lists the spatial sizes (the height) at which a self-attention block follows each
     residual block; ``None`` means DDPM's choice, 16 when the network visits it. The middle always has one.
@@ -208,6 +217,7 @@ class UNet(nn.Module):
         image_size: int | Sequence[int] = 32,
         scale_shift: bool = True,
         conv_resample: bool = True,
+        num_classes: int | None = None,
     ):
         super().__init__()
         mults = check_unet_options(in_channels, base_channels, channel_mults, num_res_blocks, dropout, groups,
@@ -228,6 +238,9 @@ class UNet(nn.Module):
             seq=lambda layers: EmbSequential(*layers))
         self.out_norm = group_norm(ch, groups)
         self.out = zero_init(conv3x3(ch, out_mult * in_channels))
+        # created last, so the other layers draw the same initial weights as the unconditional net's
+        self.num_classes = check_num_classes(num_classes)
+        self.label = None if num_classes is None else LabelEmbedding(num_classes, emb_dim)
 
     @staticmethod
     def _resolutions(hw: tuple[int, int], levels: int) -> list[int]:
@@ -265,13 +278,13 @@ class UNet(nn.Module):
                     f"{m} * base_channels = {m * base} is not divisible by it"
                 )
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels=None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.image_hw:
             raise DiffusionLabError(
                 f"UNet expects images of shape (B, {self.in_channels}, {self.image_hw[0]}, {self.image_hw[1]}), "
                 f"got {tuple(x.shape)}"
             )
-        emb = F.silu(self.time(check_c_noise(c_noise, x)))
+        emb = F.silu(conditional_embedding(self.time(check_c_noise(c_noise, x)), self.label, labels, x, "UNet"))
         h = self.inp(x)
         skips = [h]
         for layer in self.down:

@@ -15,7 +15,9 @@ after each residual block:
 (the 2-D U-Net's :class:`~diffusionlab.models.unet.AttentionBlock`, per frame) runs at the heights listed in
 ``attn_resolutions`` and in the middle. The noise embedding is the DDPM one
 (:class:`~diffusionlab.models.embedding.TimeEmbedding`), shared by the frames of a video. The output conv is
-zero-initialised, so an untrained network predicts 0 and every temporal layer starts as the identity.
+zero-initialised, so an untrained network predicts 0 and every temporal layer starts as the identity. With
+``num_classes`` a label embedding (one per video, e.g. the moving digit's class) is added to the noise embedding, as in
+the 2-D U-Net.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from torch.nn import functional as F
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.checks import check_keys, positive_int
-from diffusionlab.models.embedding import TimeEmbedding, check_c_noise, zero_init
+from diffusionlab.models.embedding import (
+    LabelEmbedding,
+    TimeEmbedding,
+    check_c_noise,
+    check_num_classes,
+    conditional_embedding,
+    zero_init,
+)
 from diffusionlab.models.unet import (
     ResBlock,
     UNet,
@@ -136,6 +145,7 @@ class VideoUNet(nn.Module):
         conv_resample: bool = True,
         temporal: str = "conv",
         temporal_kernel: int = 3,
+        num_classes: int | None = None,
     ):
         super().__init__()
         mults = check_unet_options(in_channels, base_channels, channel_mults, num_res_blocks, dropout, groups,
@@ -174,8 +184,11 @@ class VideoUNet(nn.Module):
             seq=SpaceTimeSequential, extra=temporal_layers)
         self.out_norm = group_norm(ch, groups)
         self.out = zero_init(conv3x3(ch, out_mult * in_channels))
+        # created last, so the other layers draw the same initial weights as the unconditional net's
+        self.num_classes = check_num_classes(num_classes)
+        self.label = None if num_classes is None else LabelEmbedding(num_classes, emb_dim)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels=None) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != self.in_channels or tuple(x.shape[3:]) != self.image_hw:
             raise DiffusionLabError(
                 f"VideoUNet expects videos of shape (B, {self.in_channels}, F, {self.image_hw[0]}, "
@@ -184,7 +197,7 @@ class VideoUNet(nn.Module):
         frames = x.shape[2]
         if frames > self.frames and any(isinstance(m, TemporalAttention) for m in self.modules()):
             raise DiffusionLabError(f"VideoUNet was built for at most {self.frames} frames, got {frames}")
-        emb = F.silu(self.time(check_c_noise(c_noise, x)))
+        emb = F.silu(conditional_embedding(self.time(check_c_noise(c_noise, x)), self.label, labels, x, "VideoUNet"))
         emb = emb.repeat_interleave(frames, dim=0)  # one embedding per frame, frame index fastest
         h = self.inp(to_frames(x))
         skips = [h]
@@ -199,7 +212,7 @@ class VideoUNet(nn.Module):
 
 #: options of ``{"name": "video_unet", ...}`` (the sizes are inferred from the data)
 VIDEO_UNET_OPTIONS = ("base_channels", "channel_mults", "num_res_blocks", "attn_resolutions", "dropout", "groups",
-                      "num_heads", "scale_shift", "conv_resample", "temporal", "temporal_kernel")
+                      "num_heads", "scale_shift", "conv_resample", "temporal", "temporal_kernel", "num_classes")
 
 
 def build_video_unet(opts: dict, sample_shape: Sequence[int], out_mult: int = 1) -> VideoUNet:

@@ -1,4 +1,5 @@
-"""Training objectives: callables ``obj(model, x0, generator=None) -> (B,)`` per-sample losses (the caller reduces).
+"""Training objectives: callables ``obj(model, x0, generator=None, t=None, noise=None, labels=None) -> (B,)`` per-sample
+losses (the caller reduces); ``labels`` are a class-conditional model's (passed to its evaluation).
 
 Every objective takes the process's noise covariance C (``process.cov``), uses ``cov.mahalanobis`` for every
 ``C^{-1}`` norm (never an explicit inverse) and reduces to the usual loss for ``C = I``:

@@ -1,4 +1,8 @@
-"""What every objective shares: drawing ``t`` and the noise, and the ``x_0`` error of a prediction."""
+"""What every objective shares: drawing ``t`` and the noise, and the ``x_0`` error of a prediction.
+
+Every objective takes ``labels=None``: the class labels of a class-conditional model's batch (``(B,)``, the no-label
+index where label dropout removed them), passed on to the model's evaluation (:func:`label_kwargs`).
+"""
 
 from __future__ import annotations
 
@@ -33,3 +37,9 @@ def noisy_inputs(process, x0: torch.Tensor, generator=None, t=None, noise=None, 
     eps = draw_noise(process, x0, generator) if noise is None else noise
     s, sigma = coeffs_like(process, tb, x0)
     return tb, eps, s * x0 + sigma * eps, s, sigma
+
+
+def label_kwargs(labels) -> dict:
+    """``{"labels": labels}`` for a class-conditional batch, ``{}`` otherwise (a model is then called as it always
+    was, so models that take no labels keep working)."""
+    return {} if labels is None else {"labels": labels}

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.objectives.common import draw_noise
+from diffusionlab.objectives.common import draw_noise, label_kwargs
 from diffusionlab.parametrization import batch_t
 from diffusionlab.utils import bcast, per_sample_dim
 
@@ -105,7 +105,7 @@ class ContinuousDSM:
         return self.process.diffusion_sq(t) / sigma**2
 
     # -- loss -----------------------------------------------------------------------------------------------
-    def loss_at(self, model, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+    def loss_at(self, model, x0: torch.Tensor, t, noise: torch.Tensor, labels=None) -> torch.Tensor:
         """``lambda(t) ||C s_theta(x_t, t) + noise / sigma_t||^2_{C^{-1}} / D`` per sample at given ``t`` and
         ``noise`` (no importance weight)."""
         self.process.cov.check(x0)
@@ -114,19 +114,19 @@ class ContinuousDSM:
         s_b = bcast(s.to(x0.dtype), x0)
         sig_b = bcast(sigma.to(x0.dtype), x0)
         x_t = s_b * x0 + sig_b * noise
-        resid = sig_b * model.c_score(x_t, tb) + noise  # sigma C s_theta + eps = eps - eps_theta
+        resid = sig_b * model.c_score(x_t, tb, **label_kwargs(labels)) + noise  # sigma C s_theta + eps = eps - eps_theta
         w = self.weight_over_sigma2(tb).to(x0.dtype)
         return w * self.process.cov.mahalanobis(resid) / per_sample_dim(x0)
 
     def __call__(self, model, x0: torch.Tensor, generator: torch.Generator | None = None, t=None,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
+                 noise: torch.Tensor | None = None, labels=None) -> torch.Tensor:
         self.process.cov.check(x0)
         if t is None:
             t = self.sample_t(x0.shape[0], generator, x0.device)
         t = batch_t(t, x0).to(_F64)
         if noise is None:
             noise = draw_noise(self.process, x0, generator)
-        loss = self.loss_at(model, x0, t, noise)
+        loss = self.loss_at(model, x0, t, noise, labels)
         iw = self.importance_weight(t)
         return loss if iw is None else iw.to(loss.dtype) * loss
 

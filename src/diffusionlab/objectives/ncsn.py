@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusionlab.objectives.common import noisy_inputs
+from diffusionlab.objectives.common import label_kwargs, noisy_inputs
 from diffusionlab.utils import per_sample_dim
 
 
@@ -29,9 +29,9 @@ class NCSNLoss:
         self.process = process
         self.t_min = float(t_min)
 
-    def __call__(self, model, x0: torch.Tensor, generator=None, t=None, noise=None) -> torch.Tensor:
+    def __call__(self, model, x0: torch.Tensor, generator=None, t=None, noise=None, labels=None) -> torch.Tensor:
         t, eps, x_t, _, sigma = noisy_inputs(self.process, x0, generator, t, noise, self.t_min)
-        pred = model.predict(x_t, t)
+        pred = model.predict(x_t, t, **label_kwargs(labels))
         sigma_c_score = sigma * pred.c_score  # sigma_t C s_theta(x_t) = -eps_theta
         return self.process.cov.mahalanobis(sigma_c_score + eps) / per_sample_dim(x0)
 

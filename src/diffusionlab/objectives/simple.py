@@ -30,7 +30,7 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.covariance import Identity
-from diffusionlab.objectives.common import noisy_inputs, require_chain
+from diffusionlab.objectives.common import label_kwargs, noisy_inputs, require_chain
 from diffusionlab.parametrization import get_parametrization, reverse_variances
 from diffusionlab.utils import per_sample_dim
 
@@ -54,7 +54,8 @@ class SimpleLoss:
     """``L_simple`` with covariance C; call ``(model, x0, generator=None, t=None, noise=None) -> (B,)``.
 
     ``t ~ U{1..T}`` on chains (``t ~ U(t_min, 1)`` on SDEs), ``x_t = s_t x0 + sigma_t eps``, ``eps ~ N(0, C)``.
-    ``t`` and ``noise`` may be passed to fix them. A learned-variance model's variance half is ignored.
+    ``t`` and ``noise`` may be passed to fix them, ``labels`` reach a class-conditional model. A learned-variance
+    model's variance half is ignored.
     """
 
     def __init__(self, process, weighting: str = "simple", gamma: float = 5.0, t_min: float = 1e-5):
@@ -86,9 +87,9 @@ class SimpleLoss:
             self._elbo_w[key] = elbo_weights(self.process, param).to(t.device)
         return self._elbo_w[key][t].to(s.dtype)
 
-    def __call__(self, model, x0: torch.Tensor, generator=None, t=None, noise=None) -> torch.Tensor:
+    def __call__(self, model, x0: torch.Tensor, generator=None, t=None, noise=None, labels=None) -> torch.Tensor:
         t, eps, x_t, s, sigma = noisy_inputs(self.process, x0, generator, t, noise, self.t_min)
-        out, _ = model.split(model(x_t, t))
+        out, _ = model.split(model(x_t, t, **label_kwargs(labels)))
         diff = model.target(x0, eps, t) - out
         if self.weighting == "mse":
             return _IDENTITY.mahalanobis(diff) / per_sample_dim(x0)

@@ -32,7 +32,7 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.gaussian import LOG_2PI, structured_kl, structured_log_prob
-from diffusionlab.objectives.common import noisy_inputs, require_chain
+from diffusionlab.objectives.common import label_kwargs, noisy_inputs, require_chain
 from diffusionlab.parametrization import (
     Prediction,
     batch_t,
@@ -243,9 +243,9 @@ class VLBLoss:
         self.decoder = _check_choice("decoder", decoder, DECODERS)
         self.per_dim = bool(per_dim)
 
-    def __call__(self, model, x0, generator=None, t=None, noise=None) -> torch.Tensor:
+    def __call__(self, model, x0, generator=None, t=None, noise=None, labels=None) -> torch.Tensor:
         t, eps, x_t, _, _ = noisy_inputs(self.process, x0, generator, t, noise)
-        pred = model.predict(x_t, t)
+        pred = model.predict(x_t, t, **label_kwargs(labels))
         loss = self.process.T * vlb_from_prediction(model, pred, x0, eps, t, self.variance, self.decoder)
         loss = loss + self.process.prior_kl(x0)
         return loss / per_sample_dim(x0) if self.per_dim else loss
@@ -273,11 +273,11 @@ class HybridLoss:
         self.lam = lam
         self.decoder = _check_choice("decoder", decoder, DECODERS)
 
-    def __call__(self, model, x0, generator=None, t=None, noise=None) -> torch.Tensor:
+    def __call__(self, model, x0, generator=None, t=None, noise=None, labels=None) -> torch.Tensor:
         if not model.learn_variance:
             raise DiffusionLabError("the hybrid objective needs a model with learn_variance=True")
         t, eps, x_t, _, _ = noisy_inputs(self.process, x0, generator, t, noise)
-        pred = model.predict(x_t, t)
+        pred = model.predict(x_t, t, **label_kwargs(labels))
         d = per_sample_dim(x0)
         simple = self.process.cov.mahalanobis(model.target(x0, eps, t) - pred.out) / d
         vlb = vlb_from_prediction(model, pred, x0, eps, t, "learned", self.decoder, detach_mean=True)

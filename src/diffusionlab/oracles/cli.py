@@ -62,7 +62,8 @@ def register(sub) -> None:
     p = oracle.add_parser("sample", help="sample a Gaussian mixture through its exact model (JSON on stdout)",
                           description=f"Samplers: {names} (options inline: NAME:key=value,...).")
     _common(p, PROCESS_NAMES)
-    p.add_argument("--sampler", required=True, help=f"one of {names}; options inline, e.g. unipc:order=3")
+    p.add_argument("--sampler", default=None,
+                   help=f"one of {names}; options inline, e.g. unipc:order=3 (not with --known: --method samples)")
     p.add_argument("--nfe", type=int, default=None, help="evaluation budget per sample path (not for ode-adaptive)")
     p.add_argument("--num", type=int, default=None, help="number of samples (default 1000, or the rows of --init)")
     p.add_argument("--seed", type=int, default=0)
@@ -70,6 +71,9 @@ def register(sub) -> None:
     p.add_argument("--grid", default="auto", help=f"auto (the sampler's default) or one of {', '.join(GRID_KINDS)}")
     p.add_argument("--eps", type=float, default=None, help="last time of an SDE grid (default: the process's)")
     p.add_argument("--out", required=True, help="output .npy (float64, (N, D) or (N, F, d))")
+    from diffusionlab.conditioning.cli import add_arguments as add_conditioning_arguments
+
+    add_conditioning_arguments(p, oracle=True)  # --class/--guidance (a spec with "classes"), --known/--mask/--method
     p.set_defaults(func=cmd_oracle_sample)
 
     p = oracle.add_parser("example", help="print a mixture spec (JSON) to start from: diffusionlab oracle example > "
@@ -105,6 +109,12 @@ def register(sub) -> None:
                    help="independent problems in the floor check of the best sampler at each budget (0: none)")
     p.add_argument("--json", default=None, help="write every record to this JSON file")
     p.add_argument("--plot", default=None, help="write the coupled-error plot to this PNG")
+    # conditional sampling against exact conditionals (diffusionlab.oracles.conditional_bench)
+    p.add_argument("--mask", default=None, metavar="SPEC",
+                   help="benchmark the conditional methods instead: first:N, last:N, ends:N, alternate or a .npy mask "
+                        "(frames with a spec's frames, else coordinates); --num is then the samples per known row")
+    p.add_argument("--methods", default=None, help="with --mask: conditional methods, options inline (default: all)")
+    p.add_argument("--known-rows", type=int, default=4, help="with --mask: known rows drawn from the data (default 4)")
     p.set_defaults(func=cmd_bench_samplers)
 
 
@@ -210,11 +220,17 @@ def _emit(obj: dict) -> None:
 # ---- oracle sample ------------------------------------------------------------------------------------------------
 def cmd_oracle_sample(args) -> int:
     """Sample with ``--sampler`` within ``--nfe`` evaluations per path; writes ``--out``, prints JSON."""
+    from diffusionlab.conditioning.cli import resolve as resolve_conditioning, run_oracle_sample
     from diffusionlab.oracles.bench import plan
     from diffusionlab.samplers import parse_sampler
 
     from diffusionlab.oracles.bench import _check_budget
 
+    cond = resolve_conditioning(args)  # --class, --guidance, --known, --mask, --method (diffusionlab.conditioning)
+    if cond:
+        return run_oracle_sample(args, cond)
+    if args.sampler is None:
+        raise DiffusionLabError("oracle sample needs --sampler (or --known, --mask and --method)")
     spec, _ = parse_sampler(args.sampler)
     if not spec.adaptive and args.nfe is None:
         raise DiffusionLabError(f"sampler {args.sampler!r} needs --nfe (its evaluation budget per sample path)")
@@ -325,6 +341,14 @@ def cmd_bench_samplers(args) -> int:
         _check_out(args.json, ".json")
     if args.plot is not None:
         _check_out(args.plot, ".png")
+    if args.mask is not None:  # conditional methods against exact conditionals
+        from diffusionlab.oracles.conditional_bench import cmd_bench_conditional
+
+        if args.samplers is not None or args.grids is not None or args.plot is not None:
+            raise DiffusionLabError("--samplers, --grids and --plot apply to the unconditional benchmark, not to --mask")
+        return cmd_bench_conditional(args, _oracle(args))
+    if args.methods is not None:
+        raise DiffusionLabError("--methods needs --mask (the known coordinates)")
     samplers = None if args.samplers is None else [s.strip() for s in args.samplers.split(",")]
     for s in samplers or []:
         parse_sampler(s)  # unknown names and options refused, listing the allowed ones

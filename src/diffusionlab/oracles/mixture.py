@@ -22,7 +22,10 @@ peers' schedulers use). With ``K = 1`` it is :class:`~diffusionlab.oracles.gauss
 
 JSON spec (:meth:`GaussianMixtureOracle.from_spec`, :func:`load_spec`)::
 
-    {"weights": [K], "means": [K][D], "covs": [K][D][D], "frames": F (optional)}
+    {"weights": [K], "means": [K][D], "covs": [K][D][D], "frames": F (optional), "classes": [K] (optional)}
+
+(``classes``, one class per component, is read by the class-conditional oracle of
+:mod:`~diffusionlab.oracles.conditional`; this oracle is the whole mixture.)
 
 weights positive (normalised), covariances symmetric PSD (positive definite wherever the data density or
 ``sigma = 0`` is needed). Process names for specs and the CLI (:func:`make_process`):
@@ -52,7 +55,7 @@ from diffusionlab.oracles.gaussian import dense_noise_covariance
 from diffusionlab.parametrization import DiffusionModel, Prediction, batch_t, coeffs_like
 
 _F64 = torch.float64
-SPEC_KEYS = ("weights", "means", "covs", "frames", "name", "description")
+SPEC_KEYS = ("weights", "means", "covs", "frames", "classes", "name", "description")
 
 
 def make_process(name: str, cov: Covariance | None = None):

@@ -30,9 +30,13 @@ class MemoryBatches:
     def __len__(self) -> int:
         return self.data.shape[0]
 
+    def indices(self, step: int) -> torch.Tensor:
+        """The dataset indices of the rank's slice of the global batch of ``step``."""
+        return step_indices(self.seed, step, self.batch, self.data.shape[0], self.part)
+
     def get(self, step: int) -> torch.Tensor:
         """The rank's slice of the global batch of ``step``."""
-        idx = step_indices(self.seed, step, self.batch, self.data.shape[0], self.part)
+        idx = self.indices(step)
         x = self.data[idx.to(self.data.device, non_blocking=True)]
         if self.flip:
             x = flip_batch(x, flip_mask(self.seed, step, self.batch, self.part))

@@ -70,6 +70,7 @@ TRAIN_SCHEMA = {
     "compile": (bool, lambda v: True, "true or false (torch.compile the network)"),
     "accumulate": (int, lambda v: 1 <= v <= 4096, "an integer in [1, 4096]"),
     "tensorboard": (bool, lambda v: True, "true or false (TensorBoard event files in the run's tensorboard/)"),
+    "p_uncond": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (label dropout, class-conditional nets)"),
 }
 
 
@@ -79,7 +80,8 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3,
                   seed: int = 0, checkpoint_every: int = 1000, keep_checkpoints: int = 2, log_every: int = 50,
                   sample_every: int = 0, device: str = "auto", max_bad_steps: int = 10,
                   threads: int = DEFAULT_THREADS, precision: str = "fp32", channels_last: bool = False,
-                  compile: bool = False, accumulate: int = 1, tensorboard: bool = False) -> dict:
+                  compile: bool = False, accumulate: int = 1, tensorboard: bool = False,
+                  p_uncond: float = 0.0) -> dict:
     """The trainer's options (the ``train:`` section).
 
     Args:
@@ -110,6 +112,8 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3,
             number of processes)
         tensorboard: write TensorBoard event files to the run's tensorboard/ folder besides log.csv (needs the
             tensorboard package: pip install diffusionlab[tensorboard]; without it a warning, and training goes on)
+        p_uncond: label dropout of a class-conditional net (model.num_classes): the probability of training a
+            label as "no label", for classifier-free guidance (Ho & Salimans 2022; 0.1 to 0.2 there)
     """
     opts = dict(locals())
     _check_section("train", opts, TRAIN_SCHEMA)
@@ -129,11 +133,20 @@ SAMPLE_SCHEMA = {
     "grid": (str, lambda v: v in GRID_KINDS, f"one of {', '.join(GRID_KINDS)}"),
     "rho": ((int, float), lambda v: 0 < v < float("inf"), "a number > 0 (the karras grid's exponent)"),
     "num": _POS_INT,
+    # conditioning (diffusionlab.conditioning.cli; flags of the same names override them)
+    "classes": ((int, list), lambda v: True, "a class or a list of classes of a class-conditional model"),
+    "guidance": ((int, float), lambda v: v == v and abs(v) != float("inf"), "a finite number (classifier-free guidance)"),
+    "guidance_interval": (list, lambda v: len(v) == 2, "[lo, hi], the noise levels sigma/s guided"),
+    "known": (str, lambda v: True, "a .npz/.npy file of known values"),
+    "mask": (str, lambda v: True, "a .npz/.npy mask file (1 = known)"),
+    "method": (str, lambda v: True, "a conditional method (replace, repaint, dps, smc; options inline)"),
 }
 
 
 def sample_options(sampler: str = "ddim", num: int = 64, steps: int | None = None, grid: str | None = None,
-                   rho: float | None = None) -> dict:
+                   rho: float | None = None, classes: list | None = None, guidance: float | None = None,
+                   guidance_interval: list | None = None, known: str | None = None, mask: str | None = None,
+                   method: str | None = None) -> dict:
     """The ``sample:`` section's own keys (the sampler's options come besides them).
 
     Args:
@@ -142,6 +155,12 @@ def sample_options(sampler: str = "ddim", num: int = 64, steps: int | None = Non
         steps: sampler steps (default: the sampler's own)
         grid: uniform, trailing, quadratic, logsnr or karras (default: the sampler's own)
         rho: the karras grid's exponent (default 7)
+        classes: class label(s) to sample (class-conditional models; spread over the samples in blocks)
+        guidance: classifier-free guidance weight (1 conditional, 0 unconditional)
+        guidance_interval: [lo, hi]: guide only at noise levels sigma/s in (lo, hi]
+        known: known values (.npz key x, display space) for conditional sampling
+        mask: their mask (.npz key mask, 1 = known)
+        method: the conditional method with known values (replace, repaint, dps, smc; default smc)
     """
     return {k: v for k, v in dict(locals()).items() if v is not None}
 
@@ -168,6 +187,9 @@ def check_sample(section: dict) -> None:
         raise DiffusionLabError(f"sample.sampler must be a sampler name, got {section.get('sampler')!r}")
     spec = get_sampler(section["sampler"])
     _check_section("sample", {k: v for k, v in section.items() if k in SAMPLE_SCHEMA}, SAMPLE_SCHEMA)
+    from diffusionlab.conditioning.cli import check_section as check_conditioning
+
+    check_conditioning(section)  # classes, guidance, known, mask, method (diffusionlab.conditioning.cli)
     for key, value in section.items():
         if key in SAMPLE_SCHEMA:
             continue

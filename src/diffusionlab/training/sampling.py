@@ -11,8 +11,9 @@ from diffusionlab.training.build import build_dataset, build_model, build_proces
 from diffusionlab.io import load_weights
 from diffusionlab.training.config import load_config
 
-#: keys of a ``sample:`` section that are not the sampler's own options
-SAMPLE_KEYS = ("sampler", "steps", "grid", "rho", "num")
+#: keys of a ``sample:`` section that are not the sampler's own options (the last six: conditioning)
+SAMPLE_KEYS = ("sampler", "steps", "grid", "rho", "num", "classes", "guidance", "guidance_interval", "known", "mask",
+               "method")
 
 
 def sampler_options(scfg: dict) -> dict:

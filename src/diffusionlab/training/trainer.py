@@ -35,6 +35,7 @@ from diffusionlab.io import atomic_path, atomic_write_bytes, clean_stale_tempora
 from diffusionlab.training.checkpoint import (CKPT_DIR, checkpoint_name, list_checkpoints, load_latest_checkpoint,
                                               restore_optimizer, restore_rng, save_checkpoint, stale_checkpoint_temp)
 from diffusionlab.training.config import dump
+from diffusionlab.training.labels import batch_labels, training_labels
 from diffusionlab.training.schedule import lr_at  # noqa: F401 (the trainer's schedule; imported from here too)
 
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds", "bad_steps"]
@@ -77,14 +78,15 @@ def _refuse_existing(out: Path) -> None:
         raise DiffusionLabError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
 
 
-def _check_model_takes(model, objective, ds, first: torch.Tensor, device) -> None:
-    """One forward pass of the objective on a few training samples (``first``), so a shape the model cannot take
-    is a clear error before anything is written."""
+def _check_model_takes(model, objective, ds, first: torch.Tensor, device, labels=None) -> None:
+    """One forward pass of the objective on a few training samples (``first``, with their class labels for a
+    class-conditional net), so a shape the model cannot take is a clear error before anything is written."""
     x0 = first.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
+    extra = {} if labels is None else {"labels": labels}  # class labels (training/labels.py)
     try:
         with torch.no_grad():
-            loss = objective(model, x0, generator=gen)
+            loss = objective(model, x0, generator=gen, **extra)
     except DiffusionLabError:
         raise
     except (RuntimeError, ValueError) as e:
@@ -158,8 +160,10 @@ class _LossModule(torch.nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.objective(self.model, x0, t=t, noise=noise)
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels=None) -> torch.Tensor:
+        if labels is None:
+            return self.objective(self.model, x0, t=t, noise=noise)
+        return self.objective(self.model, x0, t=t, noise=noise, labels=labels)  # class-conditional (training/labels.py)
 
 
 def draw_inputs(objective, process, x0: torch.Tensor, generator: torch.Generator):
@@ -214,6 +218,7 @@ class TrainParts:
     batches: object = None  # diffusionlab.training.batches: MemoryBatches or StreamBatches
     scaler: object = None  # torch.amp.GradScaler (fp16)
     accumulate: int = 1
+    labels: torch.Tensor | None = None  # class labels of the data, on the device (training/labels.py)
 
     @property
     def fused(self) -> bool:
@@ -258,7 +263,8 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
     check_sample_section(cfg["sample"], process)  # a bad sample: section fails now, not after training
     model = build_model(cfg, ds.sample_shape, process, device)
     objective = make_objective(dict(cfg["objective"]), process)
-    _check_model_takes(model, objective, ds, first, device)
+    labels = training_labels(ds, model, tcfg, device, streaming=batches.streaming)  # training/labels.py
+    _check_model_takes(model, objective, ds, first, device, None if labels is None else labels[: first.shape[0]])
     memory_format = _memory_format(tcfg, ds)
     model = model.to(memory_format=memory_format)
     if tcfg.get("compile"):
@@ -275,7 +281,7 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
         dist=dist, autocast=autocast(tcfg["precision"], device), mine=mine,
         clip=tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf"), memory_format=memory_format,
         fitted_noise=fitted, batches=batches, scaler=grad_scaler(tcfg["precision"], device),
-        accumulate=tcfg["accumulate"],
+        accumulate=tcfg["accumulate"], labels=labels,
     )
 
 
@@ -312,11 +318,15 @@ def train_step(p: TrainParts, step: int, x0: torch.Tensor | None = None) -> torc
     t, noise = draw_inputs(p.objective, p.process, like, p.generators["noise"])
     x0, noise = x0.contiguous(memory_format=p.memory_format), noise[p.mine].contiguous(memory_format=p.memory_format)
     t = t[p.mine]
+    # the rank's class labels with label dropout drawn for the global batch (training/labels.py); None: unconditional
+    labels = batch_labels(p.labels, p.batches, step, tcfg["p_uncond"], p.model.num_classes, p.generators["noise"],
+                          tcfg["batch_size"], p.mine)
+    extra = () if labels is None else (labels,)
     p.opt.zero_grad(set_to_none=True)
     k = p.accumulate
     if k == 1:
         with p.autocast:
-            loss = p.step_module(x0, t, noise).float().mean()
+            loss = p.step_module(x0, t, noise, *extra).float().mean()
         _backward(p, loss)
         loss = loss.detach()
     else:
@@ -326,7 +336,7 @@ def train_step(p: TrainParts, step: int, x0: torch.Tensor | None = None) -> torc
             sync = j == k - 1 or not hasattr(p.step_module, "no_sync")  # DDP all-reduces once, after the last
             with contextlib.nullcontext() if sync else p.step_module.no_sync():
                 with p.autocast:
-                    part = p.step_module(x0[sl], t[sl], noise[sl]).float().mean()
+                    part = p.step_module(x0[sl], t[sl], noise[sl], *(e[sl] for e in extra)).float().mean()
                 _backward(p, part / k)
             total = total + part.detach()
         loss = total / k

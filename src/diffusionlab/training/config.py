@@ -194,11 +194,12 @@ def _parametrization(section: dict | None) -> dict:
     entry = Entry("parametrization", DiffusionModel, "parametrization", (),
                   {"options_of": DiffusionModel, "inferred": ("net", "process")})
     out = entry.resolve(section or {}, "parametrization")
-    from diffusionlab.parametrization import PARAMETRIZATIONS
+    from diffusionlab.parametrization import PARAMETRIZATIONS, get_parametrization
 
     if out["prediction"] not in PARAMETRIZATIONS:
         raise DiffusionLabError(f"parametrization.prediction must be one of {', '.join(PARAMETRIZATIONS)}, got "
                                 f"{out['prediction']!r}")
+    get_parametrization(out["prediction"], out.get("sigma_data"))  # sigma_data: for edm only, > 0
     return out
 
 

@@ -104,6 +104,9 @@ class Parametrization:
     #: whether :meth:`noise_conditioning` depends on the noise level ``sigma / s`` only (not on the time): then a
     #: network means the same at equal levels of any process (EDM); the time-conditioned ones say False
     conditions_on_level: bool = False
+    #: whether ``x0`` and ``eps`` decode at ``s = 0`` (a zero terminal SNR, Lin et al. 2024): x0 and v do; eps,
+    #: score and EDM (whose level sigma / s is infinite there) do not
+    decodes_at_zero_snr: bool = False
 
     # -- what the network is fed ----------------------------------------------------------------------------
     def input_scale(self, s, sigma):
@@ -188,6 +191,7 @@ class X0Prediction(Parametrization):
     """The net predicts the data ``x0``: ``eps = (x_t - s x0) / sigma``."""
 
     name = "x0"
+    decodes_at_zero_snr = True
 
     def decode(self, out, x_t, s, sigma):
         return (x_t - s * out) / sigma, out
@@ -213,6 +217,7 @@ class VPrediction(Parametrization):
     where ``r = 1``): ``x0 = (s x_t - sigma r v) / r^2``, ``eps = (sigma x_t + s r v) / r^2``."""
 
     name = "v"
+    decodes_at_zero_snr = True
 
     def decode(self, out, x_t, s, sigma):
         r2 = s * s + sigma * sigma
@@ -227,6 +232,9 @@ class VPrediction(Parametrization):
 
     def min_snr_weight(self, snr, gamma):
         return snr.clamp(max=gamma) / (snr + 1.0)
+
+    def posterior_mean(self, x_t, pred, A, B):
+        return A * x_t + B * pred.x0  # x0 decodes without dividing by s: stable at every s, 0 included
 
 
 class EDMPrediction(Parametrization):
@@ -359,6 +367,10 @@ class DiffusionModel(nn.Module):
                  scale_input: bool = True, sigma_data: float | None = None):
         super().__init__()
         self.parametrization = get_parametrization(prediction, sigma_data)
+        if getattr(process, "zero_terminal_snr", False) and not self.parametrization.decodes_at_zero_snr:
+            raise DiffusionLabError(
+                f"prediction {self.parametrization.name!r} cannot decode x_0 at t = T of a zero-terminal-SNR chain "
+                "(s_T = 0, x_T is pure noise): use prediction v or x0 (Lin et al. 2024, sec. 3.2)")
         self.net = net
         self.process = process
         self.learn_variance = bool(learn_variance)

@@ -54,6 +54,15 @@ from diffusionlab.samplers.noise import noise_source
 _F64 = torch.float64
 
 
+def _finite_start(grid, name: str):
+    """``grid`` if its first level ``sig = sigma / s`` is finite; these solvers work in ``y = x / s``, which a
+    zero-terminal-SNR chain's ``t = T`` (``s = 0``) does not have."""
+    if not math.isfinite(grid.sig[0]):
+        raise DiffusionLabError(f"{name} works in y = x / s and cannot start at t = {grid.times[0]}, where s = 0 (zero "
+                                "terminal SNR): start below it (the default grid 'edm', or sig_max), or use ddim / ddpm")
+    return grid
+
+
 def _denoise(model, y: torch.Tensor, s: float, t):
     """``(D, eps_hat)`` at ``x = s y`` and time ``t``: one evaluation."""
     p = model.predict(y * s, t)
@@ -71,7 +80,7 @@ CHURN_OPTIONS = {
 
 def _edm(model, x, grid, noise, progress, s_churn, s_tmin, s_tmax, s_noise, second: bool):
     """Karras et al. 2022 Algorithm 2 (Algorithm 1 when ``s_churn = 0``); Euler only when not ``second``."""
-    grid = as_grid(model.process, grid)
+    grid = _finite_start(as_grid(model.process, grid), "heun" if second else "euler")
     n = grid.steps
     if s_churn > 0 and grid.discrete:
         raise DiffusionLabError("churn (s_churn > 0) needs a continuous SDE: a chain has no times between its steps")
@@ -99,7 +108,7 @@ def _edm(model, x, grid, noise, progress, s_churn, s_tmin, s_tmax, s_noise, seco
 
 @register_sampler("euler", "Euler on dy/dsig = eps_hat (DDIM without churn), with EDM's churn",
                   "Karras et al. 2022, Algorithm 2", options=CHURN_OPTIONS,
-                  stochastic=lambda o: o["s_churn"] > 0, default_grid="karras", default_steps=50)
+                  stochastic=lambda o: o["s_churn"] > 0, default_grid="edm", default_steps=50)
 def edm_euler(model, x: torch.Tensor, grid=None, noise=None, progress: bool = False, s_churn: float = 0.0,
               s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
     """Euler on ``dy/dsig = eps_hat`` (Karras et al. 2022, Algorithm 2 without its correction): one evaluation
@@ -119,7 +128,7 @@ def _heun_budget(budget: int, process, opts) -> int:
 
 
 @register_sampler("heun", "Heun's method on dy/dsig = eps_hat, with EDM's churn", "Karras et al. 2022, Algorithms 1-2",
-                  options=CHURN_OPTIONS, stochastic=lambda o: o["s_churn"] > 0, default_grid="karras",
+                  options=CHURN_OPTIONS, stochastic=lambda o: o["s_churn"] > 0, default_grid="edm",
                   default_steps=18, nfe=_heun_nfe, steps_for_budget=_heun_budget)
 def edm_heun(model, x: torch.Tensor, grid=None, noise=None, progress: bool = False, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
@@ -161,7 +170,7 @@ def _multistep(model, x, grid, progress, order: int, solver_type: str = "midpoin
     """Multistep DPM-Solver++ of ``order`` 1-3 in ``y = x / s`` and ``lambda = -log sig`` (module docstring)."""
     if solver_type not in SOLVER_TYPES:
         raise DiffusionLabError(f"unknown DPM-Solver++ solver_type {solver_type!r}; allowed: {', '.join(SOLVER_TYPES)}")
-    grid = as_grid(model.process, grid)
+    grid = _finite_start(as_grid(model.process, grid), desc)
     model.process.cov.check(x)
     n = grid.steps
     lam = grid.lam
@@ -206,7 +215,7 @@ LOWER_ORDER_FINAL = ("auto", True, False)
                   options={"solver_type": one_of(*SOLVER_TYPES, doc="midpoint (the paper) or heun (diffusers)"),
                            "lower_order_final": one_of(*LOWER_ORDER_FINAL,
                                                        doc="first order on the last step; auto: below 15 steps")},
-                  default_grid="quadratic", default_steps=20)
+                  default_grid="edm", default_steps=20)
 def dpmpp_2m(model, x: torch.Tensor, grid=None, progress: bool = False, solver_type: str = "midpoint",
              lower_order_final="auto") -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in ``y = x / s``, ``h_i = lambda_{i+1} - lambda_i``::
@@ -225,7 +234,7 @@ def dpmpp_2m(model, x: torch.Tensor, grid=None, progress: bool = False, solver_t
                   "Lu et al. 2022, sec. 4 (3M); this module's note on its weights",
                   options={"lower_order_final": one_of(*LOWER_ORDER_FINAL,
                                                        doc="orders 2, 1 on the last two steps; auto: below 15 steps")},
-                  default_grid="quadratic", default_steps=20)
+                  default_grid="edm", default_steps=20)
 def dpmpp_3m(model, x: torch.Tensor, grid=None, progress: bool = False, lower_order_final="auto") -> torch.Tensor:
     """DPM-Solver++(3M): the exact integral of the quadratic through the last three denoised values (module
     docstring), after a first- and a second-order (2M, ``A2`` weight) warm-up step. Third order. With
@@ -302,7 +311,7 @@ def _unipc_update(y_s, m_t, hist, lams, lam_t, sig_ratio, order, corrector: bool
                            "corrector": flag("use the corrector UniC"),
                            "lower_order_final": flag("lower the orders on the last steps (the reference's default)"),
                            "variant": one_of("bh1", "bh2", doc="B(h) = h (bh1) or e^h - 1 (bh2)")},
-                  default_grid="quadratic", default_steps=20)
+                  default_grid="edm", default_steps=20)
 def unipc(model, x: torch.Tensor, grid=None, progress: bool = False, order: int = 2, corrector: bool = True,
           lower_order_final: bool = True, variant: str = "bh2") -> torch.Tensor:
     """UniPC (Zhao et al. 2023), data prediction, in ``y = x / s``: at each grid point the model is evaluated
@@ -315,7 +324,7 @@ def unipc(model, x: torch.Tensor, grid=None, progress: bool = False, order: int 
     order = _check_order(order, (1, 2, 3))
     if variant not in ("bh1", "bh2"):
         raise DiffusionLabError(f"unknown UniPC variant {variant!r}; allowed: bh1, bh2")
-    grid = as_grid(model.process, grid)
+    grid = _finite_start(as_grid(model.process, grid), "unipc")
     model.process.cov.check(x)
     n, lam = grid.steps, grid.lam
     y = x / grid.s[0]

@@ -55,6 +55,10 @@ class TrainedLikeOracle(nn.Module):
         return self.oracle.process
 
     @property
+    def sample_shape(self):
+        return self.oracle.sample_shape
+
+    @property
     def parametrization(self):
         return self.oracle.parametrization
 

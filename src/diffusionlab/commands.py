@@ -241,11 +241,10 @@ def _nfe_line(model, scfg: dict, num: int) -> dict:
     """What the sampling cost: the sampler's evaluations per sample path (by its catalogue entry) and the
     evaluations counted by the model over all batches."""
     from diffusionlab.samplers import get_sampler
-    from diffusionlab.training.sampling import sampler_options
+    from diffusionlab.training.sampling import sampler_options, section_grid
 
     spec = get_sampler(scfg["sampler"])
-    grid = spec.grid(model.process, scfg.get("steps"), scfg.get("grid"),
-                     **({"rho": scfg["rho"]} if "rho" in scfg else {}))
+    grid = section_grid(scfg, model.process)
     return {"steps": grid.steps, "grid": grid.kind, "nfe_per_sample": spec.count(grid, sampler_options(scfg))}
 
 
@@ -264,7 +263,7 @@ def cmd_sample(args) -> int:
     cfg, ds, model = _load_source(args, continuous=_continuous_sampler(args.sampler))
     if out.suffix in (".gif", ".mp4") and ds.kind != "videos":
         raise DiffusionLabError(f"{out.suffix} output is for video runs; this run's samples are {ds.kind}")
-    scfg = sample_section(cfg, args.sampler, args.steps, args.grid, args.set, args.eta)
+    scfg = sample_section(cfg, args.sampler, args.steps, args.grid, args.set, args.eta, run_dir=args.run)
     _check_output_size(out, args.num, ds.sample_shape, ds.kind)
     t0 = time.time()
     chunks = generate_chunks(model, scfg, num=args.num, seed=args.seed, device=next(model.parameters()).device,
@@ -313,7 +312,7 @@ def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str |
                                 f"was trained on {ds.name!r}")
     if num is None:
         num = 1000 if speed is None else VIDEO_NUM
-    scfg = sample_section(cfg, sampler, steps, grid, overrides)
+    scfg = sample_section(cfg, sampler, steps, grid, overrides, run_dir=run)
     t0 = time.time()
     x = generate(model, scfg, num=num, seed=seed, device=next(model.parameters()).device, shape=ds.sample_shape,
                  progress=progress)
@@ -438,6 +437,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _grid_arg(value: str) -> str:
+    """``--grid``: a grid kind, ``fitted`` or ``file:PATH``."""
+    from diffusionlab.training.config import SAMPLE_GRIDS, is_sample_grid
+
+    if not is_sample_grid(value):
+        raise DiffusionLabError(f"--grid must be one of {', '.join(SAMPLE_GRIDS)}, got {value!r}")
+    return value
+
+
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -477,7 +485,9 @@ def register(sub) -> None:
     _add_diffusers_args(p)
     p.add_argument("--sampler", default=None, help=f"sampler (default: the run's): {names}")
     p.add_argument("--steps", type=int, default=None, help="number of sampler steps (default: the sampler's)")
-    p.add_argument("--grid", default=None, choices=GRID_KINDS, help="time grid (default: the sampler's)")
+    p.add_argument("--grid", default=None, type=_grid_arg, metavar="GRID",
+                   help=f"time grid: {', '.join(GRID_KINDS)}, fitted (the run's, from fit-grid) or file:PATH "
+                        "(default: the sampler's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler option, e.g. eta=0.5 (refused if the sampler has no such option)")
     p.add_argument("--eta", type=float, default=None, help="shortcut for --set eta=VALUE (ddim)")
@@ -509,7 +519,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=_seed_arg, default=0)
     p.add_argument("--sampler", default=None, help=f"digits: sampler (default: the run's): {names}")
     p.add_argument("--steps", type=int, default=None, help="digits: sampler steps (default: the sampler's)")
-    p.add_argument("--grid", default=None, choices=GRID_KINDS, help="digits: time grid (default: the sampler's)")
+    p.add_argument("--grid", default=None, type=_grid_arg, metavar="GRID",
+                   help="digits: time grid, as for sample (default: the sampler's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="digits: a sampler option")
     p.add_argument("--batch-size", type=int, default=None, help="nll, elbo: points per batch (default 128)")
     p.add_argument("--divergence", default="exact", choices=("exact", "hutchinson"),
@@ -539,3 +550,6 @@ def register(sub) -> None:
 
     register_oracles(sub)  # oracle sample | oracle nll, bench samplers
     register_experiments(sub)  # experiment noise-prior
+    from diffusionlab.commands_fewstep import register as register_fewstep
+
+    register_fewstep(sub)  # fit-grid, distill

@@ -82,6 +82,8 @@ class TimeGrid:
     def _checked(process, times) -> torch.Tensor:
         try:
             t = torch.as_tensor(times).detach().cpu().reshape(-1)
+            if not torch.is_tensor(times) and t.dtype.is_floating_point:
+                t = torch.as_tensor(times, dtype=_F64).reshape(-1)  # Python floats keep all their digits
         except (TypeError, ValueError, RuntimeError):
             raise DiffusionLabError(f"a time grid must be a sequence of numbers, got {times!r}") from None
         if t.dtype == torch.bool or t.numel() < 1:
@@ -228,7 +230,8 @@ def make_grid(process, steps: int | None = None, kind: str = "uniform", rho: flo
 
     ``steps``: None means every step of a chain, :data:`DEFAULT_SDE_STEPS` on an SDE. ``eps``: an SDE grid's last
     time (default ``process.default_eps``; chains end at the data). ``rho``: EDM's exponent (``karras``).
-    ``sig_max``: start at the (nearest) time whose EDM level ``sigma / s`` is ``sig_max`` rather than at ``T``.
+    ``sig_max``: start at the (nearest) time whose EDM level ``sigma / s`` is ``sig_max`` rather than at ``T`` (a
+    level at or above the process's top, ``inf`` included, starts at ``T``; ``edm`` without it: 80).
     """
     if kind not in GRID_KINDS:
         raise DiffusionLabError(f"unknown time grid {kind!r}; allowed: {', '.join(GRID_KINDS)}")
@@ -239,17 +242,17 @@ def make_grid(process, steps: int | None = None, kind: str = "uniform", rho: flo
     if not rho > 0 or math.isinf(rho):
         raise DiffusionLabError(f"karras grid needs rho > 0, got {rho!r}")
     if kind == "edm":  # karras from EDM's sig_max, where the process reaches above it
-        if sig_max is None and top_level(process) > EDM_SIG_MAX:
-            sig_max = EDM_SIG_MAX
-        return _relabel(make_grid(process, steps, "karras", rho, eps, sig_max), "edm")
+        return _relabel(make_grid(process, steps, "karras", rho, eps, EDM_SIG_MAX if sig_max is None else sig_max),
+                        "edm")
     start_t = None
     if sig_max is not None:
         try:
             sig_max = float(sig_max)
         except (TypeError, ValueError):
             raise DiffusionLabError(f"sig_max must be a positive number, got {sig_max!r}") from None
-        if not (sig_max > 0 and math.isfinite(sig_max)):
+        if not sig_max > 0:
             raise DiffusionLabError(f"sig_max must be a positive number, got {sig_max!r}")
+    if sig_max is not None and sig_max < top_level(process):  # at or above the top: start at T
         start_t = process.time_at_edm_sigma(torch.tensor(sig_max, dtype=_F64))
     if process.discrete:
         if eps is not None:

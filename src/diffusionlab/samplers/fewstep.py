@@ -45,7 +45,7 @@ import math
 import torch
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.processes.grid import as_grid
+from diffusionlab.processes.grid import EDM_SIG_MAX, as_grid
 from diffusionlab.progress import progress as progress_display
 from diffusionlab.samplers.ancestral import ddim_update
 from diffusionlab.samplers.catalogue import flag, integer, number, one_of, register_sampler
@@ -67,6 +67,12 @@ def _denoise(model, y: torch.Tensor, s: float, t):
     """``(D, eps_hat)`` at ``x = s y`` and time ``t``: one evaluation."""
     p = model.predict(y * s, t)
     return p.x0, p.eps
+
+
+# ---- default grids ----------------------------------------------------------------------------------------------
+#: the start level of the solvers that a trained network's error at high noise hurts most: first-order Euler and the
+#: quadratic extrapolation of DPM-Solver++(3M) (module docstring, "Default grids")
+LOW_START = 10.0
 
 
 # ---- EDM Euler / Heun -----------------------------------------------------------------------------------------
@@ -108,7 +114,8 @@ def _edm(model, x, grid, noise, progress, s_churn, s_tmin, s_tmax, s_noise, seco
 
 @register_sampler("euler", "Euler on dy/dsig = eps_hat (DDIM without churn), with EDM's churn",
                   "Karras et al. 2022, Algorithm 2", options=CHURN_OPTIONS,
-                  stochastic=lambda o: o["s_churn"] > 0, default_grid="edm", default_steps=50)
+                  stochastic=lambda o: o["s_churn"] > 0, default_grid="edm", default_steps=50,
+                  default_sig_max=LOW_START)
 def edm_euler(model, x: torch.Tensor, grid=None, noise=None, progress: bool = False, s_churn: float = 0.0,
               s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
     """Euler on ``dy/dsig = eps_hat`` (Karras et al. 2022, Algorithm 2 without its correction): one evaluation
@@ -129,7 +136,7 @@ def _heun_budget(budget: int, process, opts) -> int:
 
 @register_sampler("heun", "Heun's method on dy/dsig = eps_hat, with EDM's churn", "Karras et al. 2022, Algorithms 1-2",
                   options=CHURN_OPTIONS, stochastic=lambda o: o["s_churn"] > 0, default_grid="edm",
-                  default_steps=18, nfe=_heun_nfe, steps_for_budget=_heun_budget)
+                  default_steps=18, default_sig_max=EDM_SIG_MAX, nfe=_heun_nfe, steps_for_budget=_heun_budget)
 def edm_heun(model, x: torch.Tensor, grid=None, noise=None, progress: bool = False, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
     """Heun's method on ``dy/dsig = eps_hat`` (Karras et al. 2022, Algorithms 1-2), second order.
@@ -215,7 +222,7 @@ LOWER_ORDER_FINAL = ("auto", True, False)
                   options={"solver_type": one_of(*SOLVER_TYPES, doc="midpoint (the paper) or heun (diffusers)"),
                            "lower_order_final": one_of(*LOWER_ORDER_FINAL,
                                                        doc="first order on the last step; auto: below 15 steps")},
-                  default_grid="edm", default_steps=20)
+                  default_grid="edm", default_steps=20, default_sig_max=EDM_SIG_MAX)
 def dpmpp_2m(model, x: torch.Tensor, grid=None, progress: bool = False, solver_type: str = "midpoint",
              lower_order_final="auto") -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in ``y = x / s``, ``h_i = lambda_{i+1} - lambda_i``::
@@ -234,7 +241,7 @@ def dpmpp_2m(model, x: torch.Tensor, grid=None, progress: bool = False, solver_t
                   "Lu et al. 2022, sec. 4 (3M); this module's note on its weights",
                   options={"lower_order_final": one_of(*LOWER_ORDER_FINAL,
                                                        doc="orders 2, 1 on the last two steps; auto: below 15 steps")},
-                  default_grid="edm", default_steps=20)
+                  default_grid="logsnr", default_steps=20, default_sig_max=LOW_START)
 def dpmpp_3m(model, x: torch.Tensor, grid=None, progress: bool = False, lower_order_final="auto") -> torch.Tensor:
     """DPM-Solver++(3M): the exact integral of the quadratic through the last three denoised values (module
     docstring), after a first- and a second-order (2M, ``A2`` weight) warm-up step. Third order. With
@@ -311,7 +318,7 @@ def _unipc_update(y_s, m_t, hist, lams, lam_t, sig_ratio, order, corrector: bool
                            "corrector": flag("use the corrector UniC"),
                            "lower_order_final": flag("lower the orders on the last steps (the reference's default)"),
                            "variant": one_of("bh1", "bh2", doc="B(h) = h (bh1) or e^h - 1 (bh2)")},
-                  default_grid="edm", default_steps=20)
+                  default_grid="edm", default_steps=20, default_sig_max=EDM_SIG_MAX)
 def unipc(model, x: torch.Tensor, grid=None, progress: bool = False, order: int = 2, corrector: bool = True,
           lower_order_final: bool = True, variant: str = "bh2") -> torch.Tensor:
     """UniPC (Zhao et al. 2023), data prediction, in ``y = x / s``: at each grid point the model is evaluated

@@ -69,6 +69,21 @@ def _add_grid_args(p) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a sampler option")
 
 
+# -- distill ------------------------------------------------------------------------------------------------
+def cmd_distill(args) -> int:
+    """Progressive distillation of ``--run`` into a new run ``--out`` that samples in ``--steps`` DDIM steps
+    (:mod:`diffusionlab.training.distill`)."""
+    from diffusionlab.training.distill import distill_run
+
+    summary = distill_run(args.run, args.out, steps=args.steps, start_steps=args.start_steps, kind=args.grid,
+                          iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                          ema_decay=args.ema_decay, seed=args.seed, teacher_solver=args.teacher_solver,
+                          teacher_substeps=args.teacher_substeps, prediction=args.prediction, device=args.device,
+                          threads=args.threads, log=(lambda m: None) if args.quiet else _stderr)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("fit-grid", help="fit a sampler's time grid to a run's model (saved with the run)",
                        description="Moves the interior points of a deterministic sampler's grid to minimise the "
@@ -87,5 +102,37 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_fit_grid)
 
+    from diffusionlab.parametrization import PREDICTIONS
+    from diffusionlab.processes.grid import GRID_KINDS
+    from diffusionlab.training.distill import TEACHER_SOLVERS
 
-__all__ = ["register", "cmd_fit_grid"]
+    p = sub.add_parser("distill", help="distil a run into one that samples in a few DDIM steps",
+                       description="Progressive distillation (Salimans & Ho 2022): each round trains a student whose "
+                                   "one DDIM step matches two of its teacher's, halving the steps from --start-steps "
+                                   "to --steps; the student is a run (sample --run DIR samples in --steps "
+                                   "evaluations), each round's student under DIR/rounds/<N>-steps.")
+    p.add_argument("--run", required=True, help="the teacher run")
+    p.add_argument("--out", required=True, help="the student's run directory (new)")
+    p.add_argument("--steps", type=int, default=4, help="the student's DDIM steps (default 4)")
+    p.add_argument("--start-steps", type=int, default=None,
+                   help="the first teacher grid's steps: --steps times a power of 2 (default 2 x --steps: one round)")
+    p.add_argument("--grid", default=None, choices=GRID_KINDS, help="the first teacher grid's kind (default edm)")
+    p.add_argument("--iterations", type=int, default=500, help="optimizer steps per round (default 500)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4)")
+    p.add_argument("--warmup", type=int, default=50, help="warm-up steps of each round (default 50)")
+    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA of the student's weights (default 0.995)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-solver", default="heun", choices=TEACHER_SOLVERS,
+                   help="the first round's teacher solve of each interval (default heun; ddim with 2 sub-steps is "
+                        "Salimans & Ho's)")
+    p.add_argument("--teacher-substeps", type=int, default=2, help="its sub-steps per student step (default 2)")
+    p.add_argument("--prediction", default=None, choices=PREDICTIONS,
+                   help="the student's parametrization (default the teacher's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_distill)
+
+
+__all__ = ["register", "cmd_fit_grid", "cmd_distill"]

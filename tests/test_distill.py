@@ -42,6 +42,7 @@ def _teacher(process):
                           process)
 
 
+@torch.no_grad()
 def _ddim(model, x, grid):
     return get_sampler("ddim").run(model, x, grid)
 
@@ -150,3 +151,24 @@ def test_cli_distill_writes_a_run_that_samples_in_its_steps(tmp_path, capsys):
     assert main(["distill", "--run", str(teacher), "--out", str(tmp_path / "s2"), "--steps", "3",
                  "--start-steps", "9", "--quiet"]) == 2
     assert "times a power of 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["vp", "vp-sde"])
+def test_batched_teacher_interval_equals_the_per_interval_solve(name):
+    """The first round's teacher, batched over samples of different intervals (per-sample times), equals
+    solve_points run interval by interval (the same operations per sample: a few ulps)."""
+    from diffusionlab.training.distill import teacher_interval, teacher_table
+
+    process = make_process(name, **({"schedule": "cosine"} if name == "vp" else {}))
+    teacher = _teacher(process)
+    grid = make_grid(process, 4, "edm")
+    table = teacher_table(grid, 3)
+    g = torch.Generator().manual_seed(4)
+    i = torch.tensor([0, 3, 1, 2, 3, 0, 2, 1])
+    z = torch.randn(8, 3, generator=g, dtype=F64) * torch.tensor(grid.sigma, dtype=F64)[i, None]
+    for solver in ("heun", "ddim"):
+        batched = teacher_interval(teacher, z, table, i, solver)
+        for k in range(4):
+            rows = i == k
+            one = solve_points(teacher, z[rows], teacher_points(process, grid.times[k], grid.times[k + 1], 3), solver)
+            torch.testing.assert_close(batched[rows], one, rtol=1e-12, atol=1e-12)

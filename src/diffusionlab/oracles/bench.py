@@ -42,7 +42,7 @@ import torch
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.oracles.mixture import GaussianMixtureOracle, load_spec
 from diffusionlab.odeint import solve
-from diffusionlab.processes.grid import GRID_KINDS, make_grid
+from diffusionlab.processes.grid import GRID_KINDS, TimeGrid, make_grid
 from diffusionlab.samplers import NoiseSource, parse_sampler, sampler_names
 from diffusionlab.utils import mean_and_stderr
 
@@ -209,10 +209,16 @@ def plan(name: str, process, budget: int | None, grid: str | None = None, eps: f
     """The :class:`Plan` of sampler ``name`` on ``process`` within ``budget`` evaluations per sample path
     (module docstring); ``grid`` one of :data:`~diffusionlab.processes.grid.GRID_KINDS` (started at ``T``; ``edm``
     at 80), or None, ``auto`` or ``default``: the sampler's default grid with its start level (recorded as the
-    kind, or as ``default`` for ``default``); ``eps`` the last time of an SDE grid (default: the process's);
+    kind, or as ``default`` for ``default``), or a :class:`~diffusionlab.processes.grid.TimeGrid` (e.g. a fitted
+    one, :mod:`diffusionlab.samplers.fitgrid`: run as is, recorded by its kind); ``eps`` the last time of an SDE grid (default: the process's);
     ``generator`` seeds stochastic samplers."""
     spec, options = parse_sampler(name)
     spec.check_process(process)
+    if isinstance(grid, TimeGrid):  # an explicit grid (a fitted one): its own steps
+        deterministic = not spec.is_stochastic(options)
+        return Plan(name, spec, grid.kind, grid.steps, grid, options, spec.count(grid, options), deterministic,
+                    None if deterministic else NoiseSource(process.cov, generator), sig_end=grid.sig[-1],
+                    sig_start=grid.sig[0], s_start=grid.s[0], s_end=grid.s[-1])
     default = grid in (None, "auto", "default")  # the sampler's own grid: its kind and its start level
     kind = spec.default_grid if default else grid
     if kind not in GRID_KINDS:
@@ -365,6 +371,7 @@ def floor_check(oracle: GaussianMixtureOracle, name: str, budget: int, grid: str
     for SW2 and weight error, ``within`` (both ``z < 2``) and the values per seed (``per_seed``). ``runner(problem)
     -> record`` runs something else than this library's ``name`` (a peer) on each problem."""
     sw, fl, we, wf = [], [], [], []
+    label = grid.kind if isinstance(grid, TimeGrid) else (grid or parse_sampler(name)[0].default_grid)
     for seed in seeds:
         pb = Problem(oracle, num=num, seed=seed, projections=projections, repeats=repeats, coupled=False)
         if runner is not None:
@@ -384,7 +391,7 @@ def floor_check(oracle: GaussianMixtureOracle, name: str, budget: int, grid: str
 
     m, se, f, fse, z = stats(sw, fl)
     wm, wse, wfm, wfse, wz = stats(we, wf)
-    return {"sampler": name, "budget": budget, "grid": grid or parse_sampler(name)[0].default_grid, "seeds": n, "num": num,
+    return {"sampler": name, "budget": budget, "grid": label, "seeds": n, "num": num,
             "sw2_mean": m, "sw2_se": se, "sw2_floor_mean": f, "sw2_floor_se": fse, "sw2_z": z,
             "weight_mean": wm, "weight_se": wse, "weight_floor_mean": wfm, "weight_floor_se": wfse, "weight_z": wz,
             "within": bool(z < 2 and wz < 2), "per_seed": {"sw2": sw, "sw2_floor": fl, "weight": we, "weight_floor": wf}}

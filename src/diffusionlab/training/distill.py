@@ -135,16 +135,40 @@ def ddim_two_steps(teacher, z: torch.Tensor, teacher_grid: TimeGrid, i2: torch.T
     return z
 
 
-def teacher_interval(teacher, z: torch.Tensor, grid: TimeGrid, i: torch.Tensor, solver: str,
-                     substeps: int) -> torch.Tensor:
-    """The teacher's solve of each sample's student interval ``p_i -> p_{i+1}`` on ``substeps`` sub-steps of
-    ``solver`` (:func:`solve_points`; samples grouped by interval)."""
-    out = torch.empty_like(z)
-    for k in torch.unique(i).tolist():
-        rows = (i == k).nonzero().reshape(-1)
+def teacher_table(grid: TimeGrid, substeps: int) -> torch.Tensor:
+    """``(N, substeps + 1)`` float64 times: row ``k`` the teacher's points from ``p_k`` to ``p_{k+1}``
+    (:func:`teacher_points`), padded by repeating ``p_{k+1}`` where a chain's interval holds fewer steps (a
+    zero-length step changes nothing)."""
+    rows = []
+    for k in range(grid.steps):
         pts = teacher_points(grid.process, grid.times[k], grid.times[k + 1], substeps)
-        out[rows] = solve_points(teacher, z[rows], pts, solver)
-    return out
+        rows.append([float(v) for v in pts] + [float(pts[-1])] * (substeps + 1 - len(pts)))
+    return torch.tensor(rows, dtype=_F64)
+
+
+@torch.no_grad()
+def teacher_interval(teacher, z: torch.Tensor, table: torch.Tensor, i: torch.Tensor, solver: str) -> torch.Tensor:
+    """The teacher's solve of each sample's student interval ``p_i -> p_{i+1}`` through the points of row ``i`` of
+    ``table`` (:func:`teacher_table`), batched: DDIM steps, or Heun's (Karras et al. 2022, Algorithm 1; Euler on a
+    step to the data, none on a zero-length one)."""
+    process = teacher.process
+    pts = table[i.cpu()]  # (B, K + 1)
+    for k in range(pts.shape[1] - 1):
+        ta, tb = pts[:, k], pts[:, k + 1]
+        ta_m = (ta.long() if process.discrete else ta).to(z.device)
+        tb_m = (tb.long() if process.discrete else tb).to(z.device)
+        sa, siga = process.coeffs_like(ta_m, z)
+        sb, sigb = process.coeffs_like(tb_m, z)
+        p = teacher.predict(z, ta_m)
+        z_next = sb * p.x0 + sigb * p.eps  # DDIM, eta = 0: Euler in y = x / s
+        if solver == "heun":
+            moving = (sigb.reshape(-1) > 0) & (tb != ta).to(z.device)
+            if bool(moving.any()):
+                p2 = teacher.predict(z_next, tb_m)
+                heun = sb * (z / sa + (sigb / sb - siga / sa) * 0.5 * (p.eps + p2.eps))
+                z_next = torch.where(bcast(moving, z), heun, z_next)
+        z = torch.where(bcast((tb != ta).to(z.device), z), z_next, z)
+    return z
 
 
 def ddim_target(z: torch.Tensor, z2: torch.Tensor, grid: TimeGrid, i: torch.Tensor) -> torch.Tensor:
@@ -212,6 +236,7 @@ def distill_model(teacher, student, data: torch.Tensor, start: TimeGrid, rounds:
         ema = EMA(student, ema_decay)
         rec = DistillRound(grid.steps, grid)
         first = r == 1 and not (teacher_solver == "ddim" and teacher_substeps == 2)
+        table = teacher_table(grid, teacher_substeps) if first else None
         student.train()
         for it in range(iterations):
             for g in opt.param_groups:
@@ -223,7 +248,7 @@ def distill_model(teacher, student, data: torch.Tensor, start: TimeGrid, rounds:
             s, sig = _coeffs(grid, i, x0)
             z = s * x0 + sig * eps
             if first:
-                z2 = teacher_interval(current_teacher, z, grid, i, teacher_solver, teacher_substeps)
+                z2 = teacher_interval(current_teacher, z, table, i, teacher_solver)
             else:
                 z2 = ddim_two_steps(current_teacher, z, teacher_grid, 2 * i)
             x_t = ddim_target(z, z2, grid, i)
@@ -330,4 +355,4 @@ def distill_run(teacher_run, out_dir, steps: int = 4, start_steps: int | None = 
 
 
 __all__ = ["distill_model", "distill_run", "nested_grids", "teacher_points", "solve_points", "ddim_target",
-           "distill_loss", "ddim_two_steps", "teacher_interval", "DistillRound", "TEACHER_SOLVERS"]
+           "distill_loss", "ddim_two_steps", "teacher_interval", "teacher_table", "DistillRound", "TEACHER_SOLVERS"]

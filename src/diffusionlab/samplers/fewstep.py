@@ -33,6 +33,18 @@ DPM-Solver++(3M) here integrates the quadratic through the last three denoised v
 is not exact for a quadratic ``D`` and leaves a local error ``h^3 D'' / 12`` (second order overall); the tests
 check third order here.
 
+Default grids (right for trained networks; ``SamplerSpec.default_grid`` / ``default_sig_max``): a data-prediction
+solver turns a network's eps error ``delta`` at level ``sig`` into an x0 error ``sig * delta``, and its first step
+carries it to the next level relative to that level's noise as ``(sig_0 / sig_1) delta``. Started where the
+cosine chain starts (``sigma_T / s_T = 2e4``) on a quadratic grid (``sig_1 = 2.9``) that is ``7000 delta``: FD 27
+on the digits U-Net, whose ``delta`` is 0.02 (pure noise is 34). So Heun, DPM-Solver++(2M) and UniPC start at EDM's
+``sig = 80`` on EDM's rho = 7 grid (``edm``), and the two that the error hurts most start lower, at ``sig = 10``
+(:data:`LOW_START`): first-order Euler on that grid, and DPM-Solver++(3M), whose quadratic extrapolation through
+three denoised values amplifies their errors on the uneven Karras steps, on the log-SNR grid. Measured on the
+digits run (configs/digits.yaml, 10 steps, FD of 1000 samples, seeds 0-2): DDIM with clipping 2.97; Euler 2.66,
+Heun 1.70 (19 NFE), DPM-Solver++(2M) 1.73, DPM-Solver++(3M) 1.97, UniPC 1.77 (docs/benchmarks.md). A ``sig_max`` (the
+``sample:`` section's, ``inf`` for ``T``) or an explicit grid overrides them.
+
 NFE: one evaluation per step for Euler, DPM-Solver++ and UniPC; two for Heun, one on a last step to ``sig = 0``
 (then Euler, as in EDM); churn adds none. On a step to ``sig = 0`` (a chain's last step to the data, or VP at
 ``t = 0``) every solver returns the denoised value (first order), as the reference codes do.

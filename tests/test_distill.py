@@ -51,9 +51,9 @@ def _ddim(model, x, grid):
                                                   ("ve-sde", {"sigma_min": 0.002, "sigma_max": 80.0}, "edm")])
 def test_distilled_student_matches_its_teachers_steps(name, opts, prediction):
     """Two rounds from the teacher's 8-step DDIM grid: the 2-step student's DDIM output matches the teacher's 8
-    DDIM steps from the same starts within 1% of the output's spread (the student is exact at its optimum; 1%
-    leaves room for 400 AdamW steps per round on a convex quadratic), and the 4-step student of the first round
-    matches them too."""
+    DDIM steps from the same starts within 0.1% of the output's spread (the student is exact at its optimum;
+    measured 1e-5 to 6e-5 after 200 AdamW steps per round on this convex quadratic), and the 4-step student of the
+    first round matches them too."""
     process = make_process(name, **opts)
     teacher = _teacher(process)
     start = make_grid(process, 8, "edm")
@@ -63,7 +63,7 @@ def test_distilled_student_matches_its_teachers_steps(name, opts, prediction):
     student = DiffusionModel(LevelAffineNet(levels, 3), process, prediction=prediction)
     data = teacher.sample_data(4000, torch.Generator().manual_seed(1))
     saved = {}
-    rounds = distill_model(teacher, student, data, start, rounds=2, iterations=400, batch_size=256, lr=0.02,
+    rounds = distill_model(teacher, student, data, start, rounds=2, iterations=200, batch_size=256, lr=0.02,
                            warmup=10, ema_decay=0.9, seed=0,
                            on_round=lambda r, m, rec: saved.__setitem__(rec.steps, {k: v.clone() for k, v in m.state_dict().items()}))
     assert [r.steps for r in rounds] == [4, 2]
@@ -71,10 +71,10 @@ def test_distilled_student_matches_its_teachers_steps(name, opts, prediction):
     ref = _ddim(teacher, x, start)
     spread = float(ref.std())
     final = _ddim(student, x, rounds[-1].grid)
-    assert float((final - ref).square().mean().sqrt()) < 0.01 * spread
+    assert float((final - ref).square().mean().sqrt()) < 1e-3 * spread
     student.load_state_dict(saved[4])
     four = _ddim(student, x, rounds[0].grid)
-    assert float((four - ref).square().mean().sqrt()) < 0.01 * spread
+    assert float((four - ref).square().mean().sqrt()) < 1e-3 * spread
 
 
 def test_ddim_target_inverts_the_ddim_step():

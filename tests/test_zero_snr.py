@@ -83,7 +83,7 @@ def test_samplers_from_pure_noise_reach_the_data(name, grid):
 def test_solvers_in_y_refuse_a_start_at_zero_snr_and_grids_skip_the_infinite_level():
     oracle = _oracle()
     with pytest.raises(DiffusionLabError, match="cannot start at t = 200, where s = 0"):
-        get_sampler("dpmpp-2m").run(oracle, torch.randn(2, 3, dtype=F64), 10, kind="uniform")
+        get_sampler("dpmpp-2m").run(oracle, torch.randn(2, 3, dtype=F64), make_grid(oracle.process, 10, "uniform"))
     for kind in ("logsnr", "karras"):
         g = make_grid(oracle.process, 10, kind)
         assert g.times[0] == oracle.process.T - 1 and all(np.isfinite(g.sig))

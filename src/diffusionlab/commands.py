@@ -442,7 +442,9 @@ def _grid_arg(value: str) -> str:
     from diffusionlab.training.config import SAMPLE_GRIDS, is_sample_grid
 
     if not is_sample_grid(value):
-        raise DiffusionLabError(f"--grid must be one of {', '.join(SAMPLE_GRIDS)}, got {value!r}")
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(SAMPLE_GRIDS)}, got {value!r}")
     return value
 
 

@@ -437,17 +437,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _grid_arg(value: str) -> str:
-    """``--grid``: a grid kind, ``fitted`` or ``file:PATH``."""
-    from diffusionlab.training.config import SAMPLE_GRIDS, is_sample_grid
-
-    if not is_sample_grid(value):
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(SAMPLE_GRIDS)}, got {value!r}")
-    return value
-
-
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -462,6 +451,7 @@ def _add_diffusers_args(p) -> None:
 
 def register(sub) -> None:
     from diffusionlab.experiments import register as register_experiments
+    from diffusionlab.training.config import grid_argument
     from diffusionlab.oracles.cli import register as register_oracles
 
     p = sub.add_parser("train", help="train a model from a YAML config")
@@ -487,7 +477,7 @@ def register(sub) -> None:
     _add_diffusers_args(p)
     p.add_argument("--sampler", default=None, help=f"sampler (default: the run's): {names}")
     p.add_argument("--steps", type=int, default=None, help="number of sampler steps (default: the sampler's)")
-    p.add_argument("--grid", default=None, type=_grid_arg, metavar="GRID",
+    p.add_argument("--grid", default=None, type=grid_argument, metavar="GRID",
                    help=f"time grid: {', '.join(GRID_KINDS)}, fitted (the run's, from fit-grid) or file:PATH "
                         "(default: the sampler's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -521,7 +511,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=_seed_arg, default=0)
     p.add_argument("--sampler", default=None, help=f"digits: sampler (default: the run's): {names}")
     p.add_argument("--steps", type=int, default=None, help="digits: sampler steps (default: the sampler's)")
-    p.add_argument("--grid", default=None, type=_grid_arg, metavar="GRID",
+    p.add_argument("--grid", default=None, type=grid_argument, metavar="GRID",
                    help="digits: time grid, as for sample (default: the sampler's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="digits: a sampler option")
     p.add_argument("--batch-size", type=int, default=None, help="nll, elbo: points per batch (default 128)")

@@ -60,11 +60,11 @@ def _make_default(run: str, cfg: dict, result) -> None:
 
 
 def _add_grid_args(p) -> None:
-    from diffusionlab.commands import _grid_arg
+    from diffusionlab.training.config import grid_argument
 
     p.add_argument("--sampler", default=None, help="deterministic sampler (default: the run's)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's or the sampler's)")
-    p.add_argument("--grid", default=None, type=_grid_arg, metavar="GRID",
+    p.add_argument("--grid", default=None, type=grid_argument, metavar="GRID",
                    help="the starting grid (default: the sampler's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a sampler option")
 

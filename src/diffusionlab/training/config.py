@@ -113,6 +113,15 @@ def is_sample_grid(v) -> bool:
     return v in GRID_KINDS or v == "fitted" or (isinstance(v, str) and v.startswith("file:") and len(v) > 5)
 
 
+def grid_argument(value: str) -> str:
+    """The CLI's ``--grid`` type: a grid kind, ``fitted`` or ``file:PATH`` (argparse names the flag)."""
+    if not is_sample_grid(value):
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(SAMPLE_GRIDS)}, got {value!r}")
+    return value
+
+
 def _times_ok(v) -> bool:
     return len(v) >= 1 and all(isinstance(u, (int, float)) and not isinstance(u, bool) for u in v)
 

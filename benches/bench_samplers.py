@@ -4,8 +4,9 @@
     python benches/bench_samplers.py --specs ring8 --nfe 5,10 --no-peers --num 2000
 
 For each mixture (a builtin name of :mod:`diffusionlab.oracles.bench` or a JSON spec path) and each budget it runs
-every deterministic solver of diffusionlab on the VP-SDE (on all four time grids), its stochastic samplers, and the
-peers of ``benches/peers.py`` from the same shared initial draws, scores them (coupled error against an RK45
+every deterministic solver of diffusionlab on the VP-SDE (on every time grid kind and its own default grid), its
+stochastic samplers, grids fitted to the oracle (``--fit-samplers``, on starts of their own), and the peers of
+``benches/peers.py`` from the same shared initial draws, scores them (coupled error against an RK45
 reference, sliced W2 and mixture-weight error against their noise floors) and prints the tables; ``--json`` writes
 every record, ``--plots DIR`` the coupled-error plots (``samplers_<spec>.png``), ``--markdown FILE`` the tables
 of docs/samplers.md. Needs the optional ``bench`` extra (``pip install -c constraints.txt -e ".[bench]"``; for
@@ -57,6 +58,7 @@ def run_spec(spec_name: str, args) -> list[dict]:
 
     samplers = None if args.samplers is None else args.samplers.split(",")
     records = B.benchmark(problem, process, budgets, samplers=samplers, extra=extra, progress=progress)
+    fitted = fit_runs(problem, process, records, budgets, args) if args.fit_samplers else {}
     for r in records:
         r["spec"] = spec_name
     checks = []
@@ -64,7 +66,8 @@ def run_spec(spec_name: str, args) -> list[dict]:
         peers_best = B.best_by_budget(records, lambda f: f != "diffusionlab")
         seeds = range(1, args.floor_seeds + 1)
         for b, rec in sorted(B.best_by_budget(records, lambda f: f == "diffusionlab").items()):
-            c = B.floor_check(oracle, rec["sampler"], b, rec["grid"], num=args.num, seeds=seeds,
+            grid = fitted.get((rec["sampler"], b), rec["grid"]) if rec["grid"].startswith("fitted") else rec["grid"]
+            c = B.floor_check(oracle, rec["sampler"], b, grid, num=args.num, seeds=seeds,
                               projections=args.projections)
             c["spec"] = spec_name
             p = peers_best.get(b)
@@ -78,6 +81,72 @@ def run_spec(spec_name: str, args) -> list[dict]:
                              "diff_se": float(d.std(ddof=1) / np.sqrt(len(d)))}
             checks.append(c)
     return records, checks
+
+
+def fit_runs(problem, process, records: list[dict], budgets, args) -> dict:
+    """Schedule optimisation (:func:`diffusionlab.samplers.fitgrid.fit_grid`): for each budget and each of
+    ``--fit-samplers``, the grid of that sampler's best record (lowest coupled error) is fitted to the oracle on
+    ``--fit-num`` starts of their own (seed ``--seed + 1000``: not the benchmark's shared draws), then run on the
+    benchmark's draws like any grid (recorded as ``fitted[<start grid>]``). Appends the records; returns
+    ``{(sampler, budget): fitted TimeGrid}``."""
+    from diffusionlab.samplers.fitgrid import fit_grid
+
+    out = {}
+    for b in budgets:
+        for name in args.fit_samplers.split(","):
+            cands = [r for r in records if r["family"] == "diffusionlab" and r["sampler"] == name and r["budget"] == b
+                     and "coupled" in r and not r.get("adaptive")]
+            if not cands:
+                continue
+            best = min(cands, key=lambda r: r["coupled"])
+            start = B.plan(name, process, b, best["grid"]).grid
+            if start.steps < 2:
+                continue
+            res = fit_grid(problem.oracle, name, start=start, num=args.fit_num, seed=args.seed + 1000,
+                           dtype=torch.float64, ref_steps=args.fit_ref_steps)
+            grid = res.grid
+            grid.kind = f"fitted[{best['grid']}]"
+            rec = B.run_diffusionlab(problem, process, name, b, grid)
+            rec["fit"] = {"start_grid": best["grid"], "start_coupled": best["coupled"], "times": list(grid.times),
+                          "fit_error_start": res.error_start, "fit_error": res.error, "fit_evaluations": res.evaluations}
+            records.append(rec)
+            out[(name, b)] = grid
+            if args.verbose:
+                print(f"  fitted {name} NFE<={b} from [{best['grid']}]: coupled {best['coupled']:.3e} -> "
+                      f"{rec['coupled']:.3e} (fit batch {res.error_start:.3e} -> {res.error:.3e})", file=sys.stderr,
+                      flush=True)
+    return out
+
+
+def ratio_lines(records: list[dict], budgets) -> list[str]:
+    """Per budget: the best diffusionlab coupled error without and with fitted grids, the best peer's, and the
+    ratios (a markdown table). A run started at a lower level has less of the ODE to integrate, so the ratios compare
+    only our runs started about as high as the best peer's or higher (``sig_start >= 0.9`` times its start:
+    diffusers' own chain tops at 157, the VP-SDE at 152); the best at any start is shown besides."""
+    lines = ["| NFE<= | best peer | diffusionlab, fixed grids | with fitted grids | ratio fixed | ratio fitted | "
+             "best at any start (fixed / fitted) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cell(r):
+        return f"{r['coupled']:.3e} ({r['family']}:{r['sampler']} [{r['grid']}], sig_start {r['sig_start']:.4g})"
+
+    for b in budgets:
+        rows = [r for r in records if r.get("budget") == b and "coupled" in r and not r.get("adaptive")
+                and r.get("deterministic")]
+        peers = [r for r in rows if r["family"] != "diffusionlab"]
+        if not peers:
+            continue
+        pb = min(peers, key=lambda r: r["coupled"])
+        ours = [r for r in rows if r["family"] == "diffusionlab"]
+        fair = [r for r in ours if r["sig_start"] >= 0.9 * pb["sig_start"]]  # diffusers' chain tops at 157 vs 152
+        fixed = [r for r in fair if not str(r["grid"]).startswith("fitted")]
+        if not (fixed and fair):
+            continue
+        f0, f1 = min(fixed, key=lambda r: r["coupled"]), min(fair, key=lambda r: r["coupled"])
+        any0 = min((r for r in ours if not str(r["grid"]).startswith("fitted")), key=lambda r: r["coupled"])
+        any1 = min(ours, key=lambda r: r["coupled"])
+        lines.append(f"| {b} | {cell(pb)} | {cell(f0)} | {cell(f1)} | {f0['coupled'] / pb['coupled']:.3f} | "
+                     f"{f1['coupled'] / pb['coupled']:.3f} | {any0['coupled']:.3e} / {any1['coupled']:.3e} |")
+    return lines
 
 
 def peer_runner(rec: dict, budget: int, sig_max: float, sig_min: float):
@@ -161,6 +230,8 @@ def markdown(records: list[dict], checks: list[dict], spec: str, budgets: list[i
             lines.append(f"| {b} | {fam} | {r['sampler']} [{r['grid']}] | {r['nfe']} | {r['coupled']:.2e} | "
                          f"{r['sw2']:.4f} ({r['sw2_floor']:.4f} +- {r['sw2_floor_std']:.4f}) | "
                          f"{r['weight_error']:.4f} ({r['weight_floor']:.4f}) |")
+    lines += ["", "Ratio of the best coupled errors (diffusionlab / best peer), without and with grids fitted to the "
+              "model (`--fit-samplers`):", "", *ratio_lines(recs, budgets)]
     rk = [r for r in recs if r.get("adaptive")]
     if rk:
         r = rk[0]
@@ -202,6 +273,10 @@ def main(argv=None) -> int:
     ap.add_argument("--plots", default=None, help="directory for samplers_<spec>.png")
     ap.add_argument("--markdown", default=None, help="write the compact tables to this file")
     ap.add_argument("--floor-seeds", type=int, default=16, help="problems per floor check (0: none)")
+    ap.add_argument("--fit-samplers", default="dpmpp-2m,dpmpp-3m,unipc,unipc:order=3",
+                    help="samplers whose best grid is fitted to the oracle at each budget ('': none)")
+    ap.add_argument("--fit-num", type=int, default=512, help="starts the grids are fitted on (default 512)")
+    ap.add_argument("--fit-ref-steps", type=int, default=200, help="steps of the fit's reference solve")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -217,6 +292,7 @@ def main(argv=None) -> int:
         for metric in ("coupled", "sw2", "weight_error"):
             print(B.format_table([r for r in best_rows(recs, metric)], metric, f"{spec}: {metric} (best grid per sampler)"))
         print("\n".join(B.summary_lines(recs)))
+        print("\n".join(ratio_lines(recs, [int(v) for v in args.nfe.split(",")])))
         for c in chk:
             print(check_line(c))
         if args.plots:

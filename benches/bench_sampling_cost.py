@@ -71,13 +71,17 @@ _PEERS: dict = {}
 
 
 def peers() -> dict:
-    """``{"ddpm-pytorch": module or None, "diffusers": module or None}``, imported once per process through
+    """``{"ddpm-pytorch": module or None, "diffusers": module or None, "k-diffusion": its sampling module or None}``,
+    imported once per process through
     ``peer_imports`` (a missing peer prints why). denoising-diffusion-pytorch is imported first: it imports torchvision,
     after which ``peer_imports``' torchvision preparation is skipped; the other order makes the second preparation
     re-declare the op schemas and fail (``dir(torch.ops.torchvision)`` does not list declared ops)."""
     if not _PEERS:
         _PEERS["ddpm-pytorch"] = peer_imports.import_ddpm_pytorch()
         _PEERS["diffusers"] = peer_imports.import_diffusers()
+        import peers as peer_samplers  # k_diffusion/sampling.py alone (benches/peers.py)
+
+        _PEERS["k-diffusion"] = peer_samplers.k_sampling()
     return _PEERS
 
 
@@ -160,6 +164,7 @@ class Spec:
     nfes: tuple = ()
     reference: bool = False
     seeds: int | None = None  # None: --seeds (--ref-seeds for references)
+    run: str | None = None  # the network's run directory (None: --run)
 
     @property
     def key(self) -> str:
@@ -173,6 +178,39 @@ def diffusers_cfg(extra: dict) -> dict:
     cfg = dict(num_train_timesteps=T_TRAIN, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
     cfg.update(extra)
     return cfg
+
+
+def recipe_specs(runs: dict, few: tuple) -> list[Spec]:
+    """The configurations beyond the shared network: diffusionlab's samplers on their default grids and on grids
+    fitted to the network (``diffusionlab fit-grid``, fitted here when missing), on the default recipe's network
+    (``--run``) and on the EDM recipe's (``runs["edm"]``); the distilled students (``runs["distilled"]``: a
+    ``diffusionlab distill`` run, its rounds' students for the other step counts); k-diffusion's samplers on the EDM
+    recipe's network (its denoiser ``D(x, sigma)``, Karras grid from 80 to 0.002 then 0, as k-diffusion runs EDM)."""
+    out = []
+    for sampler in ("dpmpp-2m", "unipc", "dpmpp-3m", "heun"):
+        out.append(Spec("diffusionlab", f"{sampler}[default]", f"{sampler} on its default grid (the catalogue's)",
+                        {"sampler": sampler, "grid": "default"}, few))
+    for sampler in ("dpmpp-2m", "unipc"):
+        out.append(Spec("diffusionlab", f"{sampler}[fitted]", f"{sampler} on its default grid fitted to the network "
+                        "(diffusionlab fit-grid: coupled error against a dense reference, 128 trajectories)",
+                        {"sampler": sampler, "grid": "fitted"}, few))
+    if runs.get("edm"):
+        for sampler in ("dpmpp-2m", "unipc", "heun"):
+            out.append(Spec("diffusionlab-edm", f"{sampler}[default]", f"EDM recipe (configs/digits_edm.yaml), "
+                            f"{sampler} on its default grid", {"sampler": sampler, "grid": "default"}, few,
+                            run=runs["edm"]))
+        for sampler in ("dpmpp-2m", "unipc"):
+            out.append(Spec("diffusionlab-edm", f"{sampler}[fitted]", f"EDM recipe, {sampler} on its fitted grid",
+                            {"sampler": sampler, "grid": "fitted"}, few, run=runs["edm"]))
+        for name in K_EDM_SAMPLERS:
+            out.append(Spec("k-diffusion", name, f"k_diffusion.sampling.sample_{name} on the EDM recipe's network, "
+                            "get_sigmas_karras(sigma_max=80, sigma_min=0.002, rho=7) then 0", {"fn": name}, few,
+                            run=runs["edm"]))
+    if runs.get("distilled"):
+        out.append(Spec("diffusionlab-distilled", "ddim", "progressive distillation (diffusionlab distill) of the EDM "
+                        "recipe: DDIM on the student's grid; each NFE its round's student",
+                        {}, DISTILLED_NFE, run=runs["distilled"]))
+    return out
 
 
 def make_specs(nfes: tuple, ancestral: tuple = ANCESTRAL_NFE) -> list[Spec]:
@@ -232,13 +270,13 @@ def make_specs(nfes: tuple, ancestral: tuple = ANCESTRAL_NFE) -> list[Spec]:
 
 
 def dl_grid(model, steps: int, lambda_min: float | None):
-    """diffusionlab's grid: ``steps`` uniform integer steps from ``T`` (an int, the samplers' default), or from the
-    largest ``t`` with ``lambda_t = log(s_t / sigma_t) >= lambda_min`` (a uniform grid started there)."""
-    if lambda_min is None:
-        return steps
+    """diffusionlab's grid: ``steps`` uniform integer steps from ``T``, or from the largest ``t`` with
+    ``lambda_t = log(s_t / sigma_t) >= lambda_min`` (a uniform grid started there)."""
     from diffusionlab.processes.grid import make_grid
 
     chain = model.process
+    if lambda_min is None:
+        return make_grid(chain, steps, "uniform")
     lam = torch.log(chain.mean_scale[1:] / chain.sigma[1:])  # decreasing in t
     t_max = int((lam >= lambda_min).sum())
     return make_grid(chain, steps, "uniform", sig_max=float(chain.edm_sigma(t_max)))
@@ -250,14 +288,123 @@ def run_diffusionlab(spec: Spec, ds, model, nfe: int, seed: int, num: int, batch
     mapped to [0, 1] by ``dataset.to_display``."""
     from diffusionlab.samplers import get_sampler, sample_in_chunks
 
-    opts = {k: v for k, v in spec.options.items() if k not in ("sampler", "lambda_min")}
-    ts = dl_grid(model, nfe, spec.options.get("lambda_min"))
+    opts = {k: v for k, v in spec.options.items() if k not in ("sampler", "lambda_min", "grid")}
+    sampler = get_sampler(spec.options["sampler"])
+    kind = spec.options.get("grid")
+    if kind == "default":  # the catalogue's own grid and start, the steps that fit the budget
+        ts = sampler.grid(model.process, sampler.steps_for_budget(nfe, model.process, sampler.resolve(opts)))
+    elif kind == "fitted":
+        ts = fitted_grid(spec, model, nfe)
+    else:
+        ts = dl_grid(model, nfe, spec.options.get("lambda_min"))
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         x = sample_in_chunks(get_sampler(spec.options["sampler"]), model, ds.sample_shape, num, chunk=batch,
                              generator=gen, device="cpu", store_device="cpu", grid=ts, kind="uniform",
                              **opts)
     return ds.to_display(x)
+
+
+def fitted_grid(spec: Spec, model, nfe: int):
+    """The run's fitted grid of ``spec``'s sampler at the steps of ``nfe`` (``<run>/grids/``), fitted and saved
+    first if missing (:func:`ensure_fitted`)."""
+    from diffusionlab.processes.grid import TimeGrid
+    from diffusionlab.samplers.fitgrid import fitted_grid_path, read_times
+
+    run = spec.run or _STATE["main"]
+    sampler = spec.options["sampler"]
+    steps = fit_steps(sampler, model, nfe)
+    return TimeGrid(model.process, read_times(fitted_grid_path(run, sampler, steps)), "fitted")
+
+
+def fit_steps(sampler: str, model, nfe: int) -> int:
+    from diffusionlab.samplers import get_sampler
+
+    spec = get_sampler(sampler)
+    return spec.steps_for_budget(nfe, model.process, spec.resolve({}))
+
+
+def ensure_fitted(spec: Spec, ds, model, counter, nfe: int) -> None:
+    """Fit and save the run's grid for ``spec`` at ``nfe`` if it is not there (``diffusionlab fit-grid`` with its
+    defaults: 128 trajectories, seed 0, 4 sweeps, a 200-step reference), outside the timed and counted run."""
+    from diffusionlab.samplers.fitgrid import fit_grid, fitted_grid_path, save_fit
+
+    run = spec.run or _STATE["main"]
+    sampler = spec.options["sampler"]
+    steps = fit_steps(sampler, model, nfe)
+    if fitted_grid_path(run, sampler, steps).is_file():
+        return
+    with torch.no_grad():
+        res = fit_grid(model, sampler, steps, shape=ds.sample_shape, num=128, seed=0, device="cpu")
+    save_fit(res, run)
+    print(f"  fitted {sampler} {steps} steps on {run}: coupled error {res.error_start:.4f} -> {res.error:.4f}",
+          flush=True)
+    counter.reset()
+
+
+#: k-diffusion's samplers run on the EDM recipe's network: name -> (evaluations per step, options)
+K_EDM_SAMPLERS = {"dpmpp_2m": (1, {}), "heun": (2, {}), "lms": (1, {}), "euler": (1, {}),
+                  "dpmpp_3m_sde": (1, {"eta": 0.0})}
+K_SIGMA_MAX, K_SIGMA_MIN = 80.0, 0.002
+DISTILLED_NFE = (1, 2, 4)
+
+
+def run_kdiffusion(spec: Spec, ds, model, nfe: int, seed: int, num: int, batch: int) -> torch.Tensor:
+    """k-diffusion's sampler on the run's network (a process with ``s = 1``, the VE-SDE of the EDM recipe) as its
+    denoiser ``D(x, sigma) = E[x_0 | x]``: ``x = randn * sigma_max``, ``sample_<name>(D, x, sigmas)`` on
+    ``get_sigmas_karras(n, 0.002, 80, rho=7)`` (which appends sigma = 0); ``n`` the steps that fit ``nfe`` (Heun:
+    2 per step, 1 on the step to 0)."""
+    import peers as peer_samplers
+
+    ks = peer_samplers.k_sampling()
+    per_step, opts = K_EDM_SAMPLERS[spec.options["fn"]]
+    steps = nfe if per_step == 1 else (nfe + 1) // 2
+    process = model.process
+    if not process.unit_scale:
+        raise ValueError("the k-diffusion rows need a variance-exploding network (s = 1): the EDM recipe's")
+
+    def denoiser(x, sigma):
+        t = process.time_at_edm_sigma(sigma.double().cpu()).clamp(0.0, float(process.T)).to(torch.float64)
+        return model.predict(x, t).x0
+
+    sigmas = ks.get_sigmas_karras(steps, K_SIGMA_MIN, K_SIGMA_MAX, rho=7.0)
+    gen = torch.Generator().manual_seed(int(seed))
+    out = []
+    with torch.no_grad():
+        for start in range(0, num, batch):
+            n = min(batch, num - start)
+            x = torch.randn((n, *ds.sample_shape), generator=gen) * sigmas[0]
+            fn = getattr(ks, f"sample_{spec.options['fn']}")
+            out.append(fn(denoiser, x, sigmas, disable=True, **opts))
+    return ds.to_display(torch.cat(out))
+
+
+def run_distilled(spec: Spec, ds, model, nfe: int, seed: int, num: int, batch: int) -> torch.Tensor:
+    """A distilled student as ``diffusionlab sample`` runs it (its config's ``sample:`` section: DDIM on its
+    explicit grid): the student of ``nfe`` steps (the run itself, or its ``rounds/<nfe>-steps``)."""
+    from diffusionlab.samplers import get_sampler, sample_in_chunks
+    from diffusionlab.training.sampling import load_run, sampler_options, section_grid
+
+    cfg, _, _ = load_run(_distilled_dir(spec.run, nfe), "cpu")
+    scfg = cfg["sample"]
+    grid = section_grid(scfg, model.process)
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        x = sample_in_chunks(get_sampler(scfg["sampler"]), model, ds.sample_shape, num, chunk=batch, generator=gen,
+                             device="cpu", store_device="cpu", grid=grid, **sampler_options(scfg))
+    return ds.to_display(x)
+
+
+def _distilled_dir(run: str, nfe: int) -> str:
+    sub = Path(run) / "rounds" / f"{nfe}-steps"
+    return str(sub) if sub.is_dir() and not _is_final(run, nfe) else run
+
+
+def _is_final(run: str, nfe: int) -> bool:
+    try:
+        return json.loads((Path(run) / "distill.json").read_text())["steps"] == nfe
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def run_diffusers(spec: Spec, ds, model, nfe: int, seed: int, num: int, batch: int) -> torch.Tensor:
@@ -303,7 +450,11 @@ def run_ddpm_pytorch(spec: Spec, ds, model, nfe: int, seed: int, num: int, batch
     return torch.cat(out).clamp(0.0, 1.0)
 
 
-RUNNERS = {"diffusionlab": run_diffusionlab, "diffusers": run_diffusers, "ddpm-pytorch": run_ddpm_pytorch}
+RUNNERS = {"diffusionlab": run_diffusionlab, "diffusionlab-edm": run_diffusionlab,
+           "diffusionlab-distilled": run_distilled, "k-diffusion": run_kdiffusion, "diffusers": run_diffusers,
+           "ddpm-pytorch": run_ddpm_pytorch}
+#: the libraries that are diffusionlab (its recipes), for the ratios
+OURS = ("diffusionlab", "diffusionlab-edm", "diffusionlab-distilled")
 
 
 # ---- workers ------------------------------------------------------------------------------------------------------
@@ -311,9 +462,20 @@ _STATE: dict = {}
 
 
 def _init_worker(run_dir: str, threads: int) -> None:
-    """Per process: one thread for torch, the run loaded once."""
+    """Per process: one thread for torch, the main run loaded once (the others when first needed)."""
     torch.set_num_threads(threads)
-    _STATE["run"] = load_counted(run_dir)
+    _STATE["main"] = run_dir
+    _STATE["runs"] = {run_dir: load_counted(run_dir)}
+
+
+def _network(spec: Spec, nfe: int):
+    """``(ds, model, counter)`` of the spec's network (loaded once per process)."""
+    run = spec.run or _STATE["main"]
+    if spec.library == "diffusionlab-distilled":
+        run = _distilled_dir(run, nfe)
+    if run not in _STATE["runs"]:
+        _STATE["runs"][run] = load_counted(run)
+    return _STATE["runs"][run]
 
 
 def run_job(spec: Spec, nfe: int, seed: int, num: int, batch: int) -> dict:
@@ -321,7 +483,9 @@ def run_job(spec: Spec, nfe: int, seed: int, num: int, batch: int) -> dict:
     raises or returns non-finite samples is recorded with ``fd`` None and the reason in ``failure``."""
     from diffusionlab.metrics.digits import evaluate_digits
 
-    ds, model, counter = _STATE["run"]
+    ds, model, counter = _network(spec, nfe)
+    if spec.options.get("grid") == "fitted":
+        ensure_fitted(spec, ds, model, counter, nfe)
     counter.reset()
     t0, c0 = time.perf_counter(), time.process_time()
     failure, x01 = None, None
@@ -549,8 +713,17 @@ def equal_quality(rows: list[dict], refs: dict) -> dict:
             for lib, m in per.items():
                 if lib != "diffusionlab" and m is not None:
                     ratios[f"diffusionlab_vs_{lib}_best"] = dl["nfe"] / m["nfe"]
+        peers_best = [m["nfe"] for lib, m in per.items() if lib not in OURS and m is not None]
+        best_peer = min(peers_best) if peers_best else None
+        goals = {}
+        for lib, limit in (("diffusionlab", 8), ("diffusionlab-edm", 8), ("diffusionlab-distilled", 4)):
+            m = per.get(lib)
+            if lib in per:
+                goals[lib] = {"nfe": None if m is None else m["nfe"], "goal_nfe": limit, "best_peer_nfe": best_peer,
+                              "met": m is not None and m["nfe"] <= limit,
+                              "ratio_to_best_peer": None if (m is None or not best_peer) else m["nfe"] / best_peer}
         out[ref_lib] = {"reference": ref, "min_nfe": per, "ratios": ratios,
-                        "goal_met": dl is not None and dl["nfe"] <= ref["nfe"] / 5}
+                        "goal_met": dl is not None and dl["nfe"] <= ref["nfe"] / 5, "few_step_goals": goals}
     return out
 
 
@@ -606,12 +779,25 @@ def markdown(rows: list[dict], eq: dict, meta: dict) -> str:
                          f"{m['cpu_seconds_per_1000']:.1f} | {stable} |")
         ratios = ", ".join(f"{k} = {v:.3f}" for k, v in e["ratios"].items())
         lines += ["", f"Ratios: {ratios}; goal (<= 1/5 of the peer default's NFE) met: {e['goal_met']}", ""]
+        goals = e.get("few_step_goals", {})
+        if goals:
+            lines += ["| recipe | fewest NFE at equal quality | goal | best peer's fewest NFE | ratio | met |",
+                      "| --- | --- | --- | --- | --- | --- |"]
+            for lib, gl in goals.items():
+                nfe = "none on the grid" if gl["nfe"] is None else f"{gl['nfe']:.0f}"
+                ratio = "-" if gl["ratio_to_best_peer"] is None else f"{gl['ratio_to_best_peer']:.3f}"
+                lines.append(f"| {lib} | {nfe} | <= {gl['goal_nfe']} | {gl['best_peer_nfe']} | {ratio} | "
+                             f"{'yes' if gl['met'] else 'no'} |")
+            lines.append("")
     return "\n".join(lines)
 
 
 _COLORS = {"ddim": "tab:brown", "dpmpp-2m": "tab:red", "dpmpp-3m": "tab:purple", "unipc": "tab:orange",
-           "ddpm": "tab:green", "ancestral": "tab:green", "ddpm-respaced": "tab:green", "ddim-eta1": "tab:olive"}
-_STYLES = {"diffusionlab": ("-", "o"), "diffusers": ("--", "s"), "ddpm-pytorch": (":", "^")}
+           "ddpm": "tab:green", "ancestral": "tab:green", "ddpm-respaced": "tab:green", "ddim-eta1": "tab:olive",
+           "heun": "tab:blue", "dpmpp_2m": "tab:red", "dpmpp_3m_sde": "tab:purple", "lms": "tab:cyan",
+           "euler": "tab:gray"}
+_STYLES = {"diffusionlab": ("-", "o"), "diffusionlab-edm": ("-", "D"), "diffusionlab-distilled": ("-", "*"),
+           "k-diffusion": ("-.", "v"), "diffusers": ("--", "s"), "ddpm-pytorch": (":", "^")}
 
 
 def plot(rows: list[dict], refs: dict, path: str) -> None:
@@ -628,7 +814,7 @@ def plot(rows: list[dict], refs: dict, path: str) -> None:
         pts = sorted((r for r in rows if r["library"] == lib and r["sampler"] == name and r["fd"] is not None),
                      key=lambda r: r["nfe"])
         base = name.split("[")[0]
-        failing = base in ("dpmpp-2m", "unipc") and "[" not in name
+        failing = base in ("dpmpp-2m", "unipc") and "[" not in name and lib in ("diffusionlab", "diffusers")
         ls, mk = _STYLES[lib]
         ax.errorbar([r["nfe"] for r in pts], [r["fd"] for r in pts],
                     yerr=[2 * r["fd_se"] if r["fd_se"] else 0.0 for r in pts], linestyle=ls, marker=mk, ms=4,
@@ -657,6 +843,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default=DEFAULT_RUN, help="trained diffusionlab digits run (trained if missing)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="config to train with if --run is missing")
+    p.add_argument("--edm-run", default=None, help="a run of configs/digits_edm.yaml: the EDM recipe's rows and "
+                   "k-diffusion's samplers on it")
+    p.add_argument("--distilled-run", default=None, help="a `diffusionlab distill` run: the distilled rows")
+    p.add_argument("--recipe-nfe", default="3,4,5,6,8,10,15",
+                   help="NFE grid of the default-grid, fitted, EDM-recipe and k-diffusion rows")
     p.add_argument("--num", type=int, default=None, help="samples per run (default 1000; --quick: 500)")
     p.add_argument("--batch", type=int, default=None, help="samples per network call (default: all at once)")
     p.add_argument("--nfe", default=None, help="comma-separated NFE grid of the deterministic few-step samplers")
@@ -691,7 +882,8 @@ def select_specs(args) -> list[Spec]:
     nfes = tuple(int(v) for v in args.nfe.split(",")) if args.nfe else (QUICK_NFE if args.quick else FULL_NFE)
     anc = (tuple(int(v) for v in args.ancestral_nfe.split(",")) if args.ancestral_nfe
            else ((25,) if args.quick else ANCESTRAL_NFE))
-    specs = make_specs(nfes, anc)
+    specs = make_specs(nfes, anc) + recipe_specs({"edm": args.edm_run, "distilled": args.distilled_run},
+                                                 tuple(int(v) for v in args.recipe_nfe.split(",")))
     keys = args.samplers.split(",") if args.samplers else (QUICK_KEYS if args.quick else None)
     if keys is not None:
         unknown = set(keys) - {s.key for s in specs}
@@ -703,7 +895,7 @@ def select_specs(args) -> list[Spec]:
                  for s in specs]
     if args.quick and args.nfe is None:  # ddpm-pytorch's extra ddim point (100) is dropped too
         specs = [Spec(s.library, s.name, s.what, s.options, tuple(v for v in s.nfes if v in nfes or s.reference),
-                      s.reference, s.seeds) for s in specs]
+                      s.reference, s.seeds, s.run) for s in specs]
     missing = {lib for lib, mod in peers().items() if mod is None}
     for lib in sorted(missing):
         print(f"skipping {lib}: not importable (reason above)", file=sys.stderr)

@@ -94,10 +94,14 @@ def _k_steps(per_step: int, budget: int, to_zero: bool) -> int:
     return (budget + 1) // 2 if to_zero else budget // 2
 
 
+EDM_SIGMA_MAX = 80.0  # Karras et al. 2022's sigma_max: k-diffusion's Karras grid as EDM runs it
+
+
 def k_diffusion_runs(problem: Problem, budget: int, sig_max: float, sig_min: float, samplers=None,
-                     grids=("karras", "exp", "karras+0")) -> list[dict]:
+                     grids=("karras", "exp", "karras+0", "karras80", "karras80+0")) -> list[dict]:
     """k-diffusion's deterministic samplers at ``budget`` evaluations per path (module docstring), plus
-    ``sample_dpm_fast`` (DPM-Solver with exactly ``budget`` evaluations, ``eta = 0``)."""
+    ``sample_dpm_fast`` (DPM-Solver with exactly ``budget`` evaluations, ``eta = 0``). ``karras80``: the Karras grid
+    from EDM's ``sigma_max = 80`` (where the process reaches higher), as EDM samples."""
     ks = k_sampling()
     if ks is None:
         return []
@@ -116,7 +120,9 @@ def k_diffusion_runs(problem: Problem, budget: int, sig_max: float, sig_min: flo
             if steps < 1:
                 continue
             n = steps + 1 if not to_zero else steps  # points before k-diffusion's appended zero
-            if grid.startswith("karras"):
+            if grid.startswith("karras80"):
+                sig = ks.get_sigmas_karras(n, sig_min, min(sig_max, EDM_SIGMA_MAX), rho=7.0)
+            elif grid.startswith("karras"):
                 sig = ks.get_sigmas_karras(n, sig_min, sig_max, rho=7.0)
             else:
                 sig = ks.get_sigmas_exponential(n, sig_min, sig_max)

@@ -59,13 +59,15 @@ def test_ddim_on_an_sde_run_and_karras_dpmpp_on_digits(runs, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--set", "no_such=1"], "unknown key sample.no_such for sampler 'ddim'; allowed: sampler, steps, grid, rho, "
-                             "num, clip_x0, eta"),
+                             "sig_max, times, num, clip_x0, eta"),
     (["--sampler", "dpmpp-2m", "--set", "eta=0.5"], "unknown key sample.eta for sampler 'dpmpp-2m'; allowed: "
-                                                    "sampler, steps, grid, rho, num, lower_order_final, solver_type"),
+                                                    "sampler, steps, grid, rho, sig_max, times, num, "
+                                                    "lower_order_final, solver_type"),
     (["--set", "eta=2"], "sample.eta: sampler 'ddim' option eta must be a number in [0, 1], got 2"),
     (["--sampler", "euler-maruyama"], "sampler 'euler-maruyama' needs a continuous-time SDE"),
     (["--sampler", "nope"], "unknown sampler 'nope'; allowed: annealed-langevin, ddim, ddpm"),
-    (["--grid", "cubic"], "argument --grid: invalid choice: 'cubic'"),
+    (["--grid", "cubic"], "argument --grid: must be one of uniform, trailing, quadratic, logsnr, karras, edm, "
+                          "fitted, file:PATH, got 'cubic'"),
 ])
 def test_bad_options_are_one_line_naming_what_is_allowed(runs, tmp_path, capsys, argv, fragment):
     code, _, err = _sample(capsys, runs / "digits", tmp_path / "x.npy", *argv)

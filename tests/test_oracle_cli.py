@@ -57,7 +57,7 @@ def test_sample_json_and_output(run, tmp_path):
                           "--nfe", 8, "--num", 50, "--seed", 1, "--out", out)
     assert code == 0
     info = json.loads(stdout)
-    assert info["nfe"] == 8 and info["steps"] == 8 and info["grid"] == "quadratic"
+    assert info["nfe"] == 8 and info["steps"] == 8 and info["grid"] == "edm"
     assert {"nfe", "nfe_budget", "steps", "sampler", "process", "grid", "num", "out", "sigma_end"} <= set(info)
     x = np.load(out)
     assert x.shape == (50, 2) and x.dtype == np.float64 and np.isfinite(x).all()

@@ -278,11 +278,10 @@ def _nfe_line(model, scfg: dict, num: int) -> dict:
     """What the sampling cost: the sampler's evaluations per sample path (by its catalogue entry) and the
     evaluations counted by the model over all batches."""
     from diffusionlab.samplers import get_sampler
-    from diffusionlab.training.sampling import sampler_options
+    from diffusionlab.training.sampling import sampler_options, section_grid
 
     spec = get_sampler(scfg["sampler"])
-    grid = spec.grid(model.process, scfg.get("steps"), scfg.get("grid"),
-                     **({"rho": scfg["rho"]} if "rho" in scfg else {}))
+    grid = section_grid(scfg, model.process)
     return {"steps": grid.steps, "grid": grid.kind, "nfe_per_sample": spec.count(grid, sampler_options(scfg))}
 
 
@@ -309,7 +308,7 @@ def cmd_sample(args) -> int:
     cond = resolve_conditioning(args, cfg["sample"])
     if cond.get("known") is not None:  # the method's own steps, grid and options
         return sample_conditional(args, cfg, ds, model, None, cond, out)
-    scfg = sample_section(cfg, args.sampler, args.steps, args.grid, args.set, args.eta)
+    scfg = sample_section(cfg, args.sampler, args.steps, args.grid, args.set, args.eta, run_dir=args.run)
     if cond:
         return sample_conditional(args, cfg, ds, model, scfg, cond, out)
     # --
@@ -362,7 +361,7 @@ def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str |
                                 f"was trained on {ds.name!r}")
     if num is None:
         num = 1000 if speed is None else VIDEO_NUM
-    scfg = sample_section(cfg, sampler, steps, grid, overrides)
+    scfg = sample_section(cfg, sampler, steps, grid, overrides, run_dir=run)
     t0 = time.time()
     x = generate(model, scfg, num=num, seed=seed, device=next(model.parameters()).device, shape=ds.sample_shape,
                  progress=progress)
@@ -506,6 +505,7 @@ def _add_diffusers_args(p) -> None:
 
 def register(sub) -> None:
     from diffusionlab.experiments import register as register_experiments
+    from diffusionlab.training.config import grid_argument
     from diffusionlab.oracles.cli import register as register_oracles
 
     p = sub.add_parser("train", help="train a model from a YAML config",
@@ -536,7 +536,9 @@ def register(sub) -> None:
     _add_diffusers_args(p)
     p.add_argument("--sampler", default=None, help=f"sampler (default: the run's): {names}")
     p.add_argument("--steps", type=int, default=None, help="number of sampler steps (default: the sampler's)")
-    p.add_argument("--grid", default=None, choices=GRID_KINDS, help="time grid (default: the sampler's)")
+    p.add_argument("--grid", default=None, type=grid_argument, metavar="GRID",
+                   help=f"time grid: {', '.join(GRID_KINDS)}, fitted (the run's, from fit-grid) or file:PATH "
+                        "(default: the sampler's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler option, e.g. eta=0.5 (refused if the sampler has no such option)")
     p.add_argument("--eta", type=float, default=None, help="shortcut for --set eta=VALUE (ddim)")
@@ -573,7 +575,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=_seed_arg, default=0)
     p.add_argument("--sampler", default=None, help=f"digits: sampler (default: the run's): {names}")
     p.add_argument("--steps", type=int, default=None, help="digits: sampler steps (default: the sampler's)")
-    p.add_argument("--grid", default=None, choices=GRID_KINDS, help="digits: time grid (default: the sampler's)")
+    p.add_argument("--grid", default=None, type=grid_argument, metavar="GRID",
+                   help="digits: time grid, as for sample (default: the sampler's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="digits: a sampler option")
     p.add_argument("--batch-size", type=int, default=None, help="nll, elbo: points per batch (default 128)")
     p.add_argument("--divergence", default="exact", choices=("exact", "hutchinson"),
@@ -609,3 +612,6 @@ def register(sub) -> None:
 
     register_oracles(sub)  # oracle sample | oracle nll, bench samplers
     register_experiments(sub)  # experiment noise-prior
+    from diffusionlab.commands_fewstep import register as register_fewstep
+
+    register_fewstep(sub)  # fit-grid, distill

@@ -5,11 +5,13 @@ k-diffusion's ``Denoiser`` / EDM's ``Precond`` wrap theirs, together with the fo
 ``q(x_t | x_0) = N(s_t x_0, sigma_t^2 C)``, i.e. ``x_t = s_t x_0 + sigma_t eps`` with ``eps ~ N(0, C)``
 (``C (x) I`` per sample; ``C = process.cov``).
 
-Network conditioning
+Network conditioning (owned by the parametrization: :meth:`Parametrization.input_scale`,
+:meth:`Parametrization.noise_conditioning`)
     ``c_noise(t) = 1000 t / T`` as a float (chains' integer ``t`` in ``1..T`` and SDEs' float ``t`` in
     ``[0, 1]`` both map to ``[0, 1000]``); with ``scale_input`` the net sees ``c_in x_t``,
     ``c_in = 1 / sqrt(s_t^2 + sigma_t^2)`` (``x_t``'s scale without C's correlations; this matters for VE,
-    where ``sigma_t`` reaches 50).
+    where ``sigma_t`` reaches 50). The EDM parametrization (:class:`EDMPrediction`) conditions on the noise level
+    instead, so one network serves every process with the same levels.
 
 Class labels
     A net built with ``num_classes = K`` is called ``net(x, c_noise, labels)`` with ``labels`` a ``(B,)`` integer
@@ -26,6 +28,17 @@ What the network output means (``prediction``), all rank-agnostic (via :func:`~d
     - ``"score"`` -- NCSN's "divide by sigma" parametrization (Song & Ermon 2020, technique 3): the net outputs
       ``sigma_t C grad log p_t(x_t)``, an O(1) quantity, so the C-score is ``out / sigma`` and
       ``eps = -out``. Its training target is ``-eps`` (:meth:`DiffusionModel.target`).
+    - ``"edm"`` -- Karras et al. 2022's preconditioning (Table 1, "EDM" column; sec. 5 and appendix B.6) in the
+      EDM level ``sig = sigma_t / s_t`` of the scaled state ``y = x_t / s_t = x_0 + sig eps``, with the data's
+      standard deviation ``sigma_data``::
+
+          D(y; sig) = c_skip y + c_out F(c_in y, c_noise),   c_skip = sd^2 / (sig^2 + sd^2),
+          c_out = sig sd / sqrt(sig^2 + sd^2),   c_in = 1 / sqrt(sig^2 + sd^2),   c_noise = ln(sig) / 4
+
+      (``sd = sigma_data``; the net is fed ``c_in y = x_t / sqrt(sigma_t^2 + s_t^2 sd^2)`` and
+      ``noise_scale * ln(sig) / 4``, :class:`EDMPrediction`). Any process (VP, VE, sub-VP; chains and SDEs)
+      gives its ``sig`` and ``s``; with a covariance C the formulas are those of C's scale (``c_in`` ignores the
+      correlations, as ``scale_input`` does), and the objective whitens (:class:`~diffusionlab.objectives.EDMLoss`).
 
     From ``eps`` (the posterior mean ``E[eps | x_t]`` for an optimal net), Tweedie's formula gives the score
     ``grad log p_t(x_t) = -C^{-1} eps / sigma`` (:meth:`DiffusionModel.score`, one ``cov.solve``) and the
@@ -95,6 +108,23 @@ class Parametrization:
     :class:`X0Prediction`, :class:`VPrediction`, :class:`ScorePrediction`."""
 
     name: str = ""
+    #: whether :meth:`noise_conditioning` depends on the noise level ``sigma / s`` only (not on the time): then a
+    #: network means the same at equal levels of any process (EDM); the time-conditioned ones say False
+    conditions_on_level: bool = False
+    #: whether ``x0`` and ``eps`` decode at ``s = 0`` (a zero terminal SNR, Lin et al. 2024): x0 and v do; eps,
+    #: score and EDM (whose level sigma / s is infinite there) do not
+    decodes_at_zero_snr: bool = False
+
+    # -- what the network is fed ----------------------------------------------------------------------------
+    def input_scale(self, s, sigma):
+        """``c`` with the net fed ``c x_t`` (when the model's ``scale_input`` is on): ``1 / sqrt(s^2 + sigma^2)``,
+        the scale of ``x_t`` for unit-variance data."""
+        return 1.0 / (s * s + sigma * sigma).sqrt()
+
+    def noise_conditioning(self, t: torch.Tensor, s, sigma, process, dtype=torch.float32) -> torch.Tensor:
+        """The ``(B,)`` float ``c_noise`` the net is conditioned on at times ``t`` (``(B,)``; ``s``, ``sigma``
+        broadcast against the batch): DDPM's ``1000 t / T``."""
+        return t.to(dtype) * (1000.0 / float(process.T))
 
     def decode(self, out: torch.Tensor, x_t: torch.Tensor, s, sigma) -> tuple[torch.Tensor, torch.Tensor]:
         """``(eps, x0)`` from a raw output ``out`` at ``x_t = s x0 + sigma eps``."""
@@ -168,6 +198,7 @@ class X0Prediction(Parametrization):
     """The net predicts the data ``x0``: ``eps = (x_t - s x0) / sigma``."""
 
     name = "x0"
+    decodes_at_zero_snr = True
 
     def decode(self, out, x_t, s, sigma):
         return (x_t - s * out) / sigma, out
@@ -193,6 +224,7 @@ class VPrediction(Parametrization):
     where ``r = 1``): ``x0 = (s x_t - sigma r v) / r^2``, ``eps = (sigma x_t + s r v) / r^2``."""
 
     name = "v"
+    decodes_at_zero_snr = True
 
     def decode(self, out, x_t, s, sigma):
         r2 = s * s + sigma * sigma
@@ -208,20 +240,118 @@ class VPrediction(Parametrization):
     def min_snr_weight(self, snr, gamma):
         return snr.clamp(max=gamma) / (snr + 1.0)
 
+    def posterior_mean(self, x_t, pred, A, B):
+        return A * x_t + B * pred.x0  # x0 decodes without dividing by s: stable at every s, 0 included
+
+
+class EDMPrediction(Parametrization):
+    """Karras et al. 2022's preconditioning (Table 1, the "EDM" column; module docstring): the net ``F`` is fed
+    ``c_in y`` and ``c_noise`` and the denoiser is ``D = c_skip y + c_out F``, in the EDM level ``sig = sigma / s``
+    of ``y = x_t / s``. ``sigma_data``: the data's standard deviation (EDM: 0.5 for images in [-1, 1]).
+
+    ``noise_scale`` multiplies EDM's ``c_noise = ln(sig) / 4``: the networks here embed ``c_noise`` with DDPM's
+    sinusoids, laid out for values in ``[0, 1000]``, so the default 1000 puts ``ln(sig) / 4`` (about ``-1.3 ..
+    2.5`` on the usual levels) on that scale (EDM's own networks use an embedding laid out for its range).
+
+    In closed form (``sd = sigma_data``, ``r = sqrt(sig^2 + sd^2)``), without cancellation at any level::
+
+        x0 = c_skip y + c_out F,   eps = sig y / r^2 - (sd / r) F,   target F* = (sig x0 - sd^2 eps) / (sd r)
+
+    and ``x_theta - x_0 = c_out (F - F*)``: EDM's loss weight ``lambda = 1 / c_out^2`` makes the loss
+    ``||F - F*||^2``, an effective weight of 1 (Karras et al. 2022, eq. 8 and sec. 5).
+    """
+
+    name = "edm"
+    conditions_on_level = True
+
+    def __init__(self, sigma_data: float = 0.5, noise_scale: float = 1000.0):
+        from diffusionlab.checks import real
+
+        self.sigma_data = real("parametrization.sigma_data", sigma_data, 0.0, open_low=True)
+        self.noise_scale = real("EDM noise_scale", noise_scale, 0.0, open_low=True)
+
+    # -- Table 1 in the EDM level -----------------------------------------------------------------------------
+    def c_skip(self, sig):
+        sd2 = self.sigma_data**2
+        return sd2 / (sig * sig + sd2)
+
+    def c_out(self, sig):
+        return sig * self.sigma_data / (sig * sig + self.sigma_data**2).sqrt()
+
+    def c_in(self, sig):
+        return 1.0 / (sig * sig + self.sigma_data**2).sqrt()
+
+    def c_noise(self, sig):
+        """EDM's ``ln(sig) / 4`` times ``noise_scale``."""
+        return (0.25 * self.noise_scale) * torch.log(sig)
+
+    def loss_weight(self, sig):
+        """EDM's ``lambda(sig) = (sig^2 + sd^2) / (sig sd)^2 = 1 / c_out^2`` (Karras et al. 2022, Table 1)."""
+        return (sig * sig + self.sigma_data**2) / (sig * self.sigma_data) ** 2
+
+    # -- the model's hooks ------------------------------------------------------------------------------------
+    def input_scale(self, s, sigma):
+        """``c_in(sig) / s = 1 / sqrt(sigma^2 + s^2 sd^2)``: the net sees ``c_in y``."""
+        return 1.0 / (sigma * sigma + (s * self.sigma_data) ** 2).sqrt()
+
+    def noise_conditioning(self, t, s, sigma, process, dtype=torch.float32):
+        return self.c_noise((sigma / s).reshape(-1)).to(dtype)
+
+    def decode(self, out, x_t, s, sigma):
+        sig = sigma / s
+        y = x_t / s
+        r2 = sig * sig + self.sigma_data**2
+        r = r2.sqrt()
+        x0 = (self.sigma_data**2 / r2) * y + (sig * self.sigma_data / r) * out
+        eps = (sig / r2) * y - (self.sigma_data / r) * out
+        return eps, x0
+
+    def target(self, eps, x0, s, sigma):
+        sig = sigma / s
+        r = (sig * sig + self.sigma_data**2).sqrt()
+        return (sig * x0 - self.sigma_data**2 * eps) / (self.sigma_data * r)
+
+    def error_scale2(self, s, sigma):
+        sig = sigma / s
+        return self.c_out(sig) ** 2
+
+    def x0_error(self, pred, x0, eps):
+        return self.c_out(pred.sigma / pred.s) * (pred.out - self.target(eps, x0, pred.s, pred.sigma))
+
+    def min_snr_weight(self, snr, gamma):
+        sd2 = self.sigma_data**2
+        return snr.clamp(max=gamma) * sd2 / (1.0 + snr * sd2)  # c_out^2 = sd^2 / (1 + SNR sd^2)
+
+    def posterior_mean(self, x_t, pred, A, B):
+        return A * x_t + B * pred.x0
+
+    def __repr__(self) -> str:
+        return f"EDMPrediction(sigma_data={self.sigma_data!r}, noise_scale={self.noise_scale!r})"
+
 
 PARAMETRIZATIONS: dict[str, Parametrization] = {
-    p.name: p for p in (EpsPrediction(), X0Prediction(), VPrediction(), ScorePrediction())
+    p.name: p for p in (EpsPrediction(), X0Prediction(), VPrediction(), ScorePrediction(), EDMPrediction())
 }
 PREDICTIONS = tuple(PARAMETRIZATIONS)
+#: the parametrizations that take options (``sigma_data``), built per model
+_WITH_OPTIONS = {"edm": EDMPrediction}
 
 
-def get_parametrization(name) -> Parametrization:
-    """The parametrization called ``name`` (or ``name`` itself if it already is one)."""
+def get_parametrization(name, sigma_data: float | None = None) -> Parametrization:
+    """The parametrization called ``name`` (or ``name`` itself if it already is one); ``sigma_data`` for
+    ``edm`` (default 0.5), refused for the others."""
     if isinstance(name, Parametrization):
+        if sigma_data is not None and getattr(name, "sigma_data", None) != sigma_data:
+            raise DiffusionLabError(f"sigma_data = {sigma_data!r} given with the parametrization object {name!r}")
         return name
-    if name not in PARAMETRIZATIONS:
+    if not isinstance(name, str) or name not in PARAMETRIZATIONS:
         raise DiffusionLabError(f"unknown prediction {name!r}; allowed: {', '.join(PARAMETRIZATIONS)}")
-    return PARAMETRIZATIONS[name]
+    if sigma_data is None:
+        return PARAMETRIZATIONS[name]
+    if name not in _WITH_OPTIONS:
+        raise DiffusionLabError(f"parametrization.sigma_data applies to prediction 'edm' only, not {name!r} "
+                                f"(got sigma_data = {sigma_data!r})")
+    return _WITH_OPTIONS[name](sigma_data=sigma_data)
 
 
 class DiffusionModel(nn.Module):
@@ -230,9 +360,11 @@ class DiffusionModel(nn.Module):
     Args:
         net: ``net(x, c_noise) -> out`` with ``out`` shaped like ``x`` except dim 1 times ``out_mult``.
         process: a :class:`~diffusionlab.processes.GaussianProcess` (chain or SDE).
-        prediction: ``"eps" | "x0" | "v" | "score"`` or a :class:`Parametrization` (module docstring).
+        prediction: ``"eps" | "x0" | "v" | "score" | "edm"`` or a :class:`Parametrization` (module docstring).
         learn_variance: the net also outputs ``v_var`` (Nichol & Dhariwal 2021).
-        scale_input: feed the net ``c_in x_t``, ``c_in = 1 / sqrt(s_t^2 + sigma_t^2)``.
+        scale_input: feed the net ``c_in x_t`` (the parametrization's :meth:`~Parametrization.input_scale`:
+            ``1 / sqrt(s_t^2 + sigma_t^2)``; EDM's ``c_in``).
+        sigma_data: the data's standard deviation of the ``edm`` parametrization (default 0.5; only for ``edm``).
 
     ``nfe`` counts network evaluations (every :meth:`forward`); samplers never count themselves.
     ``t`` may be an int/float, a 0-d tensor or a ``(B,)`` tensor; ``labels`` (class-conditional nets only, module
@@ -240,9 +372,13 @@ class DiffusionModel(nn.Module):
     """
 
     def __init__(self, net: nn.Module | None, process, prediction: str = "eps", learn_variance: bool = False,
-                 scale_input: bool = True):
+                 scale_input: bool = True, sigma_data: float | None = None):
         super().__init__()
-        self.parametrization = get_parametrization(prediction)
+        self.parametrization = get_parametrization(prediction, sigma_data)
+        if getattr(process, "zero_terminal_snr", False) and not self.parametrization.decodes_at_zero_snr:
+            raise DiffusionLabError(
+                f"prediction {self.parametrization.name!r} cannot decode x_0 at t = T of a zero-terminal-SNR chain "
+                "(s_T = 0, x_T is pure noise): use prediction v or x0 (Lin et al. 2024, sec. 3.2)")
         self.net = net
         self.process = process
         self.learn_variance = bool(learn_variance)
@@ -280,9 +416,13 @@ class DiffusionModel(nn.Module):
         return as_labels(labels, x, self.num_classes)
 
     # -- conditioning ---------------------------------------------------------------------------------------
-    def c_noise(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        """``1000 t / T`` as a float ``(B,)`` tensor."""
-        return t.to(dtype) * (1000.0 / float(self.process.T))
+    def c_noise(self, t: torch.Tensor, dtype=torch.float32, s=None, sigma=None) -> torch.Tensor:
+        """The net's conditioning at times ``t`` as a float ``(B,)`` tensor: the parametrization's
+        (:meth:`Parametrization.noise_conditioning`; ``1000 t / T`` unless it conditions on the level)."""
+        if s is None or sigma is None:
+            s, sigma = self.process.coeffs(t.detach().cpu() if self.process.discrete else t.to(torch.float64))
+            s, sigma = s.to(t.device), sigma.to(t.device)
+        return self.parametrization.noise_conditioning(t, s, sigma, self.process, dtype)
 
     def coeffs(self, t, x: torch.Tensor):
         """``(t_batch, s_t, sigma_t)``: ``t`` as ``(B,)`` and the coefficients broadcast against ``x``."""
@@ -292,11 +432,11 @@ class DiffusionModel(nn.Module):
 
     def _raw(self, x_t: torch.Tensor, tb: torch.Tensor, s, sigma, labels=None) -> torch.Tensor:
         """The network evaluation proper (what subclasses such as the Gaussian oracle replace)."""
-        x_in = x_t / (s * s + sigma * sigma).sqrt() if self.scale_input else x_t
+        x_in = x_t * self.parametrization.input_scale(s, sigma) if self.scale_input else x_t
         lab = self.labels_for(labels, x_t)
         if lab is None:
-            return self.net(x_in, self.c_noise(tb, x_t.dtype))
-        return self.net(x_in, self.c_noise(tb, x_t.dtype), lab)
+            return self.net(x_in, self.c_noise(tb, x_t.dtype, s, sigma))
+        return self.net(x_in, self.c_noise(tb, x_t.dtype, s, sigma), lab)
 
     def forward(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor:
         """The raw network output (both halves when ``learn_variance``); counts one evaluation."""

@@ -5,6 +5,7 @@
 - :func:`cosine_betas` -- Nichol & Dhariwal 2021: ``alpha-bar(t) = f(t) / f(0)``,
   ``f(t) = cos^2(((t / T + s) / (1 + s)) pi / 2)``, ``beta_t = min(1 - alpha-bar_t / alpha-bar_{t-1}, 0.999)``;
 - :func:`geometric_sigmas` -- Song & Ermon 2019 (NCSN): ``sigma_1 < ... < sigma_L`` in geometric progression;
+- :func:`rescale_zero_terminal_snr` -- Lin et al. 2024, Algorithm 1: betas rescaled so that ``alpha-bar_T = 0``;
 - :func:`as_betas`, :func:`as_sigmas` -- any user array, validated.
 
 All return 1-D float64 tensors indexed by ``t - 1`` for ``t = 1..T`` (the chains pad index 0 themselves).
@@ -40,10 +41,14 @@ def _as_1d(values, what: str) -> torch.Tensor:
     return v
 
 
-def as_betas(values) -> torch.Tensor:
-    """Validate a user beta schedule: every ``beta_t`` strictly inside (0, 1)."""
+def as_betas(values, allow_final_one: bool = False) -> torch.Tensor:
+    """Validate a user beta schedule: every ``beta_t`` strictly inside (0, 1); with ``allow_final_one`` the last may
+    be 1 (a zero terminal SNR, :func:`rescale_zero_terminal_snr`)."""
     b = _as_1d(values, "betas")
-    bad = torch.nonzero((b <= 0) | (b >= 1))
+    high = b >= 1
+    if allow_final_one and b[-1] == 1.0:
+        high[-1] = False
+    bad = torch.nonzero((b <= 0) | high)
     if bad.numel():
         i = int(bad[0])
         raise DiffusionLabError(f"betas must lie in (0, 1); beta_{i + 1} (index {i}) = {b[i].item():.6g}")
@@ -99,6 +104,30 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> to
     ab = cosine_alpha_bar(torch.arange(T + 1, dtype=_F64) / T, s)
     betas = (1 - ab[1:] / ab[:-1]).clamp(max=max_beta)
     return as_betas(betas)
+
+
+def rescale_zero_terminal_snr(betas) -> torch.Tensor:
+    """Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed"), Algorithm 1: shift and
+    scale ``sqrt(alpha-bar_t)`` so that it is 0 at ``t = T`` and unchanged at ``t = 1``, and read the betas back::
+
+        a_t = sqrt(abar_t),   a_t <- (a_t - a_T) a_1 / (a_1 - a_T),   abar_t = a_t^2,
+        beta_1 = 1 - abar_1,   beta_t = 1 - abar_t / abar_{t-1},   beta_T = 1
+
+    A chain whose last step leaves signal (``abar_T > 0``: the cosine schedule's 2.4e-9, the linear one's 4e-5)
+    trains on ``x_T`` that still carries ``s_T x_0`` but samples from pure noise; after the rescale ``x_T`` is pure
+    noise in training too. The last beta is exactly 1 (``alpha-bar_T = 0``), so eps-prediction cannot decode at
+    ``T``: use v- or x0-prediction (Lin et al. 2024, sec. 3.2)."""
+    b = as_betas(betas)
+    if b.numel() < 2:
+        raise DiffusionLabError("zero terminal SNR needs a schedule of at least 2 steps")
+    a = torch.exp(0.5 * torch.cumsum(torch.log1p(-b), 0))  # sqrt(alpha-bar_t), t = 1..T
+    a1, aT = a[0].clone(), a[-1].clone()
+    a = (a - aT) * (a1 / (a1 - aT))
+    ab = a * a
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    out = 1.0 - alphas
+    out[-1] = 1.0
+    return as_betas(out, allow_final_one=True)
 
 
 def geometric_sigmas(L: int = 10, sigma_min: float = 0.01, sigma_max: float = 1.0) -> torch.Tensor:

@@ -81,7 +81,7 @@ class ChainAsSDE(DiffusionModel):
     """
 
     def __init__(self, model, sde):
-        super().__init__(model.net, sde, prediction=model.prediction, learn_variance=model.learn_variance,
+        super().__init__(model.net, sde, prediction=model.parametrization, learn_variance=model.learn_variance,
                          scale_input=model.scale_input)
         chain = model.process
         self.chain_T = int(chain.T)
@@ -93,7 +93,9 @@ class ChainAsSDE(DiffusionModel):
         i = torch.as_tensor(i)
         return self.process.time_at_logsnr(-self.neg_logsnr.cpu()[i.long() - 1])
 
-    def c_noise(self, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    def c_noise(self, t: torch.Tensor, dtype=torch.float32, s=None, sigma=None) -> torch.Tensor:
+        if self.parametrization.conditions_on_level:  # equal levels, equal conditioning: nothing to map
+            return super().c_noise(t, dtype, s, sigma)
         nl = -self.process.logsnr(t.to(_F64))
         grid = self.neg_logsnr.to(nl.device)
         k = torch.searchsorted(grid, nl.contiguous()).clamp(1, grid.numel() - 1)

@@ -8,7 +8,9 @@ Every objective takes the process's noise covariance C (``process.cov``), uses `
 - ``vlb`` -- :class:`VLBLoss`, DDPM's variational bound in nats (:func:`vlb_terms`, :func:`full_vlb`);
 - ``hybrid`` -- :class:`HybridLoss`, Nichol & Dhariwal 2021;
 - ``ncsn`` -- :class:`NCSNLoss`, Song & Ermon 2019;
-- ``dsm`` -- :class:`ContinuousDSM`, continuous-time denoising score matching for the SDEs (Song et al. 2021).
+- ``dsm`` -- :class:`ContinuousDSM`, continuous-time denoising score matching for the SDEs (Song et al. 2021);
+- ``edm`` -- :class:`EDMLoss`, Karras et al. 2022's loss: log-normal noise levels (or a given density), weight
+  ``lambda(sig) = (sig^2 + sd^2) / (sig sd)^2`` on the denoiser's whitened error, any process.
 
 Build one from a config dict with :func:`make_objective`, e.g. ``{"name": "simple", "weighting": "min_snr",
 "gamma": 5}``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from diffusionlab.configuration import Catalogue
 from diffusionlab.objectives.continuous import ContinuousDSM
+from diffusionlab.objectives.edm import EDMLoss
 from diffusionlab.objectives.ncsn import NCSNLoss
 from diffusionlab.objectives.simple import WEIGHTINGS, SimpleLoss, elbo_weights
 from diffusionlab.objectives.vlb import (
@@ -36,7 +39,8 @@ from diffusionlab.objectives.vlb import (
 #: class (its constructor's defaults are the defaults; the process is the run's)
 OBJECTIVES = Catalogue("objective", "objective")
 for _name, _cls, _aliases in (("simple", SimpleLoss, {}), ("vlb", VLBLoss, {}), ("hybrid", HybridLoss, {"lambda": "lam"}),
-                              ("ncsn", NCSNLoss, {}), ("dsm", ContinuousDSM, {})):
+                              ("ncsn", NCSNLoss, {}), ("dsm", ContinuousDSM, {}),
+                              ("edm", EDMLoss, {})):
     OBJECTIVES.register(_name, context=("process",), options_of=_cls, aliases=_aliases)(_cls)
 
 
@@ -47,7 +51,7 @@ def make_objective(cfg: dict | str, process):
 
 
 __all__ = [
-    "OBJECTIVES", "make_objective", "ContinuousDSM", "SimpleLoss", "VLBLoss", "HybridLoss", "NCSNLoss", "WEIGHTINGS", "VARIANCES",
+    "OBJECTIVES", "make_objective", "ContinuousDSM", "EDMLoss", "SimpleLoss", "VLBLoss", "HybridLoss", "NCSNLoss", "WEIGHTINGS", "VARIANCES",
     "DECODERS", "elbo_weights", "vlb_terms", "vlb_from_prediction", "full_vlb", "discretized_gaussian_log_prob",
     "reverse_log_variance",
 ]

@@ -82,7 +82,7 @@ class SimpleLoss:
         param = get_parametrization(parametrization)
         if self.weighting == "min_snr":
             return param.min_snr_weight((s / sigma).reshape(-1) ** 2, self.gamma)
-        key = (param.name, t.device)
+        key = (repr(param), t.device)  # the object's options (EDM's sigma_data) matter
         if key not in self._elbo_w:
             self._elbo_w[key] = elbo_weights(self.process, param).to(t.device)
         return self._elbo_w[key][t].to(s.dtype)

@@ -42,7 +42,7 @@ import torch
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.oracles.mixture import GaussianMixtureOracle, load_spec
 from diffusionlab.odeint import solve
-from diffusionlab.processes.grid import GRID_KINDS, make_grid
+from diffusionlab.processes.grid import GRID_KINDS, TimeGrid, make_grid
 from diffusionlab.samplers import NoiseSource, parse_sampler, sampler_names
 from diffusionlab.utils import mean_and_stderr
 
@@ -207,14 +207,22 @@ def _check_budget(budget) -> int:
 def plan(name: str, process, budget: int | None, grid: str | None = None, eps: float | None = None,
          generator: torch.Generator | None = None) -> Plan:
     """The :class:`Plan` of sampler ``name`` on ``process`` within ``budget`` evaluations per sample path
-    (module docstring); ``grid`` one of :data:`~diffusionlab.processes.grid.GRID_KINDS` (None or ``auto``: the
-    sampler's default); ``eps`` the last time of an SDE grid (default: the process's); ``generator`` seeds
-    stochastic samplers."""
+    (module docstring); ``grid`` one of :data:`~diffusionlab.processes.grid.GRID_KINDS` (started at ``T``; ``edm``
+    at 80), or None, ``auto`` or ``default``: the sampler's default grid with its start level (recorded as the
+    kind, or as ``default`` for ``default``), or a :class:`~diffusionlab.processes.grid.TimeGrid` (e.g. a fitted
+    one, :mod:`diffusionlab.samplers.fitgrid`: run as is, recorded by its kind); ``eps`` the last time of an SDE grid (default: the process's);
+    ``generator`` seeds stochastic samplers."""
     spec, options = parse_sampler(name)
     spec.check_process(process)
-    kind = spec.default_grid if grid in (None, "auto") else grid
+    if isinstance(grid, TimeGrid):  # an explicit grid (a fitted one): its own steps
+        deterministic = not spec.is_stochastic(options)
+        return Plan(name, spec, grid.kind, grid.steps, grid, options, spec.count(grid, options), deterministic,
+                    None if deterministic else NoiseSource(process.cov, generator), sig_end=grid.sig[-1],
+                    sig_start=grid.sig[0], s_start=grid.s[0], s_end=grid.s[-1])
+    default = grid in (None, "auto", "default")  # the sampler's own grid: its kind and its start level
+    kind = spec.default_grid if default else grid
     if kind not in GRID_KINDS:
-        raise DiffusionLabError(f"unknown time grid {grid!r}; allowed: auto, {', '.join(GRID_KINDS)}")
+        raise DiffusionLabError(f"unknown time grid {grid!r}; allowed: auto, default, {', '.join(GRID_KINDS)}")
     if process.discrete and eps is not None:
         raise DiffusionLabError("--eps applies to SDE processes only (a chain ends at the data, t = 0)")
     if spec.adaptive:
@@ -227,10 +235,11 @@ def plan(name: str, process, budget: int | None, grid: str | None = None, eps: f
         steps = spec.steps_for_budget(budget, process, spec.resolve(options))
         if process.discrete and steps > process.T:
             raise DiffusionLabError(f"--nfe {budget} asks for {steps} steps, more than the chain's T = {process.T}")
-    g = make_grid(process, steps, kind, eps=eps)
+    g = spec.grid(process, steps, None, eps=eps) if default else make_grid(process, steps, kind, eps=eps)
     deterministic = not spec.is_stochastic(options)
     noise = None if deterministic else NoiseSource(process.cov, generator)
-    return Plan(name, spec, "adaptive" if spec.adaptive else kind, None if spec.adaptive else steps, g, options,
+    label = "adaptive" if spec.adaptive else ("default" if grid == "default" else kind)
+    return Plan(name, spec, label, None if spec.adaptive else steps, g, options,
                 spec.count(g, options), deterministic, noise, sig_end=g.sig[-1], sig_start=g.sig[0],
                 s_start=g.s[0], s_end=g.s[-1])
 
@@ -362,6 +371,7 @@ def floor_check(oracle: GaussianMixtureOracle, name: str, budget: int, grid: str
     for SW2 and weight error, ``within`` (both ``z < 2``) and the values per seed (``per_seed``). ``runner(problem)
     -> record`` runs something else than this library's ``name`` (a peer) on each problem."""
     sw, fl, we, wf = [], [], [], []
+    label = grid.kind if isinstance(grid, TimeGrid) else (grid or parse_sampler(name)[0].default_grid)
     for seed in seeds:
         pb = Problem(oracle, num=num, seed=seed, projections=projections, repeats=repeats, coupled=False)
         if runner is not None:
@@ -381,7 +391,7 @@ def floor_check(oracle: GaussianMixtureOracle, name: str, budget: int, grid: str
 
     m, se, f, fse, z = stats(sw, fl)
     wm, wse, wfm, wfse, wz = stats(we, wf)
-    return {"sampler": name, "budget": budget, "grid": grid or parse_sampler(name)[0].default_grid, "seeds": n, "num": num,
+    return {"sampler": name, "budget": budget, "grid": label, "seeds": n, "num": num,
             "sw2_mean": m, "sw2_se": se, "sw2_floor_mean": f, "sw2_floor_se": fse, "sw2_z": z,
             "weight_mean": wm, "weight_se": wse, "weight_floor_mean": wfm, "weight_floor_se": wfse, "weight_z": wz,
             "within": bool(z < 2 and wz < 2), "per_seed": {"sw2": sw, "sw2_floor": fl, "weight": we, "weight_floor": wf}}
@@ -389,11 +399,12 @@ def floor_check(oracle: GaussianMixtureOracle, name: str, budget: int, grid: str
 
 def benchmark(problem: Problem, process, budgets, samplers=None, grids=None, extra=None, progress=None) -> list[dict]:
     """Every sampler of ``samplers`` (default: those that run on ``process``) on every grid of ``grids`` (default:
-    all four for the deterministic few-step solvers, the default grid for the others) at every budget; ``extra``
-    is a callable ``extra(problem, budget) -> list of records`` for peers. Returns the records."""
+    every kind and the sampler's own ``default`` grid for the deterministic few-step solvers, the default grid for
+    the others) at every budget; ``extra`` is a callable ``extra(problem, budget) -> list of records`` for peers.
+    Returns the records."""
     if samplers is None:
         samplers = bench_samplers(process)
-    grids = list(GRID_KINDS) if grids is None else list(grids)
+    grids = [*GRID_KINDS, "default"] if grids is None else list(grids)
     if not process.discrete:
         grids = [g for g in grids if g != "trailing"]
     records = []

@@ -73,6 +73,7 @@ class GaussianProcess:
         discrete: integer steps (a chain) rather than float times (an SDE).
         unit_scale: ``s_t = 1`` at every ``t`` (variance exploding: NCSN's chain, the VE-SDE).
         variance_preserving: ``s_t^2 + sigma_t^2 = 1`` at every ``t`` (DDPM's chain, the VP-SDE).
+        zero_terminal_snr: ``s_T = 0`` (a rescaled chain, Lin et al. 2024).
     """
 
     T: float | int
@@ -80,6 +81,8 @@ class GaussianProcess:
     discrete: bool = False
     unit_scale: bool = False
     variance_preserving: bool = False
+    #: ``s_T = 0``: the last time carries no signal (Lin et al. 2024); the chains say so from their coefficients
+    zero_terminal_snr: bool = False
 
     def __init__(self, cov: Covariance | None = None):
         self.cov = cov if cov is not None else Identity()

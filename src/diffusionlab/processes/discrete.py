@@ -52,8 +52,10 @@ class GaussianChain(GaussianProcess):
         b = torch.as_tensor(b, dtype=_F64).reshape(-1)
         if a.numel() < 1 or a.shape != b.shape:
             raise DiffusionLabError(f"chain coefficients a and b need equal lengths >= 1, got {a.numel()} and {b.numel()}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()) or (a <= 0).any() or (b <= 0).any():
-            raise DiffusionLabError("chain coefficients a_t and b_t must be finite and positive")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()) or (a[:-1] <= 0).any() or (b <= 0).any() \
+                or float(a[-1]) < 0:
+            raise DiffusionLabError("chain coefficients a_t and b_t must be finite and positive (a_T may be 0: a zero "
+                                    "terminal SNR)")
         self.T = int(a.numel())
         self.a = _pad(a, 1.0)
         self.b = _pad(b, 0.0)
@@ -135,6 +137,11 @@ class GaussianChain(GaussianProcess):
         mean = self.at("post_A", t, x_t, lo=1) * x_t + self.at("post_B", t, x_t, lo=1) * x0
         return mean, self.at("post_var", t, x_t, lo=1)
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether ``s_T = 0`` (``x_T`` is pure noise; Lin et al. 2024)."""
+        return float(self.mean_scale[-1]) == 0.0
+
     def __repr__(self):
         return f"{type(self).__name__}(T={self.T}, cov={self.cov!r})"
 
@@ -149,7 +156,7 @@ class VPChain(GaussianChain):
     variance_preserving = True
 
     def __init__(self, betas, cov: Covariance | None = None):
-        betas = as_betas(betas)
+        betas = as_betas(betas, allow_final_one=True)  # beta_T = 1: zero terminal SNR (Lin et al. 2024)
         self.beta = _pad(betas, 0.0)
         self.alpha = 1.0 - self.beta
         log_ab = torch.cumsum(torch.log1p(-self.beta), 0)

@@ -22,11 +22,18 @@ Kinds (:func:`make_grid`; ``u_i = i / N``):
 ``logsnr``     uniform in ``lambda`` between the ends (the DPM-Solver grid, Lu et al. 2022)
 ``karras``     EDM's grid (Karras et al. 2022, eq. 5) in ``sig``, exponent ``rho`` (7):
                ``sig_i = (sig_max^(1/rho) + u_i (sig_min^(1/rho) - sig_max^(1/rho)))^rho``
+``edm``        ``karras`` started at EDM's ``sig_max = 80`` (Karras et al. 2022, sec. 3 and Table 1: the same
+               ``sigma_max`` for every data set) where the process reaches higher (the cosine chain's last step
+               has ``sig = 2e4``, the VP-SDE's 152), else at ``T``: the few-step solvers' default. A solver that
+               predicts the data multiplies a network's eps error by ``sig``, so the levels far above the data's
+               scale cost evaluations and accuracy and buy nothing: from ``sig = 80`` the start ``N(0, sigma^2 C)``
+               misses the data's share ``s x_0`` by about ``sigma_data / 80`` of the noise.
 =============  =================================================================================================
 
 ``logsnr`` and ``karras`` are mapped back to times by the process's inverse log-SNR (closed forms for the SDEs,
-the nearest step on a chain, pushed apart where rounding would repeat a step). ``sig_max`` (optional) starts the
-grid at the time whose level is ``sig_max`` instead of at ``T`` (a clipped start); explicit times
+the nearest step on a chain, pushed apart where rounding would repeat a step; on a zero-terminal-SNR chain they
+start at ``T - 1``, the last finite level). ``sig_max`` (optional) starts the grid at the time whose level is
+``sig_max`` instead of at ``T`` (a clipped start); explicit times
 (:class:`TimeGrid` itself) give any other grid.
 """
 
@@ -40,7 +47,9 @@ from diffusionlab.errors import DiffusionLabError
 from diffusionlab.processes.base import posterior_coefficients_between, transition_coefficients
 
 _F64 = torch.float64
-GRID_KINDS = ("uniform", "trailing", "quadratic", "logsnr", "karras")
+GRID_KINDS = ("uniform", "trailing", "quadratic", "logsnr", "karras", "edm")
+#: the ``edm`` grid's start level (Karras et al. 2022, Table 1: sigma_max = 80)
+EDM_SIG_MAX = 80.0
 #: steps of an SDE grid when none are given (score_sde's N for the reverse SDE and PC samplers)
 DEFAULT_SDE_STEPS = 1000
 
@@ -73,6 +82,8 @@ class TimeGrid:
     def _checked(process, times) -> torch.Tensor:
         try:
             t = torch.as_tensor(times).detach().cpu().reshape(-1)
+            if not torch.is_tensor(times) and t.dtype.is_floating_point:
+                t = torch.as_tensor(times, dtype=_F64).reshape(-1)  # Python floats keep all their digits
         except (TypeError, ValueError, RuntimeError):
             raise DiffusionLabError(f"a time grid must be a sequence of numbers, got {times!r}") from None
         if t.dtype == torch.bool or t.numel() < 1:
@@ -219,7 +230,8 @@ def make_grid(process, steps: int | None = None, kind: str = "uniform", rho: flo
 
     ``steps``: None means every step of a chain, :data:`DEFAULT_SDE_STEPS` on an SDE. ``eps``: an SDE grid's last
     time (default ``process.default_eps``; chains end at the data). ``rho``: EDM's exponent (``karras``).
-    ``sig_max``: start at the (nearest) time whose EDM level ``sigma / s`` is ``sig_max`` rather than at ``T``.
+    ``sig_max``: start at the (nearest) time whose EDM level ``sigma / s`` is ``sig_max`` rather than at ``T`` (a
+    level at or above the process's top, ``inf`` included, starts at ``T``; ``edm`` without it: 80).
     """
     if kind not in GRID_KINDS:
         raise DiffusionLabError(f"unknown time grid {kind!r}; allowed: {', '.join(GRID_KINDS)}")
@@ -229,19 +241,25 @@ def make_grid(process, steps: int | None = None, kind: str = "uniform", rho: flo
         raise DiffusionLabError(f"karras grid needs a number rho > 0, got {rho!r}") from None
     if not rho > 0 or math.isinf(rho):
         raise DiffusionLabError(f"karras grid needs rho > 0, got {rho!r}")
+    if kind == "edm":  # karras from EDM's sig_max, where the process reaches above it
+        return _relabel(make_grid(process, steps, "karras", rho, eps, EDM_SIG_MAX if sig_max is None else sig_max),
+                        "edm")
     start_t = None
     if sig_max is not None:
         try:
             sig_max = float(sig_max)
         except (TypeError, ValueError):
             raise DiffusionLabError(f"sig_max must be a positive number, got {sig_max!r}") from None
-        if not (sig_max > 0 and math.isfinite(sig_max)):
+        if not sig_max > 0:
             raise DiffusionLabError(f"sig_max must be a positive number, got {sig_max!r}")
+    if sig_max is not None and sig_max < top_level(process):  # at or above the top: start at T
         start_t = process.time_at_edm_sigma(torch.tensor(sig_max, dtype=_F64))
     if process.discrete:
         if eps is not None:
             raise DiffusionLabError("eps applies to SDE grids only (a chain's grid ends at the data, t = 0)")
         top = process.T if start_t is None else max(1, min(process.T, int(start_t)))
+        if kind in ("logsnr", "karras") and top > 1 and math.isinf(float(process.edm_sigma(torch.tensor(top)))):
+            top -= 1  # a zero-terminal-SNR chain's level at T is infinite: these grids start at the last finite one
         n = _check_steps(top if steps is None else steps, top)
         return TimeGrid(process, _chain_steps(process, n, kind, rho, top), kind)
     n = _check_steps(DEFAULT_SDE_STEPS if steps is None else steps)
@@ -250,6 +268,18 @@ def make_grid(process, steps: int | None = None, kind: str = "uniform", rho: flo
     if not start > eps:
         raise DiffusionLabError(f"the grid's start t = {start:g} (sig_max = {sig_max}) must lie above eps = {eps:g}")
     return TimeGrid(process, _sde_times(process, n, kind, rho, eps, start), kind)
+
+
+def top_level(process) -> float:
+    """The EDM level ``sigma_T / s_T`` at the process's last time ``T`` (``inf`` at a zero terminal SNR)."""
+    t = torch.tensor(process.T) if process.discrete else torch.tensor(float(process.T), dtype=_F64)
+    s, sigma = process.coeffs(t)
+    return math.inf if float(s) == 0.0 else float(sigma / s)
+
+
+def _relabel(grid: TimeGrid, kind: str) -> TimeGrid:
+    grid.kind = kind
+    return grid
 
 
 def _same_coefficients(grid: TimeGrid, process) -> bool:

@@ -122,6 +122,7 @@ class SamplerSpec:
     stochastic: bool | Callable[[dict], bool] = False
     default_grid: str = "uniform"
     default_steps: int | None = None
+    default_sig_max: float | None = None
     nfe: Callable[[TimeGrid, dict], int | None] = per_step(1)
     steps_for_budget: Callable[[int, Any, dict], int] | None = None
     adaptive: bool = False
@@ -169,11 +170,15 @@ class SamplerSpec:
 
     def grid(self, process, grid=None, kind: str | None = None, **grid_options) -> TimeGrid:
         """The grid for a call: a :class:`TimeGrid`, a number of steps, a sequence of times or None (the sampler's
-        default steps; on a chain with fewer steps, all of them), of ``kind`` (default: the sampler's)."""
+        default steps; on a chain with fewer steps, all of them), of ``kind`` (default: the sampler's), started at
+        the sampler's ``default_sig_max`` unless ``grid_options`` give ``sig_max`` (None there: the process's
+        ``T``)."""
         if grid is None:
             grid = self.default_steps
             if grid is not None and process.discrete:
                 grid = min(grid, process.T)
+        if grid is None or (isinstance(grid, int) and not isinstance(grid, bool)):
+            grid_options = {"sig_max": self.default_sig_max, **grid_options}
         return as_grid(process, grid, kind or self.default_grid, **grid_options)
 
     def count(self, grid: TimeGrid, options: dict | None = None) -> int | None:

@@ -33,6 +33,18 @@ DPM-Solver++(3M) here integrates the quadratic through the last three denoised v
 is not exact for a quadratic ``D`` and leaves a local error ``h^3 D'' / 12`` (second order overall); the tests
 check third order here.
 
+Default grids (right for trained networks; ``SamplerSpec.default_grid`` / ``default_sig_max``): a data-prediction
+solver turns a network's eps error ``delta`` at level ``sig`` into an x0 error ``sig * delta``, and its first step
+carries it to the next level relative to that level's noise as ``(sig_0 / sig_1) delta``. Started where the
+cosine chain starts (``sigma_T / s_T = 2e4``) on a quadratic grid (``sig_1 = 2.9``) that is ``7000 delta``: FD 27
+on the digits U-Net, whose ``delta`` is 0.02 (pure noise is 34). So Heun, DPM-Solver++(2M) and UniPC start at EDM's
+``sig = 80`` on EDM's rho = 7 grid (``edm``), and the two that the error hurts most start lower, at ``sig = 10``
+(:data:`LOW_START`): first-order Euler on that grid, and DPM-Solver++(3M), whose quadratic extrapolation through
+three denoised values amplifies their errors on the uneven Karras steps, on the log-SNR grid. Measured on the
+digits run (configs/digits.yaml, 10 steps, FD of 1000 samples, seeds 0-2): DDIM with clipping 2.97; Euler 2.66,
+Heun 1.70 (19 NFE), DPM-Solver++(2M) 1.73, DPM-Solver++(3M) 1.97, UniPC 1.77 (docs/benchmarks.md). A ``sig_max`` (the
+``sample:`` section's, ``inf`` for ``T``) or an explicit grid overrides them.
+
 NFE: one evaluation per step for Euler, DPM-Solver++ and UniPC; two for Heun, one on a last step to ``sig = 0``
 (then Euler, as in EDM); churn adds none. On a step to ``sig = 0`` (a chain's last step to the data, or VP at
 ``t = 0``) every solver returns the denoised value (first order), as the reference codes do.
@@ -45,7 +57,7 @@ import math
 import torch
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.processes.grid import as_grid
+from diffusionlab.processes.grid import EDM_SIG_MAX, as_grid
 from diffusionlab.progress import progress as progress_display
 from diffusionlab.samplers.ancestral import ddim_update
 from diffusionlab.samplers.catalogue import flag, integer, number, one_of, register_sampler
@@ -54,10 +66,25 @@ from diffusionlab.samplers.noise import noise_source
 _F64 = torch.float64
 
 
+def _finite_start(grid, name: str):
+    """``grid`` if its first level ``sig = sigma / s`` is finite; these solvers work in ``y = x / s``, which a
+    zero-terminal-SNR chain's ``t = T`` (``s = 0``) does not have."""
+    if not math.isfinite(grid.sig[0]):
+        raise DiffusionLabError(f"{name} works in y = x / s and cannot start at t = {grid.times[0]}, where s = 0 (zero "
+                                "terminal SNR): start below it (the default grid 'edm', or sig_max), or use ddim / ddpm")
+    return grid
+
+
 def _denoise(model, y: torch.Tensor, s: float, t):
     """``(D, eps_hat)`` at ``x = s y`` and time ``t``: one evaluation."""
     p = model.predict(y * s, t)
     return p.x0, p.eps
+
+
+# ---- default grids ----------------------------------------------------------------------------------------------
+#: the start level of the solvers that a trained network's error at high noise hurts most: first-order Euler and the
+#: quadratic extrapolation of DPM-Solver++(3M) (module docstring, "Default grids")
+LOW_START = 10.0
 
 
 # ---- EDM Euler / Heun -----------------------------------------------------------------------------------------
@@ -71,7 +98,7 @@ CHURN_OPTIONS = {
 
 def _edm(model, x, grid, noise, progress, s_churn, s_tmin, s_tmax, s_noise, second: bool):
     """Karras et al. 2022 Algorithm 2 (Algorithm 1 when ``s_churn = 0``); Euler only when not ``second``."""
-    grid = as_grid(model.process, grid)
+    grid = _finite_start(as_grid(model.process, grid), "heun" if second else "euler")
     n = grid.steps
     if s_churn > 0 and grid.discrete:
         raise DiffusionLabError("churn (s_churn > 0) needs a continuous SDE: a chain has no times between its steps")
@@ -99,7 +126,8 @@ def _edm(model, x, grid, noise, progress, s_churn, s_tmin, s_tmax, s_noise, seco
 
 @register_sampler("euler", "Euler on dy/dsig = eps_hat (DDIM without churn), with EDM's churn",
                   "Karras et al. 2022, Algorithm 2", options=CHURN_OPTIONS,
-                  stochastic=lambda o: o["s_churn"] > 0, default_grid="karras", default_steps=50)
+                  stochastic=lambda o: o["s_churn"] > 0, default_grid="edm", default_steps=50,
+                  default_sig_max=LOW_START)
 def edm_euler(model, x: torch.Tensor, grid=None, noise=None, progress: bool = False, s_churn: float = 0.0,
               s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
     """Euler on ``dy/dsig = eps_hat`` (Karras et al. 2022, Algorithm 2 without its correction): one evaluation
@@ -119,8 +147,8 @@ def _heun_budget(budget: int, process, opts) -> int:
 
 
 @register_sampler("heun", "Heun's method on dy/dsig = eps_hat, with EDM's churn", "Karras et al. 2022, Algorithms 1-2",
-                  options=CHURN_OPTIONS, stochastic=lambda o: o["s_churn"] > 0, default_grid="karras",
-                  default_steps=18, nfe=_heun_nfe, steps_for_budget=_heun_budget)
+                  options=CHURN_OPTIONS, stochastic=lambda o: o["s_churn"] > 0, default_grid="edm",
+                  default_steps=18, default_sig_max=EDM_SIG_MAX, nfe=_heun_nfe, steps_for_budget=_heun_budget)
 def edm_heun(model, x: torch.Tensor, grid=None, noise=None, progress: bool = False, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
     """Heun's method on ``dy/dsig = eps_hat`` (Karras et al. 2022, Algorithms 1-2), second order.
@@ -161,7 +189,7 @@ def _multistep(model, x, grid, progress, order: int, solver_type: str = "midpoin
     """Multistep DPM-Solver++ of ``order`` 1-3 in ``y = x / s`` and ``lambda = -log sig`` (module docstring)."""
     if solver_type not in SOLVER_TYPES:
         raise DiffusionLabError(f"unknown DPM-Solver++ solver_type {solver_type!r}; allowed: {', '.join(SOLVER_TYPES)}")
-    grid = as_grid(model.process, grid)
+    grid = _finite_start(as_grid(model.process, grid), desc)
     model.process.cov.check(x)
     n = grid.steps
     lam = grid.lam
@@ -206,7 +234,7 @@ LOWER_ORDER_FINAL = ("auto", True, False)
                   options={"solver_type": one_of(*SOLVER_TYPES, doc="midpoint (the paper) or heun (diffusers)"),
                            "lower_order_final": one_of(*LOWER_ORDER_FINAL,
                                                        doc="first order on the last step; auto: below 15 steps")},
-                  default_grid="quadratic", default_steps=20)
+                  default_grid="edm", default_steps=20, default_sig_max=EDM_SIG_MAX)
 def dpmpp_2m(model, x: torch.Tensor, grid=None, progress: bool = False, solver_type: str = "midpoint",
              lower_order_final="auto") -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in ``y = x / s``, ``h_i = lambda_{i+1} - lambda_i``::
@@ -225,7 +253,7 @@ def dpmpp_2m(model, x: torch.Tensor, grid=None, progress: bool = False, solver_t
                   "Lu et al. 2022, sec. 4 (3M); this module's note on its weights",
                   options={"lower_order_final": one_of(*LOWER_ORDER_FINAL,
                                                        doc="orders 2, 1 on the last two steps; auto: below 15 steps")},
-                  default_grid="quadratic", default_steps=20)
+                  default_grid="logsnr", default_steps=20, default_sig_max=LOW_START)
 def dpmpp_3m(model, x: torch.Tensor, grid=None, progress: bool = False, lower_order_final="auto") -> torch.Tensor:
     """DPM-Solver++(3M): the exact integral of the quadratic through the last three denoised values (module
     docstring), after a first- and a second-order (2M, ``A2`` weight) warm-up step. Third order. With
@@ -302,7 +330,7 @@ def _unipc_update(y_s, m_t, hist, lams, lam_t, sig_ratio, order, corrector: bool
                            "corrector": flag("use the corrector UniC"),
                            "lower_order_final": flag("lower the orders on the last steps (the reference's default)"),
                            "variant": one_of("bh1", "bh2", doc="B(h) = h (bh1) or e^h - 1 (bh2)")},
-                  default_grid="quadratic", default_steps=20)
+                  default_grid="edm", default_steps=20, default_sig_max=EDM_SIG_MAX)
 def unipc(model, x: torch.Tensor, grid=None, progress: bool = False, order: int = 2, corrector: bool = True,
           lower_order_final: bool = True, variant: str = "bh2") -> torch.Tensor:
     """UniPC (Zhao et al. 2023), data prediction, in ``y = x / s``: at each grid point the model is evaluated
@@ -315,7 +343,7 @@ def unipc(model, x: torch.Tensor, grid=None, progress: bool = False, order: int 
     order = _check_order(order, (1, 2, 3))
     if variant not in ("bh1", "bh2"):
         raise DiffusionLabError(f"unknown UniPC variant {variant!r}; allowed: bh1, bh2")
-    grid = as_grid(model.process, grid)
+    grid = _finite_start(as_grid(model.process, grid), "unipc")
     model.process.cov.check(x)
     n, lam = grid.steps, grid.lam
     y = x / grid.s[0]

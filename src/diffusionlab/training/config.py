@@ -127,11 +127,34 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3,
     return opts
 
 
+#: the ``sample.grid`` values beyond the grid kinds: the run's fitted grid, an explicit-times file
+SAMPLE_GRIDS = (*GRID_KINDS, "fitted", "file:PATH")
+
+
+def is_sample_grid(v) -> bool:
+    return v in GRID_KINDS or v == "fitted" or (isinstance(v, str) and v.startswith("file:") and len(v) > 5)
+
+
+def grid_argument(value: str) -> str:
+    """The CLI's ``--grid`` type: a grid kind, ``fitted`` or ``file:PATH`` (argparse names the flag)."""
+    if not is_sample_grid(value):
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(SAMPLE_GRIDS)}, got {value!r}")
+    return value
+
+
+def _times_ok(v) -> bool:
+    return len(v) >= 1 and all(isinstance(u, (int, float)) and not isinstance(u, bool) for u in v)
+
+
 SAMPLE_SCHEMA = {
     "sampler": (str, lambda v: True, "a sampler name"),
     "steps": _POS_INT,
-    "grid": (str, lambda v: v in GRID_KINDS, f"one of {', '.join(GRID_KINDS)}"),
+    "grid": (str, is_sample_grid, f"one of {', '.join(SAMPLE_GRIDS)}"),
     "rho": ((int, float), lambda v: 0 < v < float("inf"), "a number > 0 (the karras grid's exponent)"),
+    "sig_max": ((int, float), lambda v: v > 0, "a number > 0 (the grid's start level sigma / s; .inf: T)"),
+    "times": (list, _times_ok, "a list of times (an explicit grid, first to last)"),
     "num": _POS_INT,
     # conditioning (diffusionlab.conditioning.cli; flags of the same names override them)
     "classes": ((int, list), lambda v: True, "a class or a list of classes of a class-conditional model"),
@@ -144,7 +167,8 @@ SAMPLE_SCHEMA = {
 
 
 def sample_options(sampler: str = "ddim", num: int = 64, steps: int | None = None, grid: str | None = None,
-                   rho: float | None = None, classes: list | None = None, guidance: float | None = None,
+                   rho: float | None = None, sig_max: float | None = None, times: list | None = None,
+                   classes: list | None = None, guidance: float | None = None,
                    guidance_interval: list | None = None, known: str | None = None, mask: str | None = None,
                    method: str | None = None) -> dict:
     """The ``sample:`` section's own keys (the sampler's options come besides them).
@@ -153,8 +177,12 @@ def sample_options(sampler: str = "ddim", num: int = 64, steps: int | None = Non
         sampler: a sampler of the catalogue (``diffusionlab sample --help`` lists them)
         num: samples written at the end of ``demo`` and by periodic sampling
         steps: sampler steps (default: the sampler's own)
-        grid: uniform, trailing, quadratic, logsnr or karras (default: the sampler's own)
+        grid: uniform, trailing, quadratic, logsnr, karras, edm (default: the sampler's own), fitted (the run's grid
+            fitted by ``diffusionlab fit-grid`` for this sampler and steps) or file:PATH (a JSON list of times, or a
+            fit-grid file)
         rho: the karras grid's exponent (default 7)
+        sig_max: the grid's start level sigma / s (default: the sampler's; .inf starts at T)
+        times: an explicit grid (chain steps or SDE times, first to last); overrides steps and grid
         classes: class label(s) to sample (class-conditional models; spread over the samples in blocks)
         guidance: classifier-free guidance weight (1 conditional, 0 unconditional)
         guidance_interval: [lo, hi]: guide only at noise levels sigma/s in (lo, hi]
@@ -182,7 +210,7 @@ def check_sample(section: dict) -> None:
     from diffusionlab.samplers import get_sampler
 
     if "spacing" in section:
-        raise DiffusionLabError("sample.spacing was renamed sample.grid (uniform, trailing, quadratic, logsnr, karras)")
+        raise DiffusionLabError(f"sample.spacing was renamed sample.grid ({', '.join(GRID_KINDS)})")
     if not isinstance(section.get("sampler"), str):
         raise DiffusionLabError(f"sample.sampler must be a sampler name, got {section.get('sampler')!r}")
     spec = get_sampler(section["sampler"])
@@ -234,11 +262,12 @@ def _parametrization(section: dict | None) -> dict:
     entry = Entry("parametrization", DiffusionModel, "parametrization", (),
                   {"options_of": DiffusionModel, "inferred": ("net", "process")})
     out = entry.resolve(section or {}, "parametrization")
-    from diffusionlab.parametrization import PARAMETRIZATIONS
+    from diffusionlab.parametrization import PARAMETRIZATIONS, get_parametrization
 
     if out["prediction"] not in PARAMETRIZATIONS:
         raise DiffusionLabError(f"parametrization.prediction must be one of {', '.join(PARAMETRIZATIONS)}, got "
                                 f"{out['prediction']!r}")
+    get_parametrization(out["prediction"], out.get("sigma_data"))  # sigma_data: for edm only, > 0
     return out
 
 

@@ -12,8 +12,8 @@ from diffusionlab.io import load_weights
 from diffusionlab.training.config import load_config
 
 #: keys of a ``sample:`` section that are not the sampler's own options (the last six: conditioning)
-SAMPLE_KEYS = ("sampler", "steps", "grid", "rho", "num", "classes", "guidance", "guidance_interval", "known", "mask",
-               "method")
+SAMPLE_KEYS = ("sampler", "steps", "grid", "rho", "sig_max", "times", "num", "classes", "guidance",
+               "guidance_interval", "known", "mask", "method")
 
 
 def sampler_options(scfg: dict) -> dict:
@@ -21,23 +21,76 @@ def sampler_options(scfg: dict) -> dict:
     return {k: v for k, v in scfg.items() if k not in SAMPLE_KEYS}
 
 
+def section_grid(scfg: dict, process):
+    """The :class:`~diffusionlab.processes.grid.TimeGrid` of a ``sample:`` section: its explicit ``times``, or
+    ``steps`` of ``grid`` (the sampler's defaults where absent) with ``rho`` and ``sig_max``. A ``fitted`` or
+    ``file:`` grid must have been resolved into ``times`` (:func:`sample_section`)."""
+    from diffusionlab.samplers import get_sampler
+
+    spec = get_sampler(scfg["sampler"])
+    if scfg.get("times") is not None:
+        return spec.grid(process, list(scfg["times"]))
+    kind = scfg.get("grid")
+    if kind == "fitted" or (isinstance(kind, str) and kind.startswith("file:")):
+        raise DiffusionLabError(f"sample.grid {kind!r} is read when sampling a run (sample, evaluate); it has not "
+                                "been resolved here")
+    opts = {k: scfg[k] for k in ("rho", "sig_max") if scfg.get(k) is not None}
+    if opts.get("sig_max") == float("inf"):
+        opts["sig_max"] = None  # start at T
+    return spec.grid(process, scfg.get("steps"), kind, **opts)
+
+
 def check_sample_section(scfg: dict, process) -> None:
     """Validate a ``sample:`` section against the sampler catalogue and the process: the sampler exists and runs on
     the process, its options are its own, and its grid can be built (so ``train`` refuses a bad section before
-    training)."""
+    training; a ``fitted`` grid is fitted after training, and checked when it is read)."""
     from diffusionlab.samplers import get_sampler
 
     spec = get_sampler(scfg["sampler"])
     spec.check_process(process)
     spec.validate(sampler_options(scfg))
-    spec.grid(process, scfg.get("steps"), scfg.get("grid"), **({"rho": scfg["rho"]} if "rho" in scfg else {}))
+    kind = scfg.get("grid")
+    if isinstance(kind, str) and kind.startswith("file:"):
+        section_grid(resolve_grid_file(scfg, None), process)
+    elif kind != "fitted":
+        section_grid(scfg, process)
+
+
+def resolve_grid_file(scfg: dict, run_dir) -> dict:
+    """``scfg`` with a ``fitted`` or ``file:PATH`` grid replaced by explicit ``times``: ``fitted`` reads the run's
+    ``grids/<sampler>-<steps>.json`` (:mod:`diffusionlab.samplers.fitgrid`), ``file:PATH`` a JSON list of times or
+    such a file (relative paths from the run directory first, then the working directory)."""
+    from diffusionlab.samplers.fitgrid import fitted_grid_path, read_times
+
+    kind = scfg.get("grid")
+    if kind != "fitted" and not (isinstance(kind, str) and kind.startswith("file:")):
+        return scfg
+    out = {k: v for k, v in scfg.items() if k not in ("grid", "rho", "sig_max")}
+    if kind == "fitted":
+        if run_dir is None:
+            raise DiffusionLabError("sample.grid 'fitted' needs the run directory its grid was saved in")
+        path = fitted_grid_path(run_dir, scfg["sampler"], scfg.get("steps"))
+        if not path.is_file():
+            raise DiffusionLabError(f"no fitted grid for sampler {scfg['sampler']!r} with {scfg.get('steps')} steps in "
+                                    f"{run_dir}: run `diffusionlab fit-grid --run {run_dir} --sampler "
+                                    f"{scfg['sampler']} --steps {scfg.get('steps')}` first")
+    else:
+        path = Path(kind[5:])
+        if not path.is_absolute() and run_dir is not None and (Path(run_dir) / path).is_file():
+            path = Path(run_dir) / path
+    out["times"] = read_times(path)
+    if out.get("steps") is not None and len(out["times"]) - 1 not in (out["steps"], out["steps"] - 1):
+        out.pop("steps")
+    return out
 
 
 def sample_section(cfg: dict, sampler: str | None = None, steps: int | None = None, grid: str | None = None,
-                   overrides: list[str] | None = None, eta: float | None = None) -> dict:
+                   overrides: list[str] | None = None, eta: float | None = None, run_dir=None) -> dict:
     """The ``sample:`` section a command uses: the run's own (its sampler, steps, grid and options) unless
     ``sampler`` names another one, which then gets its own default steps, grid and options; ``steps``, ``grid``,
-    ``--set KEY=VALUE`` options (``eta`` as a shortcut) override, each validated against the sampler."""
+    ``--set KEY=VALUE`` options (``eta`` as a shortcut) override, each validated against the sampler. A ``fitted``
+    or ``file:`` grid becomes explicit ``times`` (``run_dir``: where a fitted grid is read from); given ``steps`` or
+    ``grid`` replace the run's explicit ``times``."""
     from diffusionlab.configuration import parse_scalar
     from diffusionlab.samplers import canonical, get_sampler
     from diffusionlab.training.config import check_sample
@@ -48,6 +101,8 @@ def sample_section(cfg: dict, sampler: str | None = None, steps: int | None = No
         scfg = {"sampler": sampler}
     else:
         scfg = run
+    if steps is not None or grid is not None:
+        scfg.pop("times", None)
     for key, value in (("steps", steps), ("grid", grid), ("eta", eta)):
         if value is not None:
             scfg[key] = value
@@ -58,7 +113,7 @@ def sample_section(cfg: dict, sampler: str | None = None, steps: int | None = No
         scfg[key.removeprefix("sample.")] = parse_scalar(raw)
     scfg.pop("num", None)
     check_sample(dict(scfg))
-    return scfg
+    return resolve_grid_file(scfg, run_dir)
 
 
 def generate_chunks(model, scfg: dict, num: int, seed: int, device, shape, chunk: int = 1000, noise=None,
@@ -73,8 +128,7 @@ def generate_chunks(model, scfg: dict, num: int, seed: int, device, shape, chunk
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise DiffusionLabError(f"number of samples must be an integer >= 1, got {num!r}")
     spec = get_sampler(scfg["sampler"])
-    grid = spec.grid(model.process, scfg.get("steps"), scfg.get("grid"),
-                     **({"rho": scfg["rho"]} if "rho" in scfg else {}))
+    grid = section_grid(scfg, model.process)
     gen = torch.Generator(device=device).manual_seed(check_seed(seed))
     model.eval()
     several = num > chunk

@@ -59,9 +59,11 @@ def test_ddim_on_an_sde_run_and_karras_dpmpp_on_digits(runs, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--set", "no_such=1"], "unknown key sample.no_such for sampler 'ddim'; allowed: sampler, steps, grid, rho, "
-                             "sig_max, times, num, clip_x0, eta"),
+                             "sig_max, times, num, classes, guidance, guidance_interval, known, mask, method, "
+                             "clip_x0, eta"),
     (["--sampler", "dpmpp-2m", "--set", "eta=0.5"], "unknown key sample.eta for sampler 'dpmpp-2m'; allowed: "
-                                                    "sampler, steps, grid, rho, sig_max, times, num, "
+                                                    "sampler, steps, grid, rho, sig_max, times, num, classes, "
+                                                    "guidance, guidance_interval, known, mask, method, "
                                                     "lower_order_final, solver_type"),
     (["--set", "eta=2"], "sample.eta: sampler 'ddim' option eta must be a number in [0, 1], got 2"),
     (["--sampler", "euler-maruyama"], "sampler 'euler-maruyama' needs a continuous-time SDE"),

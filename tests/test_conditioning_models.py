@@ -112,18 +112,33 @@ def test_vlb_objectives_take_labels():
         assert not torch.allclose(obj(model, x0, t=t, noise=noise, labels=lab), obj(model, x0, t=t, noise=noise))
 
 
+class _Indices:
+    """The ``indices(step)`` of a batch provider (training/batches.py): step ``k`` holds ``idx[k]``."""
+
+    def __init__(self, idx):
+        self.idx = idx
+
+    def indices(self, step):
+        return self.idx[step]
+
+
 def test_label_dropout_rate_and_stream():
     labels = torch.arange(10).repeat(1000)
     idx = torch.arange(10000)
     g = torch.Generator().manual_seed(0)
-    out = batch_labels(labels, idx, 0.2, 10, g)
+    out = batch_labels(labels, _Indices([idx]), 0, 0.2, 10, g, 10000, slice(0, 10000))
     frac = float((out == 10).double().mean())
     # Binomial(10000, 0.2): sd = 0.004; 5 sd
     assert abs(frac - 0.2) < 0.02
     assert torch.equal(out[out != 10], labels[out != 10])
+    # a rank's slice of the global batch: the same labels and the same dropout draws as that slice of one process
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    whole = batch_labels(labels, _Indices([idx[:64]]), 0, 0.5, 10, ga, 64, slice(0, 64))
+    part = batch_labels(labels, _Indices([idx[16:32]]), 0, 0.5, 10, gb, 64, slice(16, 32))
+    assert torch.equal(whole[16:32], part)
     # p_uncond = 0 draws nothing from the generator
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(batch_labels(labels, idx[:5], 0.0, 10, g1), labels[:5])
+    assert torch.equal(batch_labels(labels, _Indices([idx[:5]]), 0, 0.0, 10, g1, 5, slice(0, 5)), labels[:5])
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
 

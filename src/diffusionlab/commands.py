@@ -285,6 +285,64 @@ def _nfe_line(model, scfg: dict, num: int) -> dict:
     return {"steps": grid.steps, "grid": grid.kind, "nfe_per_sample": spec.count(grid, sampler_options(scfg))}
 
 
+def _sample_conditional(args, cfg: dict, ds, model, scfg: dict, cond: dict, out: Path) -> int:
+    """``diffusionlab sample`` with conditioning (module docstring): writes ``out`` and prints one JSON line."""
+    from diffusionlab.conditioning.cli import _set_options
+    from diffusionlab.conditioning.generate import generate_conditional, load_known
+    from diffusionlab.samplers import get_sampler
+    from diffusionlab.training.sampling import sampler_options
+
+    device = next(model.parameters()).device
+    kw = dict(classes=cond.get("classes"), guidance=cond.get("guidance"), interval=cond.get("interval"))
+    num = args.num
+    if cond.get("known") is not None:
+        if getattr(args, "sampler", None) is not None:
+            raise DiffusionLabError("--sampler does not apply with --known: the conditional --method samples "
+                                    "(its --steps, --grid and --set options)")
+        known, mask = load_known(cond["known"], cond["mask"], ds.sample_shape,
+                                 None if ds.kind == "points" else _known_to_model)
+        if num is None:
+            num = known.shape[0]
+        elif known.shape[0] == 1:
+            known, mask = known.expand(num, *known.shape[1:]), mask.expand(num, *mask.shape[1:])
+        elif known.shape[0] != num:
+            raise DiffusionLabError(f"--num {num} disagrees with the {known.shape[0]} rows of --known (one known row "
+                                    "per sample, or one row for all)")
+        opts = dict(cond["method_options"])
+        opts.update(_set_options(args.set))
+        if args.eta is not None:
+            raise DiffusionLabError("--eta is a ddim option; with --method use --set KEY=VALUE for the method's options")
+        kw.update(known=known, mask=mask, method=cond["method"], method_options=opts, grid=args.steps, kind=args.grid)
+    else:
+        num = 64 if num is None else num
+        spec = get_sampler(scfg["sampler"])
+        kw.update(sampler=spec, sampler_options=sampler_options(scfg), grid=scfg.get("steps"), kind=scfg.get("grid"))
+    t0 = time.time()
+    x, info = generate_conditional(model, ds.sample_shape, num, args.seed, device, progress=not args.quiet, **kw)
+    disp = ds.to_display(x)
+    per_class = num // len(cond["classes"]) if cond.get("classes") and num % len(cond["classes"]) == 0 else None
+    if out.suffix == ".png" and ds.kind == "images" and per_class:
+        from diffusionlab.io import atomic_path
+        from diffusionlab.plotting import save_image_grid
+
+        with atomic_path(out) as tmp:
+            save_image_grid(disp.float().clamp(0, 1), tmp, nrow=per_class)
+    else:
+        _write_samples(disp, ds.kind, out)
+    name = info.get("method") or scfg["sampler"]
+    print(json.dumps({"out": str(out), "num": num, "sampler": name, **info, "seconds": round(time.time() - t0, 2)}))
+    return 0
+
+
+def _known_to_model(x):
+    from diffusionlab.data.scaling import to_model
+
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-4 or hi > 1 + 1e-4:
+        raise DiffusionLabError(f"--known values of images/videos are in display space [0, 1], got {lo:.4g}..{hi:.4g}")
+    return to_model(x.clamp(0, 1))
+
+
 def cmd_sample(args) -> int:
     from diffusionlab.training.sampling import generate_chunks, sample_section
 
@@ -303,14 +361,14 @@ def cmd_sample(args) -> int:
     if out.suffix in (".gif", ".mp4") and ds.kind != "videos":
         raise DiffusionLabError(f"{out.suffix} output is for video runs; this run's samples are {ds.kind}")
     # -- class labels, guidance, known values (diffusionlab.conditioning.cli) --
-    from diffusionlab.conditioning.cli import resolve as resolve_conditioning, run_sample as sample_conditional
+    from diffusionlab.conditioning.cli import resolve as resolve_conditioning
 
     cond = resolve_conditioning(args, cfg["sample"])
     if cond.get("known") is not None:  # the method's own steps, grid and options
-        return sample_conditional(args, cfg, ds, model, None, cond, out)
+        return _sample_conditional(args, cfg, ds, model, None, cond, out)
     scfg = sample_section(cfg, args.sampler, args.steps, args.grid, args.set, args.eta, run_dir=args.run)
     if cond:
-        return sample_conditional(args, cfg, ds, model, scfg, cond, out)
+        return _sample_conditional(args, cfg, ds, model, scfg, cond, out)
     # --
     num = 64 if args.num is None else args.num
     _check_output_size(out, num, ds.sample_shape, ds.kind)

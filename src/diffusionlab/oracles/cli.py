@@ -218,9 +218,92 @@ def _emit(obj: dict) -> None:
 
 
 # ---- oracle sample ------------------------------------------------------------------------------------------------
+def _oracle_mask(path, oracle, n: int):
+    """A mask file (``.npy``, or ``.npz`` key ``mask``) for ``n`` rows of the oracle's samples: broadcastable to
+    ``(n, *sample_shape)``, or flattened over the ``D`` coordinates."""
+    import torch
+
+    from diffusionlab.conditioning.generate import _read_array
+    from diffusionlab.utils import as_mask
+
+    m = torch.as_tensor(_read_array(path, "mask", "--mask"))
+    shape = tuple(oracle.sample_shape)
+    if len(shape) > 1 and m.ndim >= 1 and m.shape[-1] == oracle.dim and tuple(m.shape[-len(shape):]) != shape:
+        m = m.reshape(*m.shape[:-1], *shape)
+    mask = as_mask(m, (n, *shape))
+    if not bool(mask.any()):
+        raise DiffusionLabError(f"--mask {path} marks nothing as known (1 = known)")
+    return mask
+
+
+def _conditional_oracle_sample(args, cond: dict) -> int:
+    """``diffusionlab oracle sample`` with conditioning: ``--class``/``--guidance`` on a mixture spec with
+    ``"classes"`` (the class-conditional oracle), ``--known``/``--mask`` (``.npy``, ``(N, D)`` or ``(N, F, d)``; one
+    known row per output row) with ``--method`` within ``--nfe`` evaluations per sample (steps by the method's
+    budget rule). Writes ``--out`` and prints one JSON object."""
+    import torch
+
+    from diffusionlab.conditioning.generate import generate_conditional
+    from diffusionlab.oracles.bench import plan, resolve_spec
+
+    out = _check_out(args.out)
+    if cond.get("classes") is not None:
+        from diffusionlab.oracles.conditional import ClassConditionalMixtureOracle
+
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        oracle = ClassConditionalMixtureOracle.from_spec(resolve_spec(args.gmm), args.process, args.noise,
+                                                         device=_device(args.device))
+    else:
+        oracle = _oracle(args)
+    dev = oracle.means.device
+    process = oracle.process
+    f64 = torch.float64
+    kw = dict(classes=cond.get("classes"), guidance=cond.get("guidance"), interval=cond.get("interval"))
+    if cond.get("known") is not None:
+        if args.sampler is not None:
+            raise DiffusionLabError("--sampler does not apply with --known: --method samples (within --nfe)")
+        if args.init is not None:
+            raise DiffusionLabError("--init does not apply with --known: the method draws its own start")
+        known = _load_points(cond["known"], oracle, "--known")
+        mask = _oracle_mask(cond["mask"], oracle, known.shape[0])
+        num = known.shape[0] if args.num is None else args.num
+        if num != known.shape[0]:
+            raise DiffusionLabError(f"--num {num} disagrees with the {known.shape[0]} rows of --known (one per sample)")
+        spec, opts = cond["method"], dict(cond["method_options"])
+        if args.nfe is None:
+            raise DiffusionLabError(f"--method {spec.name} needs --nfe (its evaluation budget per sample)")
+        steps = spec.steps_for_budget(args.nfe, process, spec.resolve(opts))
+        if process.discrete:
+            steps = min(steps, process.T)
+        kw.update(known=known.to(f64), mask=mask, method=spec, method_options=opts, grid=steps,
+                  kind=None if args.grid == "auto" else args.grid)
+        name = spec.name
+    else:
+        if args.sampler is None:
+            raise DiffusionLabError("oracle sample needs --sampler (or --known, --mask and --method)")
+        if args.init is not None:
+            raise DiffusionLabError("--init does not combine with --class (the start is drawn per class batch)")
+        num = 1000 if args.num is None else args.num
+        p = plan(args.sampler, process, args.nfe, args.grid, args.eps)
+        kw.update(sampler=p.spec, sampler_options=p.options, grid=p.grid)
+        name = args.sampler
+    if isinstance(num, bool) or num < 1:
+        raise DiffusionLabError(f"--num must be an integer >= 1, got {num}")
+    t0 = time.time()
+    x, info = generate_conditional(oracle, oracle.sample_shape, num, args.seed + 1, dev, **kw)
+    if not torch.isfinite(x).all():
+        raise DiffusionLabError(f"{name} produced non-finite samples; try a larger --nfe")
+    _save_npy(out, x.to(f64).numpy())
+    print(json.dumps({"sampler": name, "nfe_budget": args.nfe, **info, "process": args.process, "noise": args.noise,
+                      "num": int(x.shape[0]), "shape": list(x.shape), "seed": args.seed, "out": str(out),
+                      "seconds": round(time.time() - t0, 3)}))
+    return 0
+
+
 def cmd_oracle_sample(args) -> int:
     """Sample with ``--sampler`` within ``--nfe`` evaluations per path; writes ``--out``, prints JSON."""
-    from diffusionlab.conditioning.cli import resolve as resolve_conditioning, run_oracle_sample
+    from diffusionlab.conditioning.cli import resolve as resolve_conditioning
     from diffusionlab.oracles.bench import plan
     from diffusionlab.samplers import parse_sampler
 
@@ -228,7 +311,7 @@ def cmd_oracle_sample(args) -> int:
 
     cond = resolve_conditioning(args)  # --class, --guidance, --known, --mask, --method (diffusionlab.conditioning)
     if cond:
-        return run_oracle_sample(args, cond)
+        return _conditional_oracle_sample(args, cond)
     if args.sampler is None:
         raise DiffusionLabError("oracle sample needs --sampler (or --known, --mask and --method)")
     spec, _ = parse_sampler(args.sampler)

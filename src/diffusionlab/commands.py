@@ -42,7 +42,12 @@ def cmd_train(args) -> int:
     from diffusionlab.training.config import load_config
     from diffusionlab.training.trainer import train
 
-    cfg = load_config(_config_path(args.config), args.set)
+    overrides = list(args.set)
+    if getattr(args, "init_from", None) is not None:  # image-to-video fine-tuning (training/init.py)
+        overrides.append(f"train.init_from={json.dumps(args.init_from)}")
+    if getattr(args, "freeze_spatial", False):
+        overrides.append("train.freeze_spatial=true")
+    cfg = load_config(_config_path(args.config), overrides)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, log=_stderr)
     _stderr(f"diffusionlab: trained {summary['steps']} steps in {summary['seconds']} s; weights: {Path(args.out) / 'model.safetensors'}")
     return 0
@@ -325,6 +330,11 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the run's last intact checkpoint")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from RUN's EMA weights (train.init_from): an image unet run is inflated into a "
+                        "video_unet, temporal layers at the identity")
+    p.add_argument("--freeze-spatial", action="store_true",
+                   help="with --init-from: train only the temporal layers (train.freeze_spatial)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

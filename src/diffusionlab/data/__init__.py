@@ -66,6 +66,8 @@ _register("mnist", images.mnist, "images", _test_split("MNIST"))
 _register("cifar10", images.cifar10, "images", _test_split("CIFAR-10"))
 _register("array", load_array, None)
 _register("moving_digits", video.moving_digits, "videos", _test_split("moving digits (test-split digits)"))
+_register("moving_digit_frames", video.moving_digit_frames, "images",
+          _test_split("moving digits' frames (test-split digits)"))
 _register("moving_mnist", video.moving_mnist, "videos")
 _register("video_folder", video.video_folder, "videos")
 DATASET_NAMES = tuple(DATASETS.names())

@@ -57,8 +57,10 @@ TRAIN_SCHEMA = {
     "max_bad_steps": _POS_INT,
     "threads": _NONNEG_INT,
     "precision": (str, lambda v: v in ("fp32", "bf16"), "fp32 or bf16 (bf16 autocast, for GPUs)"),
-    "channels_last": (bool, lambda v: True, "true or false (channels-last memory format, image data only)"),
+    "channels_last": (bool, lambda v: True, "true or false (channels-last memory format, images and videos)"),
     "compile": (bool, lambda v: True, "true or false (torch.compile the network)"),
+    "init_from": ((str, type(None)), lambda v: v is None or bool(v.strip()), "a run directory or null"),
+    "freeze_spatial": (bool, lambda v: True, "true or false (train only the temporal layers; needs init_from)"),
 }
 
 
@@ -66,7 +68,8 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, lr
                   weight_decay: float = 0.0, warmup: int = 200, grad_clip: float = 1.0, ema_decay: float = 0.999,
                   seed: int = 0, checkpoint_every: int = 1000, keep_checkpoints: int = 2, log_every: int = 50,
                   sample_every: int = 0, device: str = "auto", max_bad_steps: int = 10, threads: int = 0,
-                  precision: str = "fp32", channels_last: bool = False, compile: bool = False) -> dict:
+                  precision: str = "fp32", channels_last: bool = False, compile: bool = False,
+                  init_from: str | None = None, freeze_spatial: bool = False) -> dict:
     """The trainer's options (the ``train:`` section).
 
     Args:
@@ -87,11 +90,17 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3, lr
         max_bad_steps: stop after this many consecutive non-finite steps
         threads: torch intra-op threads (0: torch's default)
         precision: fp32 or bf16 (bf16 autocast)
-        channels_last: channels-last memory format (image data only)
+        channels_last: channels-last memory format (images; videos: channels-last-3d batches, frames run
+            channels-last)
         compile: torch.compile the network
+        init_from: a run directory whose EMA weights start this run: an image (unet) run inflated into a
+            video_unet (every image weight used, temporal layers the identity), or a run of the same network
+        freeze_spatial: train only the temporal layers of an inflated video_unet (needs init_from)
     """
     opts = dict(locals())
     _check_section("train", opts, TRAIN_SCHEMA)
+    if freeze_spatial and init_from is None:
+        raise DiffusionLabError("train.freeze_spatial needs train.init_from (the run whose spatial layers are kept)")
     return opts
 
 

@@ -79,8 +79,8 @@ def check_compatible(cfg: dict, src_cfg: dict, sample_shape: tuple, src_shape: t
                                     f"(C, F, H, W); got {tuple(src_shape)} and {tuple(sample_shape)}")
         frame_shape = (sample_shape[0], *sample_shape[2:])
         src_frame = tuple(src_shape)
-        for k in ("temporal", "temporal_kernel", "temporal_attn_resolutions"):
-            model.pop(k, None)
+        for k in [k for k in model if k.startswith("temporal")]:  # the temporal layers' options
+            model.pop(k)
     else:
         raise DiffusionLabError(f"train.init_from {src!r} is a {smodel['name']} run; a {model['name']} run starts from "
                                 f"a run of the same network or (video_unet) from an image unet run")

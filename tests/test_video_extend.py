@@ -3,6 +3,7 @@ extension, checked against Gaussian conditioning and on exact Gaussian video dat
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -139,3 +140,38 @@ def test_conditional_window_keeps_the_known_frames_and_hands_on_their_noise():
         conditional_window(model, torch.zeros(1, 1, W, 2, 2, dtype=F64), torch.zeros(1, 1, W, 2, 2, dtype=F64), W)
     with pytest.raises(DiffusionLabError, match="resample"):
         conditional_window(model, known, eps_k, W, resample=0)
+
+
+# ---- through the CLI -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def video_run(tmp_path_factory):
+    from diffusionlab.training.config import resolve
+    from diffusionlab.training.trainer import train
+
+    out = tmp_path_factory.mktemp("video_run")
+    cfg = resolve({"data": {"name": "moving_digits", "num": 6, "frames": 4, "size": 8},
+                   "process": {"name": "vp", "T": 50, "noise": "progressive:1.0"},
+                   "model": {"name": "video_unet", "base_channels": 8, "channel_mults": [1, 2],
+                             "temporal": "both", "temporal_attention": "spacetime"},
+                   "train": {"steps": 2, "batch_size": 2, "warmup": 1, "device": "cpu"},
+                   "sample": {"sampler": "ddim", "steps": 3}})
+    train(cfg, out, progress=False, log=lambda m: None)
+    return out
+
+
+def test_sample_and_evaluate_longer_videos(video_run, tmp_path, capsys):
+    from diffusionlab.cli import main
+
+    out = tmp_path / "long.npz"
+    assert main(["sample", "--run", str(video_run), "--frames", "10", "--overlap", "2", "--num", "3", "--out",
+                 str(out), "--quiet"]) == 0
+    x = np.load(out)["x"]
+    assert x.shape == (3, 1, 10, 8, 8) and 0.0 <= x.min() and x.max() <= 1.0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(video_run), "--frames", "10", "--num", "3", "--quiet"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["frames"] == 10 and m["num"] == 3 and "digit_all_same" in m
+    assert main(["sample", "--run", str(video_run), "--frames", "3", "--out", str(out), "--quiet"]) == 2
+    assert "at least the 4 frames" in capsys.readouterr().err
+    assert main(["sample", "--run", str(video_run), "--frames", "10", "--sampler", "heun", "--out", str(out),
+                 "--quiet"]) == 2

@@ -50,7 +50,12 @@ def cmd_train(args) -> int:
     from diffusionlab.training.trainer import train
 
     check_minutes(args.max_minutes)
-    cfg = load_config(_config_path(args.config), _with_threads(args))
+    overrides = list(_with_threads(args))
+    if getattr(args, "init_from", None) is not None:  # image-to-video fine-tuning (training/init.py)
+        overrides.append(f"train.init_from={json.dumps(args.init_from)}")
+    if getattr(args, "freeze_spatial", False):
+        overrides.append("train.freeze_spatial=true")
+    cfg = load_config(_config_path(args.config), overrides)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, log=_stderr,
                     max_minutes=args.max_minutes)
     from diffusionlab.training.distributed import quiet_rank
@@ -373,9 +378,13 @@ def cmd_sample(args) -> int:
     num = 64 if args.num is None else args.num
     _check_output_size(out, num, ds.sample_shape, ds.kind)
     t0 = time.time()
-    chunks = generate_chunks(model, scfg, num=num, seed=args.seed, device=next(model.parameters()).device,
-                             shape=ds.sample_shape, progress=not args.quiet)
-    _stream_samples(chunks, ds, out, num, _source_name(args))
+    if _longer(args, ds):  # video branch: more frames than trained on (samplers/extend.py)
+        x = _extend(args, model, ds, scfg, num)
+        _write_samples(ds.to_display(x), ds.kind, out)
+    else:
+        chunks = generate_chunks(model, scfg, num=num, seed=args.seed, device=next(model.parameters()).device,
+                                 shape=ds.sample_shape, progress=not args.quiet)
+        _stream_samples(chunks, ds, out, num, _source_name(args))
     print(json.dumps({"out": str(out), "num": num, "sampler": scfg["sampler"], **_nfe_line(model, scfg, num),
                       "seconds": round(time.time() - t0, 2), "threads": threads}))
     return 0
@@ -400,12 +409,43 @@ def _video_speed(cfg: dict, ds, run: str) -> float | None:
         raise DiffusionLabError(f"the video metric scores one-digit videos; {run} was trained on moving_digits "
                                 f"with num_digits={opts['num_digits']}")
     return float(opts["speed"])
+def _longer(args, ds) -> bool:
+    """Whether ``--frames`` asks a video run for more frames than it was trained on."""
+    frames = getattr(args, "frames", None)
+    if frames is None:
+        return False
+    if ds.kind != "videos":
+        raise DiffusionLabError(f"--frames applies to video runs; this run's samples are {ds.kind}")
+    trained = int(ds.sample_shape[1])
+    if frames < trained:
+        raise DiffusionLabError(f"--frames must be at least the {trained} frames the run was trained on, got {frames}")
+    return frames > trained
+
+
+def _extend(args, model, ds, scfg, num):
+    """Sliding windows of the trained length, each conditioned on the frames already made, with joint noising
+    (:func:`diffusionlab.samplers.extend.extend_with_section`)."""
+    from diffusionlab.samplers.extend import extend_with_section
+
+    return extend_with_section(model, scfg, num, args.frames, ds.sample_shape, overlap=args.overlap,
+                               joint=not args.independent_noise, resample=args.resample, seed=args.seed,
+                               progress=not args.quiet)
+
+
+def _add_extend_args(p) -> None:
+    p.add_argument("--frames", type=int, default=None,
+                   help="video runs: frames per video; more than trained are made by sliding windows conditioned on "
+                        "the frames already made (DDIM steps, noise correlated across the overlap)")
+    p.add_argument("--overlap", type=int, default=None, help="with --frames: known frames per window (default half)")
+    p.add_argument("--resample", type=int, default=1, help="with --frames: RePaint resampling per step (default 1)")
+    p.add_argument("--independent-noise", action="store_true",
+                   help="with --frames: draw the new frames' noise independently of the known frames' (comparison)")
 # ---- end of the video branch ----
 
 
 def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str | None = None,
                  steps: int | None = None, device: str = "auto", progress: bool = False, grid: str | None = None,
-                 overrides: list[str] | None = None, loaded=None) -> dict:
+                 overrides: list[str] | None = None, loaded=None, extend=None) -> dict:
     """Sample ``num`` items from a run and score them: digits runs with the digits metric (default 1000 samples),
     moving_digits runs with the video metric (default :data:`VIDEO_NUM` videos); ``loaded``: an already loaded
     ``(cfg, ds, model)`` (e.g. a diffusers model), ``run`` then only names it."""
@@ -414,6 +454,8 @@ def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str |
 
     cfg, ds, model = loaded if loaded is not None else load_run(run, device=device)
     speed = _video_speed(cfg, ds, run)
+    if extend is not None and speed is None:
+        raise DiffusionLabError("--frames applies to video runs")
     if speed is None and ds.name != "digits":
         raise DiffusionLabError(f"the digits metric needs a run trained on digits (or moving_digits videos); {run} "
                                 f"was trained on {ds.name!r}")
@@ -421,8 +463,11 @@ def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str |
         num = 1000 if speed is None else VIDEO_NUM
     scfg = sample_section(cfg, sampler, steps, grid, overrides, run_dir=run)
     t0 = time.time()
-    x = generate(model, scfg, num=num, seed=seed, device=next(model.parameters()).device, shape=ds.sample_shape,
-                 progress=progress)
+    if extend is not None and _longer(extend, ds):  # video branch: longer videos (samplers/extend.py)
+        x = _extend(extend, model, ds, scfg, num)
+    else:
+        x = generate(model, scfg, num=num, seed=seed, device=next(model.parameters()).device, shape=ds.sample_shape,
+                     progress=progress)
     seconds = time.time() - t0
     from diffusionlab.training.sampling import check_finite_samples
 
@@ -460,12 +505,16 @@ def cmd_evaluate(args) -> int:
                                      ("--batch-size", args.batch_size, None), ("--variance", args.variance, None)):
             if value != default:
                 raise DiffusionLabError(f"{flag} applies to --metric nll or elbo, not to --metric {args.metric}")
+    if args.frames is not None and args.metric != "digits":
+        raise DiffusionLabError(f"--frames applies to the video metric (--metric digits on a video run), not to "
+                                f"--metric {args.metric}")
     num = 1000 if args.num is None and args.metric != "digits" else args.num  # digits: by the run's data
     if args.metric == "digits":
         loaded = _load_source(args, default_data="digits")
         metrics, _ = evaluate_run(_source_name(args), num=args.num, seed=args.seed, sampler=args.sampler,
                                   steps=args.steps, device=args.device, progress=not args.quiet, grid=args.grid,
-                                  overrides=args.set, loaded=loaded)
+                                  overrides=args.set, loaded=loaded,
+                                  extend=args if args.frames is not None else None)
     elif args.metric == "fid":
         from diffusionlab.interop.inception import load_inception
         from diffusionlab.training.build import resolve_device
@@ -578,6 +627,11 @@ def register(sub) -> None:
     p.add_argument("--max-minutes", type=float, default=None, metavar="M",
                    help="stop cleanly after M minutes with a checkpoint (exit 0; continue with --resume); SIGTERM and "
                         "Ctrl-C stop the same way")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from RUN's EMA weights (train.init_from): an image unet run is inflated into a "
+                        "video_unet, temporal layers at the identity")
+    p.add_argument("--freeze-spatial", action="store_true",
+                   help="with --init-from: train only the temporal layers (train.freeze_spatial)")
     add_threads(p, trains=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -610,6 +664,7 @@ def register(sub) -> None:
     from diffusionlab.conditioning.cli import add_arguments as add_conditioning_arguments
 
     add_conditioning_arguments(p)  # --class, --guidance, --guidance-interval, --known, --mask, --method
+    _add_extend_args(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="score a trained run (JSON on stdout)",
@@ -651,6 +706,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto")
     add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_extend_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     from diffusionlab.interop.diffusers import register as register_export

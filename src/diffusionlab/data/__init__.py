@@ -73,6 +73,8 @@ _register("mnist", images.mnist, "images", _test_split("MNIST"), source=images.M
 _register("cifar10", images.cifar10, "images", _test_split("CIFAR-10"), source=images.Cifar10Source)
 _register("array", load_array, None)
 _register("moving_digits", video.moving_digits, "videos", _test_split("moving digits (test-split digits)"))
+_register("moving_digit_frames", video.moving_digit_frames, "images",
+          _test_split("moving digits' frames (test-split digits)"))
 _register("moving_mnist", video.moving_mnist, "videos", source=video.MovingMnistSource)
 _register("video_folder", video.video_folder, "videos", source=video.VideoFolderSource)
 DATASET_NAMES = tuple(DATASETS.names())

@@ -3,7 +3,8 @@
 - ``moving_digits`` -- built in, no download: scikit-learn's bundled 8x8 digits (pixel values 0..16, scaled by
   1/16) moving in straight lines on a dark ``size x size`` canvas and bouncing off its walls, the synthetic
   analogue of Moving MNIST (Srivastava et al. 2015, "Unsupervised learning of video representations using
-  LSTMs"). Deterministic given ``seed``. Labels: the class of the (first) digit.
+  LSTMs"). Deterministic given ``seed``. Labels: the class of the (first) digit. ``moving_digit_frames``: the
+  same videos' frames as images (kind ``images``), for image models to be inflated into video models.
 - ``moving_mnist`` -- Srivastava et al.'s ``mnist_test_seq.npy`` (uint8, ``(20, 10000, 64, 64)``: frames first)
   from local disk, transposed to ``(N, 1, F, 64, 64)``; optionally fewer frames / videos and resized frames.
 - ``video_folder`` -- every ``.gif``, ``.mp4`` (needs an imageio ffmpeg/pyav plugin) or ``.npy`` video under a
@@ -97,6 +98,17 @@ def moving_digits(num: int = 2000, frames: int = 8, size: int = 16, speed: float
         labels[n] = pool_labels[idx[0]]
     return ArrayDataset(to_model(torch.from_numpy(videos)), "videos", "moving_digits", torch.from_numpy(labels),
                         levels=17, num_classes=10)
+
+
+def moving_digit_frames(num: int = 2000, frames: int = 8, size: int = 16, speed: float = 1.0, num_digits: int = 1,
+                        split: str = "train", seed: int = 0) -> ArrayDataset:
+    """The frames of :func:`moving_digits` ``(num, frames, size, speed, num_digits, split, seed)`` as images
+    ``(num * frames, 1, size, size)`` (video ``n``'s frames at rows ``n * frames ...``), each labelled with its
+    video's digit: the image data of image-to-video fine-tuning, on the very canvas of the videos."""
+    videos = moving_digits(num, frames, size, speed, num_digits, split, seed)
+    x = videos.data.transpose(1, 2).reshape(num * frames, 1, size, size).contiguous()
+    return ArrayDataset(x, "images", "moving_digit_frames", videos.labels.repeat_interleave(frames), levels=17,
+                        num_classes=10)
 
 
 # ---- shared frame handling ----------------------------------------------------------------------------------
@@ -339,4 +351,5 @@ def video_folder(path: str, frames: int = 16, size: int = 64, channels: int = 1,
 
 
 #: what to add to ``diffusionlab.data._LOADERS``
-VIDEO_LOADERS = {"moving_digits": moving_digits, "moving_mnist": moving_mnist, "video_folder": video_folder}
+VIDEO_LOADERS = {"moving_digits": moving_digits, "moving_digit_frames": moving_digit_frames,
+                 "moving_mnist": moving_mnist, "video_folder": video_folder}

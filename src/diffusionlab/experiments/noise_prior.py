@@ -1,36 +1,45 @@
 """``diffusionlab experiment noise-prior``: does noise correlated across frames help a video diffusion model?
 
-The same factorized space-time U-Net (:mod:`diffusionlab.models.video_unet`) is trained on ``moving_digits``
-(:mod:`diffusionlab.data.video`) at equal compute -- same steps, batch, learning rate, seed and data -- with
-four frame covariances C of the forward noise (Ge et al. 2023, "Preserve Your Own
-Correlation", for the first two correlated ones):
+Two settings (Ge et al. 2023, "Preserve your own correlation", claim the benefit for the second):
+
+- ``scratch`` -- the video model (``configs/video.yaml``: the factorized space-time U-Net) trained from random
+  weights;
+- ``finetune`` -- an image model of the same spatial layers trained on single frames of the same videos
+  (:func:`image_config`, as ``configs/video_frames.yaml``: ``moving_digit_frames``), inflated into the video model (every image weight
+  loaded, temporal layers at the identity; :mod:`diffusionlab.training.init`) and fine-tuned on the videos. The
+  image model is trained once (seed 0; its cost is reported apart) and every fine-tuned arm starts from it.
+
+times four frame covariances ``C`` of the forward noise (:mod:`diffusionlab.noise`):
 
 - ``iid`` -- ``C = I``;
-- ``mixed`` -- compound symmetric, ``alpha^2 / (1 + alpha^2)`` off the diagonal;
-- ``progressive`` -- AR(1), ``rho = alpha / sqrt(1 + alpha^2)``;
+- ``mixed`` -- compound symmetric, ``alpha^2 / (1 + alpha^2)`` off the diagonal (Ge et al. 2023, eq. 4);
+- ``progressive`` -- AR(1), ``rho = alpha / sqrt(1 + alpha^2)`` (Ge et al. 2023, eq. 5);
 - ``fitted`` -- the training videos' own frame correlation, projected to the nearest definite Toeplitz
-  correlation matrix (:func:`~diffusionlab.noise.fit.fit_frame_covariance`), passed to the trainer as an exact
-  ``toeplitz:`` spec and saved with the run (``noise_covariance.safetensors``).
+  correlation matrix (:mod:`diffusionlab.noise.fit`, ``process.noise: fitted:toeplitz``),
 
-Loss: ``L_simple`` with the Mahalanobis norm ``||eps - eps_theta||^2_{C^{-1}}`` (``--weighting simple``, the
-default), the ELBO weights (``elbo``) or plain MSE that ignores C (``mse``). The process is the linear
-VP chain ``VPSDE(0.1, 20).discretize(T)`` so that the same network is also a model of the VP-SDE for the ODE
-likelihood (:func:`~diffusionlab.metrics.video.sde_view`).
+each with at least three seeds (a seed sets the weights, the data order, the noise and the training videos). The
+loss is the C-aware ``L_simple`` (Mahalanobis norm ``||d - d_theta||^2_{C^{-1}}``); a sweep on the fine-tuned
+setting varies the prior's strength ``alpha`` and replaces the loss by the plain MSE that ignores ``C``.
 
-Every run is trained by the library's trainer (:func:`diffusionlab.training.trainer.train`) from a config built
-here, then evaluated (:mod:`diffusionlab.metrics.video`) on held-out videos (test-split digits, a fixed seed):
-``-ELBO`` and the probability-flow-ODE NLL in bits/dim (17-level data, dequantized), and samples (DDPM
-ancestral, noise ``L z``) scored by lag-k frame correlations, mean absolute consecutive-frame difference and
-digit-classifier consistency, next to the same statistics of real videos. Results: ``results.json`` and
-``results.md`` (mean +- standard deviation over seeds) and figures in ``--docs`` (default ``docs/video``).
-Runs and evaluations already on disk are reused, so an interrupted experiment continues where it stopped.
+Every arm is trained until the video metric stops improving (:func:`~diffusionlab.experiments.video_runs.
+train_until_converged`: FVD of 64 ancestral samples after every ``eval_every`` steps; stop after ``patience``
+evaluations without a relative gain of ``min_delta``), so the curves show convergence and what equal compute
+buys. The best EMA weights of each arm are then scored on more samples with ancestral sampling (DDPM, injected
+noise ``L z`` with the arm's ``C``) and, as a control that tells correlated sampler noise from better content,
+with deterministic DDIM (``eta = 0``; only the start ``N(0, C)`` is random), next to real held-out videos.
+Results: ``results.json``, ``results.md`` (mean and standard error over seeds; differences to ``iid`` paired by
+seed), ``curves.png`` and sample GIFs under ``--out``; ``--write-docs DIR`` also copies the figures and the
+table there (never by default). The expected time is printed before anything is trained; finished arms are
+reused, so an interrupted experiment continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -41,382 +50,500 @@ import torch
 from diffusionlab.errors import DiffusionLabError
 
 PRIORS = ("iid", "mixed", "progressive", "fitted")
-WEIGHTINGS = ("simple", "elbo", "mse")
-BETA_MIN, BETA_MAX = 0.1, 20.0
-LEVELS = 17  #: moving digits take the values k / 16
-TEST_SEED = 10_000
+SETTINGS = ("scratch", "finetune")
+LOSSES = ("mahalanobis", "mse")
+EVAL_SEED = 4242  #: sampling seed of every evaluation (common random numbers across arms and steps)
+TEST_SEED = 10_000  #: moving_digits seed of the real held-out videos
 
 PRESETS = {
-    # 2 CPU cores: about 6 minutes per run (measured in docs/video.md)
-    "cpu": {"steps": 500, "batch": 16, "lr": 2e-3, "warmup": 50, "frames": 8, "size": 16, "num_train": 2000,
-            "T": 100, "base_channels": 16, "channel_mults": [1, 2, 2], "attn_resolutions": [], "temporal": "conv",
-            "eval_num": 32, "ode_num": 16, "samples": 64, "sample_steps": 50, "seeds": [0, 1]},
-    # one GPU
-    "gpu": {"steps": 20000, "batch": 64, "lr": 1e-3, "warmup": 500, "frames": 16, "size": 32, "num_train": 20000,
-            "T": 1000, "base_channels": 64, "channel_mults": [1, 2, 2], "attn_resolutions": [8],
-            "temporal": "both", "eval_num": 256, "ode_num": 64, "samples": 256, "sample_steps": 250,
-            "seeds": [0, 1, 2]},
+    # 2 CPU cores, one thread per run (docs/video.md has the measured cost)
+    "cpu": {"num_train": 2000, "max_steps": 4000, "eval_every": 500, "min_steps": 1000, "patience": 3,
+            "min_delta": 0.05, "pretrain_max_steps": 4000, "eval_num": 64, "final_num": 128, "sample_steps": 50,
+            "seeds": [0, 1, 2], "sweep_seeds": [0, 1, 2], "alphas": [0.5, 2.0], "sweep": True, "overrides": []},
+    # the whole pipeline in under 30 minutes: one seed, short runs, no sweep (not converged)
+    "quick": {"num_train": 1000, "max_steps": 400, "eval_every": 200, "min_steps": 400, "patience": 2,
+              "min_delta": 0.05, "pretrain_max_steps": 400, "eval_num": 32, "final_num": 32, "sample_steps": 20,
+              "seeds": [0], "sweep_seeds": [], "alphas": [], "sweep": False, "overrides": []},
+    # one GPU: the Moving MNIST shape (64 x 64, 16 frames) on the built-in moving digits, a wider network with
+    # temporal attention at 16 and 8 px (docs/video.md)
+    "gpu": {"num_train": 20000, "max_steps": 40000, "eval_every": 2000, "min_steps": 10000, "patience": 3,
+            "min_delta": 0.03, "pretrain_max_steps": 40000, "eval_num": 256, "final_num": 1000,
+            "sample_steps": 100, "seeds": [0, 1, 2], "sweep_seeds": [0, 1, 2], "alphas": [0.5, 2.0], "sweep": True,
+            "overrides": ["data.frames=16", "data.size=64", "data.speed=4.0", "model.base_channels=64",
+                          "model.channel_mults=[1,2,2,4]", "model.temporal_attn_resolutions=[16,8]",
+                          "model.attn_resolutions=[8]", "train.batch_size=32", "train.lr=0.0002",
+                          "train.warmup=1000", "train.ema_decay=0.9999", "train.threads=0", "train.device=auto",
+                          "train.channels_last=false"]},
 }
 
 
-# ---- configs ------------------------------------------------------------------------------------------------
-def data_config(o: dict, split: str = "train") -> dict:
-    return {"name": "moving_digits", "num": o["num_train"], "frames": o["frames"], "size": o["size"],
-            "speed": o["speed"], "num_digits": 1, "split": split}
+# ---- the arms ------------------------------------------------------------------------------------------------
+def arm_name(arm: dict) -> str:
+    v = arm["prior"]
+    if arm["alpha"] is not None and arm["prior"] in ("mixed", "progressive") and arm["alpha"] != 1.0:
+        v += f"-a{arm['alpha']:g}"
+    if arm["loss"] != "mahalanobis":
+        v += f"-{arm['loss']}"
+    return v
 
 
-def noise_spec(prior: str, o: dict, data: torch.Tensor | None = None) -> str:
-    """The ``process.noise`` spec of ``prior``; ``fitted`` needs the training ``data``."""
+def plan(o: dict) -> list[dict]:
+    """Every arm of the experiment: the main grid (settings x priors x seeds) and the fine-tuned sweep."""
+    arms = []
+    for setting in o["settings"]:
+        for prior in o["priors"]:
+            for seed in o["seeds"]:
+                arms.append({"setting": setting, "prior": prior, "alpha": 1.0, "loss": "mahalanobis", "seed": seed})
+    if o["sweep"] and "finetune" in o["settings"]:
+        for prior in ("mixed", "progressive"):
+            for alpha in o["alphas"]:
+                for seed in o["sweep_seeds"]:
+                    arms.append({"setting": "finetune", "prior": prior, "alpha": alpha, "loss": "mahalanobis",
+                                 "seed": seed})
+        for prior in ("mixed", "progressive", "fitted"):
+            for seed in o["sweep_seeds"]:
+                arms.append({"setting": "finetune", "prior": prior, "alpha": 1.0, "loss": "mse", "seed": seed})
+    for arm in arms:
+        arm["name"] = arm_name(arm)
+    return arms
+
+
+def noise_spec(prior: str, alpha: float) -> str:
     if prior == "iid":
         return "iid"
-    if prior == "mixed":
-        return f"mixed:{o['alpha_mixed']}"
-    if prior == "progressive":
-        return f"progressive:{o['alpha_progressive']}"
+    if prior in ("mixed", "progressive"):
+        return f"{prior}:{alpha:g}"
     if prior == "fitted":
-        from diffusionlab.noise.fit import fit_frame_covariance, toeplitz_spec
-
-        return toeplitz_spec(fit_frame_covariance(data, axis=2, center="frame", toeplitz=True))
+        return "fitted:toeplitz"
     raise DiffusionLabError(f"unknown noise prior {prior!r}; allowed: {', '.join(PRIORS)}")
 
 
-def run_config(prior_spec: str, seed: int, o: dict) -> dict:
-    """A full, validated run config (the lead's trainer resolves and checks it)."""
+def _base(name: str, o: dict) -> dict:
+    """A packaged config (``video`` or ``video_frames``) with the preset's and the user's overrides applied."""
+    from diffusionlab.commands import packaged_config
+    from diffusionlab.training.config import apply_overrides, load_yaml
+
+    user = load_yaml(packaged_config(name))
+    user = apply_overrides(user, [f"data.num={o['num_train']}", *o["overrides"], *o["set"]])
+    user.setdefault("train", {}).update(threads=o["threads"], device=o["device"])
+    return user
+
+
+def image_config(o: dict) -> dict:
+    """The image model's config, derived from the video config so the two always match: the same data (as
+    frames, ``moving_digit_frames``), process (i.i.d. noise), parametrization, objective and spatial network, a
+    batch of ``batch_size x frames`` frames (the video step's cost), seed 0."""
     from diffusionlab.training.config import resolve
 
-    T = int(o["T"])
-    user = {
-        "data": data_config(o),
-        "process": {"name": "vp", "T": T, "schedule": "linear", "beta_start": BETA_MIN / T,
-                    "beta_end": BETA_MAX / T, "noise": prior_spec},
-        "model": {"name": "video_unet", "base_channels": o["base_channels"], "channel_mults": list(o["channel_mults"]),
-                  "num_res_blocks": 1, "attn_resolutions": list(o["attn_resolutions"]), "conv_resample": False,
-                  "temporal": o["temporal"]},
-        "parametrization": {"prediction": "eps", "learn_variance": False, "scale_input": True},
-        "objective": {"name": "simple", "weighting": o["weighting"]},
-        "train": {"steps": o["steps"], "batch_size": o["batch"], "lr": o["lr"], "warmup": o["warmup"],
-                  "grad_clip": 1.0, "ema_decay": 0.999, "seed": int(seed), "checkpoint_every": o["steps"],
-                  "keep_checkpoints": 1, "log_every": max(1, o["steps"] // 20), "device": o["device"],
-                  "threads": o["threads"]},
-        "sample": {"sampler": "ddpm", "steps": o["sample_steps"], "num": o["samples"], "clip_x0": True},
-    }
-    return resolve(user)
+    user = _base("video", o)
+    video = resolve(copy.deepcopy(user))
+    user["data"] = {**user["data"], "name": "moving_digit_frames"}
+    user["process"]["noise"] = "iid"
+    user["model"] = {k: v for k, v in user["model"].items() if not k.startswith("temporal")}
+    user["model"]["name"] = "unet"
+    user["train"].update(seed=0, batch_size=int(video["train"]["batch_size"]) * int(video["data"]["frames"]))
+    for key in ("init_from", "freeze_spatial"):
+        user["train"].pop(key, None)
+    return user
 
 
-# ---- one run ------------------------------------------------------------------------------------------------
-def train_run(prior: str, seed: int, o: dict, run_dir: Path, log=print) -> dict:
-    """Train (or reuse) the run of ``prior`` and ``seed``; returns its config."""
-    from diffusionlab.data import load_dataset
-    from diffusionlab.training.trainer import train
-
-    if (run_dir / "model.safetensors").is_file() and (run_dir / "config.yaml").is_file():
-        from diffusionlab.training.config import load_config
-
-        log(f"noise-prior: reusing {run_dir}")
-        return load_config(run_dir / "config.yaml")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(data_config(o), seed=seed).data if prior == "fitted" else None
-    spec = noise_spec(prior, o, data)
-    cfg = run_config(spec, seed, o)
-    if prior == "fitted":
-        from diffusionlab.noise import make_covariance
-        from diffusionlab.noise.fit import save_covariance
-
-        save_covariance(make_covariance(spec, o["frames"], 2), run_dir / "noise_covariance.safetensors",
-                        meta={"fitted_to": "training videos", "center": "frame", "toeplitz": True})
-    log(f"noise-prior: training {prior} (seed {seed}, noise {spec[:60]}) in {run_dir}")
-    summary = train(cfg, run_dir, resume=True, progress=False, log=log)
-    log(f"noise-prior: {prior} seed {seed} trained in {summary['seconds']} s")
-    return cfg
+def arm_config(arm: dict, o: dict, pretrain_dir: Path | None) -> dict:
+    user = _base("video", o)
+    user["process"]["noise"] = noise_spec(arm["prior"], arm["alpha"])
+    user.setdefault("objective", {})["weighting"] = "simple" if arm["loss"] == "mahalanobis" else "mse"
+    user["train"]["seed"] = int(arm["seed"])
+    if arm["setting"] == "finetune":
+        user["train"]["init_from"] = str(pretrain_dir)
+        user["train"]["freeze_spatial"] = bool(o["freeze_spatial"])
+    return user
 
 
-def test_videos(o: dict, num: int):
-    from diffusionlab.data import load_dataset
-
-    cfg = dict(data_config(o, split="test"), num=int(num))
-    return load_dataset(cfg, seed=TEST_SEED)
+def _samplers(o: dict) -> dict:
+    return {"ancestral": {"sampler": "ddpm", "steps": o["sample_steps"], "clip_x0": True},
+            "deterministic": {"sampler": "ddim", "steps": o["sample_steps"], "eta": 0.0, "clip_x0": True}}
 
 
-def evaluate_run(run_dir: Path, o: dict, seed: int, log=print) -> dict:
-    """Bits/dim and sample statistics of one trained run (cached in ``run_dir/metrics.json``)."""
-    from diffusionlab.metrics.video import elbo_bpd, ode_bpd, video_statistics
-    from diffusionlab.training.sampling import generate, load_run
-    from diffusionlab.video_io import save_frame_grid, save_gif, save_npz
+def _speed(o: dict) -> float:
+    from diffusionlab.training.config import resolve
 
-    cache = run_dir / "metrics.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    cfg, ds, model = load_run(run_dir, device=o["device"])
-    dev = next(model.parameters()).device
-    test = test_videos(o, o["eval_num"]).data.to(dev)
-    t0 = time.time()
-    g = torch.Generator(device=dev).manual_seed(1000 + seed)
-    out = {"elbo": elbo_bpd(model, test, levels=LEVELS, generator=g)}
-    log(f"noise-prior: {run_dir.name} ELBO {out['elbo']['bpd']:.4f} bits/dim ({time.time() - t0:.0f} s)")
-    if o["ode_num"] > 0:
-        t0 = time.time()
-        out["ode"] = ode_bpd(model, test[: o["ode_num"]], levels=LEVELS, generator=g, beta_min=BETA_MIN,
-                             beta_max=BETA_MAX)
-        log(f"noise-prior: {run_dir.name} ODE {out['ode']['bpd']:.4f} bits/dim, {out['ode']['nfe']} evaluations "
-            f"({time.time() - t0:.0f} s)")
-    t0 = time.time()
-    x = generate(model, cfg["sample"], num=o["samples"], seed=2000 + seed, device=dev, shape=ds.sample_shape)
-    disp = ds.to_display(x)
-    out["samples"] = video_statistics(disp, max_lag=min(3, disp.shape[2] - 1))
-    out["sample_seconds"] = round(time.time() - t0, 1)
-    save_npz(disp, run_dir / "samples.npz")
-    save_gif(disp[:16], run_dir / "samples.gif", fps=4)
-    save_frame_grid(disp[:8], run_dir / "samples.png")
-    out["noise"] = cfg["process"]["noise"]
-    out["C_lag1"] = float(_cov_matrix(cfg, o)[0, 1]) if o["frames"] > 1 else float("nan")
-    cache.write_text(json.dumps(out, indent=2))
-    return out
+    return float(resolve(_base("video", o))["data"]["speed"])
 
 
-def _cov_matrix(cfg: dict, o: dict) -> torch.Tensor:
-    from diffusionlab.noise import make_covariance
+# ---- training and scoring one arm --------------------------------------------------------------------------------
+def _video_evaluator(o: dict):
+    from diffusionlab.experiments.video_runs import sample_run, score, values
 
-    spec = cfg["process"]["noise"]
-    return torch.eye(o["frames"], dtype=torch.float64) if spec == "iid" else make_covariance(spec, o["frames"], 2).matrix()
+    scfg, speed = _samplers(o)["ancestral"], _speed(o)
+    return lambda run: values(score(sample_run(run, scfg, o["eval_num"], EVAL_SEED, device=o["device_eval"]), speed))
 
 
-# ---- aggregation --------------------------------------------------------------------------------------------
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    v = [x for x in values if x == x]
+def _image_evaluator(o: dict):
+    from diffusionlab.experiments.video_runs import frames_as_videos, sample_run, score, values
+    from diffusionlab.training.config import resolve
+
+    frames = int(resolve(_base("video", o))["data"]["frames"])
+    scfg, speed = _samplers(o)["deterministic"], _speed(o)
+
+    def evaluate(run):
+        images = sample_run(run, scfg, o["eval_num"] * frames, EVAL_SEED, device=o["device_eval"])
+        return values(score(frames_as_videos(images, frames), speed))
+    return evaluate
+
+
+def pretrain(o: dict, out: Path, log=print) -> dict:
+    """The image model of the fine-tuned setting, trained until its samples' per-frame FD stops improving."""
+    from diffusionlab.experiments.video_runs import train_until_converged
+
+    run = out / "pretrain"
+    rec = train_until_converged(image_config(o), run, _image_evaluator(o), o["eval_every"], o["pretrain_max_steps"],
+                                o["min_steps"], o["patience"], o["min_delta"], key="frame_fd", log=log)
+    if not (run / "best_run").is_dir():  # the run fine-tuning starts from: the best EMA weights
+        best = run / "best_run.tmp"
+        shutil.rmtree(best, ignore_errors=True)
+        best.mkdir()
+        shutil.copyfile(run / "config.yaml", best / "config.yaml")
+        shutil.copyfile(run / "best.safetensors", best / "model.safetensors")
+        os.replace(best, run / "best_run")
+    return rec
+
+
+def run_arm(arm: dict, o: dict, out: Path, log=print) -> dict:
+    """Train (or reuse) one arm until converged, then score its best weights with both samplers."""
+    from diffusionlab.experiments.video_runs import sample_run, score, train_until_converged, values
+
+    torch.set_num_threads(max(1, int(o["threads"]) or 1))
+    run = out / "runs" / arm["setting"] / arm["name"] / f"seed{arm['seed']}"
+    final_path = run / "final.json"
+    if final_path.is_file():
+        return json.loads(final_path.read_text())
+    pre = out / "pretrain" / "best_run" if arm["setting"] == "finetune" else None
+    log(f"noise-prior: {arm['setting']}/{arm['name']} seed {arm['seed']} -> {run}")
+    rec = train_until_converged(arm_config(arm, o, pre), run, _video_evaluator(o), o["eval_every"], o["max_steps"],
+                                o["min_steps"], o["patience"], o["min_delta"], key="fvd", log=log)
+    final = {"arm": arm, "curve": rec["curve"], "best_step": rec["best_step"], "steps": rec["steps"],
+             "converged": rec["converged"], "train_wall_s": rec["train_wall_s"], "train_cpu_s": rec["train_cpu_s"],
+             "eval_wall_s": rec["eval_wall_s"]}
+    for kind, scfg in _samplers(o).items():
+        x = sample_run(run, scfg, o["final_num"], EVAL_SEED + 1, weights="best.safetensors", device=o["device_eval"])
+        final[kind] = values(score(x, _speed(o)))
+        if kind == "ancestral":
+            from diffusionlab.video_io import save_frame_grid, save_gif
+
+            save_gif(x[:16], run / "samples.gif", fps=4)
+            save_frame_grid(x[:8], run / "samples.png")
+    from diffusionlab.io import atomic_write_bytes
+
+    atomic_write_bytes(final_path, json.dumps(final, indent=2).encode())
+    return final
+
+
+def _worker(args):
+    arm, o, out = args
+    return run_arm(arm, o, Path(out), log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+# ---- aggregation ---------------------------------------------------------------------------------------------------
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample sd / sqrt(n); NaN for n < 2) of the finite values."""
+    v = [x for x in values if x is not None and x == x]
     if not v:
         return float("nan"), float("nan")
     m = sum(v) / len(v)
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else float("nan")
-    return m, sd
+    if len(v) < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return m, sd / math.sqrt(len(v))
 
 
-COLUMNS = [  # (key, header, getter)
-    ("C_lag1", "C lag-1", lambda r: r["C_lag1"]),
-    ("elbo", "-ELBO bits/dim", lambda r: r["elbo"]["bpd"]),
-    ("ode", "ODE NLL bits/dim", lambda r: r["ode"]["bpd"] if "ode" in r else float("nan")),
-    ("lag1", "lag-1 corr", lambda r: r["samples"]["lag_correlation"][0]),
-    ("lag2", "lag-2 corr", lambda r: r["samples"]["lag_correlation"][1] if len(r["samples"]["lag_correlation"]) > 1
-     else float("nan")),
-    ("diff", "mean abs frame diff", lambda r: r["samples"]["consecutive_difference"]),
-    ("consistency", "digit consistency", lambda r: r["samples"]["consistency"]),
-    ("all_same", "same digit all frames", lambda r: r["samples"]["all_same"]),
-    ("confidence", "classifier confidence", lambda r: r["samples"]["confidence"]),
+COLUMNS = [  # (header, getter on a final record)
+    ("fvd", lambda r: r["ancestral"]["fvd"]),
+    ("fvd (DDIM eta 0)", lambda r: r["deterministic"]["fvd"]),
+    ("frame FD", lambda r: r["ancestral"]["frame_fd"]),
+    ("same digit all frames", lambda r: r["ancestral"]["digit_all_same"]),
+    ("same digit (DDIM)", lambda r: r["deterministic"]["digit_all_same"]),
+    ("frames agreeing", lambda r: r["ancestral"]["digit_agreement"]),
+    ("background", lambda r: r["ancestral"]["background_mean"]),
+    ("speed", lambda r: r["ancestral"]["speed"]),
+    ("straightness", lambda r: r["ancestral"]["straightness"]),
+    ("jumps", lambda r: r["ancestral"]["jump_fraction"]),
+    ("best step", lambda r: r["best_step"]),
+    ("train CPU s", lambda r: r["train_cpu_s"]),
 ]
 
 
-def aggregate(results: dict, real: dict) -> dict:
-    """Per prior: every column's per-seed values, mean and standard deviation over seeds."""
+def aggregate(finals: list[dict]) -> dict:
+    """Per (setting, variant): each column's per-seed values, mean and standard error, and the difference of the
+    FVDs to ``iid`` of the same setting and seed (paired)."""
+    groups: dict = {}
+    for f in finals:
+        groups.setdefault((f["arm"]["setting"], f["arm"]["name"]), []).append(f)
+    iid = {(f["arm"]["setting"], f["arm"]["seed"]): f for f in finals if f["arm"]["name"] == "iid"}
     table = {}
-    for prior, by_seed in results.items():
-        row = {}
-        for key, _, get in COLUMNS:
-            vals = [get(r) for r in by_seed.values()]
-            m, sd = _mean_sd(vals)
-            row[key] = {"mean": m, "sd": sd, "values": vals}
-        table[prior] = row
-    real_row = {"lag1": real["lag_correlation"][0], "lag2": real["lag_correlation"][1],
-                "diff": real["consecutive_difference"], "consistency": real["consistency"],
-                "all_same": real["all_same"], "confidence": real["confidence"]}
-    return {"priors": table, "real": real_row}
+    for (setting, name), rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["arm"]["seed"])
+        entry = {"setting": setting, "variant": name, "seeds": [r["arm"]["seed"] for r in rows],
+                 "converged": sum(bool(r["converged"]) for r in rows)}
+        for header, get in COLUMNS:
+            vals = [get(r) for r in rows]
+            m, se = mean_se(vals)
+            entry[header] = {"mean": m, "se": se, "values": vals}
+        for kind in ("ancestral", "deterministic"):
+            diffs = [r[kind]["fvd"] - iid[(setting, r["arm"]["seed"])][kind]["fvd"] for r in rows
+                     if (setting, r["arm"]["seed"]) in iid]
+            m, se = mean_se(diffs)
+            entry[f"dfvd_{kind}"] = {"mean": m, "se": se, "values": diffs}
+        table[f"{setting}/{name}"] = entry
+    return table
 
 
-def _fmt(cell: dict, digits: int = 3) -> str:
-    m, sd = cell["mean"], cell["sd"]
+def _cell(c: dict, digits: int) -> str:
+    m, se = c["mean"], c["se"]
     if m != m:
         return "--"
-    return f"{m:.{digits}f}" + ("" if sd != sd else f" ± {sd:.{digits}f}")
+    return f"{m:.{digits}f}" + ("" if se != se else f" ± {se:.{digits}f}")
 
 
-def markdown_table(agg: dict, seeds: list[int]) -> str:
-    head = "| prior | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    sep = "| --- " * (len(COLUMNS) + 1) + "|"
-    lines = [head, sep]
-    for prior, row in agg["priors"].items():
-        lines.append(f"| {prior} | " + " | ".join(_fmt(row[k]) for k, _, _ in COLUMNS) + " |")
-    real = agg["real"]
-    cells = ["--", "--", "--"] + [f"{real[k]:.3f}" for k in ("lag1", "lag2", "diff", "consistency", "all_same",
-                                                               "confidence")]
-    lines.append("| real videos | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(f"Mean ± standard deviation over {len(seeds)} seed(s) {seeds} (one trained model per prior and seed).")
+def markdown_table(table: dict, real: dict) -> str:
+    digits = {"fvd": 1, "fvd (DDIM eta 0)": 1, "frame FD": 1, "best step": 0, "train CPU s": 0}
+    head = ["setting", "prior", "n"] + [h for h, _ in COLUMNS] + ["Δ fvd vs iid", "Δ fvd vs iid (DDIM)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, e in table.items():
+        cells = [e["setting"], e["variant"], str(len(e["seeds"]))]
+        cells += [_cell(e[h], digits.get(h, 3)) for h, _ in COLUMNS]
+        cells += ["--" if e["variant"] == "iid" else _cell(e[f"dfvd_{k}"], 1) for k in ("ancestral", "deterministic")]
+        lines.append("| " + " | ".join(cells) + " |")
+    def num(key, d=3):
+        v = real.get(key)
+        return "--" if v is None else f"{v:.{d}f}"
+
+    cells = ["real held-out videos", "--", str(real["num"]), num("fvd", 1), "--", num("frame_fd", 1),
+             num("digit_all_same"), "--", num("digit_agreement"), num("background_mean"), num("speed"),
+             num("straightness"), num("jump_fraction"), "--", "--", "--", "--"]
+    lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-# ---- figures ------------------------------------------------------------------------------------------------
-def plot_results(agg: dict, covs: dict, data_corr: torch.Tensor, docs: Path) -> list[Path]:
+def real_reference(o: dict) -> dict:
+    """The video metric of ``final_num`` real held-out videos (test-split digits): what the arms are read against."""
+    from diffusionlab.data import load_dataset
+    from diffusionlab.experiments.video_runs import score, values
+    from diffusionlab.training.config import resolve
+
+    data = dict(resolve(_base("video", o))["data"], split="test", num=o["final_num"])
+    ds = load_dataset(data, seed=TEST_SEED)
+    return {"num": o["final_num"], **values(score(ds.to_display(ds.data), _speed(o)))}
+
+
+# ---- figures -------------------------------------------------------------------------------------------------------
+def plot_curves(finals: list[dict], pretrain_rec: dict | None, path: Path) -> Path:
+    """FVD (ancestral, ``eval_num`` samples) against training steps for every arm of the main grid: one panel per
+    setting, then both settings against all training steps, the image model's included."""
     from diffusionlab.plotting import _agg
 
     plt = _agg()
-    priors = list(agg["priors"])
-    paths = []
-    # 1. bits/dim
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=120)
-    for ax, key, title in ((axes[0], "elbo", "-ELBO (bits/dim)"), (axes[1], "ode", "ODE NLL (bits/dim)")):
-        for i, p in enumerate(priors):
-            cell = agg["priors"][p][key]
-            ax.bar(i, cell["mean"], yerr=0 if cell["sd"] != cell["sd"] else cell["sd"], color=f"C{i}", capsize=4)
-            ax.plot([i] * len(cell["values"]), cell["values"], "k.", ms=4)
-        ax.set_xticks(range(len(priors)), priors)
-        ax.set_title(title)
-        finite = [v for p in priors for v in agg["priors"][p][key]["values"] if v == v]
-        if finite:
-            lo, hi = min(finite), max(finite)
-            ax.set_ylim(lo - 0.3 * (hi - lo + 1e-3), hi + 0.3 * (hi - lo + 1e-3))
-        ax.grid(axis="y", alpha=0.3)
+    main = [f for f in finals if f["arm"]["alpha"] == 1.0 and f["arm"]["loss"] == "mahalanobis"]
+    settings = sorted({f["arm"]["setting"] for f in main}, key=SETTINGS.index)
+    fig, axes = plt.subplots(1, len(settings) + 1, figsize=(4.6 * (len(settings) + 1), 3.6), dpi=110, squeeze=False)
+    axes = axes[0]
+    pre_steps = pretrain_rec["best_step"] if pretrain_rec else 0
+    for j, setting in enumerate(settings):
+        for i, prior in enumerate(PRIORS):
+            runs = [f for f in main if f["arm"]["setting"] == setting and f["arm"]["prior"] == prior]
+            for k, f in enumerate(runs):
+                steps = [p["step"] for p in f["curve"]]
+                fvd = [p["fvd"] for p in f["curve"]]
+                label = prior if k == 0 else None
+                axes[j].plot(steps, fvd, color=f"C{i}", marker="o", ms=3, lw=1, alpha=0.8, label=label)
+                offset = pre_steps if setting == "finetune" else 0
+                axes[-1].plot([s + offset for s in steps], fvd, color=f"C{i}", lw=1,
+                              ls="-" if setting == "scratch" else "--", alpha=0.7,
+                              label=f"{setting} {prior}" if k == 0 else None)
+        axes[j].set_title(f"{setting}: FVD vs {'fine-tuning ' if setting == 'finetune' else ''}steps")
+        axes[j].set_xlabel("training steps")
+        axes[j].set_ylabel("FVD (lower is better)")
+        axes[j].set_yscale("log")
+        axes[j].grid(alpha=0.3)
+        axes[j].legend(fontsize=7)
+    if pre_steps:
+        axes[-1].axvline(pre_steps, color="k", lw=0.8, ls=":")
+    axes[-1].set_title("all steps (fine-tuned: after the image model's)")
+    axes[-1].set_xlabel("training steps, pretraining included")
+    axes[-1].set_yscale("log")
+    axes[-1].grid(alpha=0.3)
+    axes[-1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    paths.append(docs / "bpd.png")
-    fig.savefig(paths[-1])
+    fig.savefig(path)
     plt.close(fig)
-    # 2. temporal statistics of samples vs real
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=120)
-    for i, p in enumerate(priors):
-        row = agg["priors"][p]
-        axes[0].errorbar([1, 2], [row["lag1"]["mean"], row["lag2"]["mean"]],
-                         yerr=[_nz(row["lag1"]["sd"]), _nz(row["lag2"]["sd"])], marker="o", capsize=3, label=p)
-    axes[0].plot([1, 2], [agg["real"]["lag1"], agg["real"]["lag2"]], "k--", marker="s", label="real")
-    axes[0].set_xticks([1, 2])
-    axes[0].set_xlabel("lag k")
-    axes[0].set_title("frame correlation at lag k")
-    axes[0].legend(fontsize=7)
-    for ax, key, title in ((axes[1], "diff", "mean |x_{f+1} - x_f|"), (axes[2], "consistency", "digit consistency")):
-        for i, p in enumerate(priors):
-            cell = agg["priors"][p][key]
-            ax.bar(i, cell["mean"], yerr=_nz(cell["sd"]), color=f"C{i}", capsize=4)
-            ax.plot([i] * len(cell["values"]), cell["values"], "k.", ms=4)
-        ax.axhline(agg["real"][key], color="k", ls="--", lw=1, label="real")
-        ax.set_xticks(range(len(priors)), priors)
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(docs / "temporal.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
-    # 3. the noise covariances' first rows vs the data's frame correlation
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    lags = torch.arange(data_corr.shape[0])
-    ax.plot(lags, data_corr[0], "k--", marker="s", label="data (frame-centred)")
-    for i, (p, m) in enumerate(covs.items()):
-        ax.plot(lags, m[0], marker="o", color=f"C{i}", label=p)
-    ax.set_xlabel("lag (frames)")
-    ax.set_ylabel("correlation C[0, lag]")
-    ax.set_title("noise covariance C across frames")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(docs / "covariances.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
-    return paths
+    return path
 
 
-def _nz(v: float) -> float:
-    return 0.0 if v != v else v
-
-
-# ---- driver -------------------------------------------------------------------------------------------------
+# ---- driver --------------------------------------------------------------------------------------------------------
 def options(args) -> dict:
-    o = dict(PRESETS[args.preset])
-    for key in ("steps", "batch", "lr", "frames", "size", "num_train", "T", "eval_num", "ode_num", "samples",
-                "sample_steps"):
+    o = copy.deepcopy(PRESETS[args.preset])
+    o["preset"] = args.preset
+    for key in ("max_steps", "eval_every", "min_steps", "patience", "pretrain_max_steps", "eval_num", "final_num",
+                "sample_steps", "num_train"):
         v = getattr(args, key, None)
         if v is not None:
             o[key] = v
-    if args.seeds is not None:
-        o["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
-    o.update(speed=args.speed, alpha_mixed=args.alpha_mixed, alpha_progressive=args.alpha_progressive,
-             weighting=args.weighting, device=args.device, threads=args.threads)
-    priors = [p.strip() for p in args.priors.split(",") if p.strip()]
-    bad = [p for p in priors if p not in PRIORS]
-    if bad or not priors:
-        raise DiffusionLabError(f"unknown noise prior(s) {bad}; allowed: {', '.join(PRIORS)}")
-    o["priors"] = priors
-    if not o["T"] > BETA_MAX:
-        raise DiffusionLabError(f"T must exceed {BETA_MAX:g} (the chain's last beta is {BETA_MAX:g} / T < 1), got {o['T']}")
-    if o["weighting"] not in WEIGHTINGS:
-        raise DiffusionLabError(f"unknown weighting {o['weighting']!r}; allowed: {', '.join(WEIGHTINGS)}")
+    if args.min_delta is not None:
+        o["min_delta"] = args.min_delta
+    for key in ("seeds", "sweep_seeds"):
+        v = getattr(args, key)
+        if v is not None:
+            o[key] = [int(s) for s in v.split(",") if s.strip()]
+    if args.alphas is not None:
+        o["alphas"] = [float(a) for a in args.alphas.split(",") if a.strip()]
+    if args.no_sweep:
+        o["sweep"] = False
+    o["priors"] = _names(args.priors, PRIORS, "noise prior")
+    o["settings"] = _names(args.settings, SETTINGS, "setting")
+    o.update(threads=args.threads, device=args.device, device_eval=args.device if args.device != "auto" else "auto",
+             jobs=args.jobs, freeze_spatial=args.freeze_spatial, set=list(args.set or []))
+    if not o["seeds"]:
+        raise DiffusionLabError("--seeds needs at least one seed")
+    if o["jobs"] < 1:
+        raise DiffusionLabError(f"--jobs must be >= 1, got {o['jobs']}")
     return o
 
 
-def run_experiment(o: dict, out_dir: Path, docs: Path, log=print) -> dict:
-    from diffusionlab.data import load_dataset
-    from diffusionlab.metrics.video import video_statistics
-    from diffusionlab.noise.fit import frame_correlation
-    from diffusionlab.video_io import save_frame_grid, save_gif
+def _names(arg: str, allowed: tuple, what: str) -> list[str]:
+    names = [p.strip() for p in arg.split(",") if p.strip()]
+    bad = [p for p in names if p not in allowed]
+    if bad or not names:
+        raise DiffusionLabError(f"unknown {what}(s) {bad or arg!r}; allowed: {', '.join(allowed)}")
+    return names
 
+
+def measure_step(o: dict, steps: int = 3) -> float:
+    """Wall seconds of one training step of the video model here (after one warm-up step), at the run threads."""
+    from diffusionlab.training.config import resolve
+    from diffusionlab.training.trainer import build_parts, train_step
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(o["threads"]) or threads))
+    try:
+        p = build_parts(resolve(_base("video", o)), log=lambda m: None)
+        train_step(p, 0)
+        t0 = time.time()
+        for i in range(steps):
+            train_step(p, i + 1)
+        return (time.time() - t0) / steps
+    finally:
+        torch.set_num_threads(threads)
+
+
+def expected_seconds(o: dict, arms: list[dict], step_s: float) -> dict:
+    """An upper bound of the wall time (every arm trained to ``max_steps``), from the measured step time: a
+    sampling step of a video costs about a third of a training step per video; ``jobs`` runs in parallel."""
+    from diffusionlab.training.config import resolve
+
+    batch = int(resolve(_base("video", o))["train"]["batch_size"])
+    def evals(max_steps):
+        return math.ceil(max_steps / o["eval_every"])
+    sample_s = step_s / 3 / batch * o["sample_steps"]
+    arm_s = [o["max_steps"] * step_s + evals(o["max_steps"]) * o["eval_num"] * sample_s
+             + 2 * o["final_num"] * sample_s for _ in arms]
+    pre = 0.0
+    if "finetune" in o["settings"]:
+        pre = o["pretrain_max_steps"] * step_s + evals(o["pretrain_max_steps"]) * o["eval_num"] * sample_s
+    total = pre + sum(arm_s) / o["jobs"]
+    return {"step_s": step_s, "pretrain_s": pre, "arm_s": max(arm_s) if arm_s else 0.0, "total_s": total}
+
+
+def _hm(seconds: float) -> str:
+    h, m = divmod(int(round(seconds / 60)), 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min"
+
+
+def run_experiment(o: dict, out: Path, docs: Path | None = None, log=print, estimate: bool = True) -> dict:
+    """Run (or continue) the experiment into ``out``; copy the figures and the table into ``docs`` only if given."""
     t_start = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    docs.mkdir(parents=True, exist_ok=True)
-    results: dict = {p: {} for p in o["priors"]}
-    timings: dict = {}
-    for seed in o["seeds"]:
-        for prior in o["priors"]:
-            run_dir = out_dir / f"{prior}_seed{seed}"
-            t0 = time.time()
-            train_run(prior, seed, o, run_dir, log)
-            t1 = time.time()
-            results[prior][seed] = evaluate_run(run_dir, o, seed, log)
-            timings[f"{prior}_seed{seed}"] = {"train_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1)}
-    # real videos: statistics on held-out videos, figures
-    real_ds = test_videos(o, o["samples"])
-    real_disp = real_ds.to_display(real_ds.data)
-    real = video_statistics(real_disp, max_lag=min(3, o["frames"] - 1), labels=real_ds.labels)
-    train_ds = load_dataset(data_config(o), seed=o["seeds"][0])
-    data_corr = frame_correlation(train_ds.data, axis=2, center="frame")
-    covs = {}
-    for prior in o["priors"]:
-        cfg_path = out_dir / f"{prior}_seed{o['seeds'][0]}" / "config.yaml"
-        from diffusionlab.training.config import load_config
+    out.mkdir(parents=True, exist_ok=True)
+    arms = plan(o)
+    if estimate:
+        est = expected_seconds(o, arms, measure_step(o))
+        log(f"noise-prior: {len(arms)} arms ({', '.join(o['settings'])} x {', '.join(o['priors'])} x seeds "
+            f"{o['seeds']}{' + sweep' if o['sweep'] else ''}), at most {o['max_steps']} steps each, {o['jobs']} in "
+            f"parallel; a training step takes {est['step_s']:.2f} s here, so expect at most {_hm(est['total_s'])} "
+            f"(every arm to max_steps; converged arms stop earlier; pretraining at most {_hm(est['pretrain_s'])}) "
+            f"-> {out}")
+    pre_rec = pretrain(o, out, log) if "finetune" in o["settings"] else None
+    if o["jobs"] > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-        covs[prior] = _cov_matrix(load_config(cfg_path), o)
-    agg = aggregate(results, real)
-    figs = plot_results(agg, covs, data_corr, docs)
-    save_gif(real_disp[:16], docs / "real.gif", fps=4)
-    save_frame_grid(real_disp[:8], docs / "real.png")
-    for prior in o["priors"]:
-        src = out_dir / f"{prior}_seed{o['seeds'][0]}"
-        shutil.copyfile(src / "samples.gif", docs / f"samples_{prior}.gif")
-        shutil.copyfile(src / "samples.png", docs / f"samples_{prior}.png")
-    md = markdown_table(agg, o["seeds"])
-    payload = {"options": o, "aggregate": agg, "per_run": {p: {str(s): r for s, r in v.items()}
-                                                           for p, v in results.items()},
-               "real": real, "data_frame_correlation": data_corr.tolist(),
-               "covariances": {p: m.tolist() for p, m in covs.items()}, "timings": timings,
-               "total_seconds": round(time.time() - t_start, 1), "figures": [str(f) for f in figs]}
-    (docs / "results.json").write_text(json.dumps(payload, indent=2))
-    (docs / "results.md").write_text(md + "\n")
+        with ProcessPoolExecutor(max_workers=o["jobs"], mp_context=mp.get_context("spawn")) as ex:
+            finals = list(ex.map(_worker, [(a, o, str(out)) for a in arms]))
+    else:
+        finals = [run_arm(a, o, out, log) for a in arms]
+    real = real_reference(o)
+    table = aggregate(finals)
+    md = markdown_table(table, real)
+    curves = plot_curves(finals, pre_rec, out / "curves.png")
+    figs = [curves]
+    for f in finals:  # seed-0 samples of the main grid
+        a = f["arm"]
+        if a["seed"] == o["seeds"][0] and a["alpha"] == 1.0 and a["loss"] == "mahalanobis":
+            src = out / "runs" / a["setting"] / a["name"] / f"seed{a['seed']}"
+            for ext in ("gif", "png"):
+                dst = out / f"samples_{a['setting']}_{a['name']}.{ext}"
+                shutil.copyfile(src / f"samples.{ext}", dst)
+                figs.append(dst)
+    pre_cost = None
+    if pre_rec is not None:
+        pre_cost = {k: pre_rec[k] for k in ("best_step", "steps", "converged", "train_wall_s", "train_cpu_s",
+                                            "eval_wall_s")}
+        pre_cost["curve"] = pre_rec["curve"]
+    payload = {"options": o, "arms": len(arms), "table": table, "real": real, "pretrain": pre_cost,
+               "finals": finals, "total_wall_s": round(time.time() - t_start, 1),
+               "threads": o["threads"], "jobs": o["jobs"]}
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    (out / "results.md").write_text(md + "\n")
+    if docs is not None:
+        docs.mkdir(parents=True, exist_ok=True)
+        for f in [out / "results.json", out / "results.md", *figs]:
+            shutil.copyfile(f, docs / f"noise_prior_{f.name}" if not f.name.startswith("samples_") else docs / f.name)
     log(md)
     return payload
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes for 2 CPU cores or one GPU")
-    p.add_argument("--out-dir", default="runs/noise_prior", help="where the runs go (reused if present)")
-    p.add_argument("--docs", default="docs/video", help="where the table, JSON and figures go")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu (2 CPU cores, a few hours), quick (under 30 minutes, one seed, not converged), gpu")
+    p.add_argument("--quick", dest="preset", action="store_const", const="quick", help="the same as --preset quick")
+    p.add_argument("--out", default="runs/noise_prior", help="where runs and results go (reused if present)")
+    p.add_argument("--write-docs", default=None, metavar="DIR",
+                   help="also copy the table and figures into DIR (e.g. docs/video); never done by default")
     p.add_argument("--priors", default=",".join(PRIORS), help=f"comma-separated subset of {', '.join(PRIORS)}")
-    p.add_argument("--seeds", default=None, help="comma-separated training seeds (preset: cpu 0,1; gpu 0,1,2)")
-    p.add_argument("--weighting", default="simple", help="simple (Mahalanobis L_simple), elbo (ELBO weights) "
-                   "or mse (ignores C)")
-    p.add_argument("--alpha-mixed", type=float, default=1.0, help="mixed prior alpha (off-diagonal a^2/(1+a^2))")
-    p.add_argument("--alpha-progressive", type=float, default=1.0, help="progressive prior alpha "
-                   "(rho = a/sqrt(1+a^2))")
-    p.add_argument("--speed", type=float, default=1.0, help="digit speed, pixels per frame")
-    for key, typ in (("steps", int), ("batch", int), ("lr", float), ("frames", int), ("size", int),
-                     ("num_train", int), ("T", int), ("eval_num", int), ("ode_num", int), ("samples", int),
-                     ("sample_steps", int)):
+    p.add_argument("--settings", default=",".join(SETTINGS), help="scratch, finetune or both")
+    p.add_argument("--seeds", default=None, help="training seeds of the main grid (preset: 0,1,2)")
+    p.add_argument("--sweep-seeds", default=None, help="seeds of the alpha / loss sweep (preset: 0,1,2)")
+    p.add_argument("--alphas", default=None, help="the sweep's alphas for mixed and progressive (preset: 0.5,2)")
+    p.add_argument("--no-sweep", action="store_true", help="only the main grid")
+    p.add_argument("--freeze-spatial", action="store_true", help="fine-tune only the temporal layers")
+    for key, typ in (("max_steps", int), ("eval_every", int), ("min_steps", int), ("patience", int),
+                     ("pretrain_max_steps", int), ("eval_num", int), ("final_num", int), ("sample_steps", int),
+                     ("num_train", int), ("min_delta", float)):
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None, help="override the preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the video config of every run, e.g. train.batch_size=8")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained in parallel (processes)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
 
 def cmd_noise_prior(args) -> int:
     o = options(args)
-    run_experiment(o, Path(args.out_dir), Path(args.docs), log=lambda m: print(m, file=sys.stderr, flush=True))
+    run_experiment(o, Path(args.out), Path(args.write_docs) if args.write_docs else None,
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 
 
 def register(sub) -> None:
     """Add ``noise-prior`` to the experiment subparsers ``sub``."""
-    p = sub.add_parser("noise-prior", help="train one video model per frame-noise covariance C and compare them")
+    p = sub.add_parser("noise-prior", help="frame-noise priors x {from scratch, fine-tuned from an image model}, "
+                                           "trained until the video metric stops improving")
     add_arguments(p)
     p.set_defaults(func=cmd_noise_prior)
 

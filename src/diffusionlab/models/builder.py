@@ -121,7 +121,7 @@ def build_network(cfg: Mapping, sample_shape: Sequence[int], out_mult: int = 1,
             f"{', '.join(entry.parameters())}"
         )
     opts = entry.resolve(opts)
-    for key in ("channel_mults", "attn_resolutions"):
+    for key in ("channel_mults", "attn_resolutions", "temporal_attn_resolutions"):
         if isinstance(opts.get(key), list):
             opts[key] = tuple(opts[key])
     shape = _sample_shape(sample_shape)

@@ -161,35 +161,39 @@ def unet_layout(base_channels: int, mults, num_res_blocks: int, resolutions: lis
     """DDPM's U-Net layout (Ho et al. 2020, appendix B), shared by :class:`UNet` and the space-time U-Net:
     ``(down, mid, up, out_channels)``. Per level ``num_res_blocks`` residual blocks (``num_res_blocks + 1`` on the way
     up, each taking a skip), attention where ``resolutions[level]`` is in ``attn``, resampling between levels; the
-    middle is ResBlock, attention, ResBlock. ``seq(layers)`` wraps each block's list of layers; ``extra(ch)``
-    returns layers to follow every residual block (the space-time U-Net's temporal layers)."""
-    extra = extra or (lambda ch: [])
+    middle is ResBlock, attention, ResBlock.
+
+    ``seq(spatial, temporal)`` wraps each block: ``spatial`` is the list of the 2-D layers (so a block's parameter
+    names are the same in every network built from this layout) and ``temporal`` the layers ``extra(ch, height)``
+    returns for a block that starts with a residual block (``height`` is the level's, ``None`` in the middle; the
+    space-time U-Net runs them right after that residual block), empty for resampling blocks and without
+    ``extra``."""
+    extra = extra or (lambda ch, height: [])
     down = nn.ModuleList()
     skips, ch = [base_channels], base_channels
     for level, mult in enumerate(mults):
         for _ in range(num_res_blocks):
             layers = [ResBlock(ch, mult * base_channels, **block)]
             ch = mult * base_channels
-            layers += extra(ch)
             if resolutions[level] in attn:
                 layers.append(AttentionBlock(ch, num_heads, groups))
-            down.append(seq(layers))
+            down.append(seq(layers, extra(ch, resolutions[level])))
             skips.append(ch)
         if level != len(mults) - 1:
-            down.append(seq([Downsample(ch, conv_resample)]))
+            down.append(seq([Downsample(ch, conv_resample)], []))
             skips.append(ch)
-    mid = seq([ResBlock(ch, ch, **block), *extra(ch), AttentionBlock(ch, num_heads, groups), ResBlock(ch, ch, **block)])
+    mid = seq([ResBlock(ch, ch, **block), AttentionBlock(ch, num_heads, groups), ResBlock(ch, ch, **block)],
+              extra(ch, None))
     up = nn.ModuleList()
     for level in reversed(range(len(mults))):
         for i in range(num_res_blocks + 1):
             layers = [ResBlock(ch + skips.pop(), mults[level] * base_channels, **block)]
             ch = mults[level] * base_channels
-            layers += extra(ch)
             if resolutions[level] in attn:
                 layers.append(AttentionBlock(ch, num_heads, groups))
             if level and i == num_res_blocks:
                 layers.append(Upsample(ch, conv_resample))
-            up.append(seq(layers))
+            up.append(seq(layers, extra(ch, resolutions[level])))
     return down, mid, up, ch
 
 
@@ -235,7 +239,7 @@ class UNet(nn.Module):
         self.inp = conv3x3(in_channels, base_channels)
         self.down, self.mid, self.up, ch = unet_layout(
             base_channels, mults, num_res_blocks, resolutions, attn, block, num_heads, groups, conv_resample,
-            seq=lambda layers: EmbSequential(*layers))
+            seq=lambda spatial, temporal: EmbSequential(*spatial))
         self.out_norm = group_norm(ch, groups)
         self.out = zero_init(conv3x3(ch, out_mult * in_channels))
         # created last, so the other layers draw the same initial weights as the unconditional net's

@@ -66,11 +66,13 @@ TRAIN_SCHEMA = {
     "threads": (int, lambda v: 0 <= v <= MAX_THREADS, f"an integer in [0, {MAX_THREADS}] (0: torch's default)"),
     "precision": (str, lambda v: v in ("fp32", "bf16", "fp16"),
                   "fp32, bf16 or fp16 (autocast, for GPUs; fp16 with a gradient scaler)"),
-    "channels_last": (bool, lambda v: True, "true or false (channels-last memory format, image data only)"),
+    "channels_last": (bool, lambda v: True, "true or false (channels-last memory format, images and videos)"),
     "compile": (bool, lambda v: True, "true or false (torch.compile the network)"),
     "accumulate": (int, lambda v: 1 <= v <= 4096, "an integer in [1, 4096]"),
     "tensorboard": (bool, lambda v: True, "true or false (TensorBoard event files in the run's tensorboard/)"),
     "p_uncond": ((int, float), lambda v: 0 <= v < 1, "a number in [0, 1) (label dropout, class-conditional nets)"),
+    "init_from": ((str, type(None)), lambda v: v is None or bool(v.strip()), "a run directory or null"),
+    "freeze_spatial": (bool, lambda v: True, "true or false (train only the temporal layers; needs init_from)"),
 }
 
 
@@ -81,7 +83,7 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3,
                   sample_every: int = 0, device: str = "auto", max_bad_steps: int = 10,
                   threads: int = DEFAULT_THREADS, precision: str = "fp32", channels_last: bool = False,
                   compile: bool = False, accumulate: int = 1, tensorboard: bool = False,
-                  p_uncond: float = 0.0) -> dict:
+                  p_uncond: float = 0.0, init_from: str | None = None, freeze_spatial: bool = False) -> dict:
     """The trainer's options (the ``train:`` section).
 
     Args:
@@ -105,7 +107,8 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3,
         threads: torch intra-op CPU threads (0: torch's default, one per core; diffusionlab.threads)
         precision: fp32, bf16 (bf16 autocast) or fp16 (fp16 autocast with a dynamic gradient scaler; overflowing
             steps are skipped and reported)
-        channels_last: channels-last memory format (image data only)
+        channels_last: channels-last memory format (images; videos: channels-last-3d batches, frames run
+            channels-last)
         compile: torch.compile the network
         accumulate: split each optimizer step's batch into this many micro-batches, run one after another with
             their gradients summed (the same trajectory, less memory; batch_size must divide by it times the
@@ -114,6 +117,9 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3,
             tensorboard package: pip install diffusionlab[tensorboard]; without it a warning, and training goes on)
         p_uncond: label dropout of a class-conditional net (model.num_classes): the probability of training a
             label as "no label", for classifier-free guidance (Ho & Salimans 2022; 0.1 to 0.2 there)
+        init_from: a run directory whose EMA weights start this run: an image (unet) run inflated into a
+            video_unet (every image weight used, temporal layers the identity), or a run of the same network
+        freeze_spatial: train only the temporal layers of an inflated video_unet (needs init_from)
     """
     opts = dict(locals())
     _check_section("train", opts, TRAIN_SCHEMA)
@@ -124,6 +130,8 @@ def train_options(steps: int = 4000, batch_size: int = 128, lr: float = 2e-3,
     if batch_size % accumulate:
         raise DiffusionLabError(f"train.batch_size = {batch_size} does not divide into train.accumulate = "
                                 f"{accumulate} micro-batches; choose a multiple")
+    if freeze_spatial and init_from is None:
+        raise DiffusionLabError("train.freeze_spatial needs train.init_from (the run whose spatial layers are kept)")
     return opts
 
 

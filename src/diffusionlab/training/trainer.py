@@ -219,6 +219,7 @@ class TrainParts:
     scaler: object = None  # torch.amp.GradScaler (fp16)
     accumulate: int = 1
     labels: torch.Tensor | None = None  # class labels of the data, on the device (training/labels.py)
+    init: dict | None = None  #: what ``train.init_from`` loaded (written to ``init.json``)
 
     @property
     def fused(self) -> bool:
@@ -235,6 +236,7 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
     from diffusionlab.noise.fit import fit_noise, is_fitted_spec
     from diffusionlab.objectives import make_objective
     from diffusionlab.training.distributed import Distributed
+    from diffusionlab.training.init import init_model
     from diffusionlab.training.sampling import check_sample_section
 
     from diffusionlab.training.batches import open_training_data
@@ -262,11 +264,12 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
     process.cov.check(first[:1])
     check_sample_section(cfg["sample"], process)  # a bad sample: section fails now, not after training
     model = build_model(cfg, ds.sample_shape, process, device)
+    init = init_model(model, cfg, ds.sample_shape, log)  # train.init_from: inflate / load a run's weights
     objective = make_objective(dict(cfg["objective"]), process)
     labels = training_labels(ds, model, tcfg, device, streaming=batches.streaming)  # training/labels.py
     _check_model_takes(model, objective, ds, first, device, None if labels is None else labels[: first.shape[0]])
     memory_format = _memory_format(tcfg, ds)
-    model = model.to(memory_format=memory_format)
+    model = model.to(memory_format=_model_format(memory_format))
     if tcfg.get("compile"):
         model.net.compile()  # in place: parameter names (checkpoints) stay those of the eager network
     params = [p for p in model.parameters() if p.requires_grad]
@@ -281,18 +284,30 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
         dist=dist, autocast=autocast(tcfg["precision"], device), mine=mine,
         clip=tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf"), memory_format=memory_format,
         fitted_noise=fitted, batches=batches, scaler=grad_scaler(tcfg["precision"], device),
-        accumulate=tcfg["accumulate"], labels=labels,
+        accumulate=tcfg["accumulate"], labels=labels, init=init,
     )
 
 
 def _memory_format(tcfg: dict, ds) -> torch.memory_format:
+    """The batches' memory format: channels-last for images ``(C, H, W)``, channels-last-3d for videos
+    ``(C, F, H, W)`` (the space-time U-Net then runs its frames channels-last), contiguous without
+    ``train.channels_last``."""
     if not tcfg.get("channels_last"):
         return torch.contiguous_format
-    if len(ds.sample_shape) != 3:
-        raise DiffusionLabError(
-            f"train.channels_last applies to images (C, H, W); {ds.name!r} samples have shape {tuple(ds.sample_shape)}"
-        )
-    return torch.channels_last
+    if len(ds.sample_shape) == 3:
+        return torch.channels_last
+    if len(ds.sample_shape) == 4:
+        return torch.channels_last_3d
+    raise DiffusionLabError(
+        f"train.channels_last applies to images (C, H, W) and videos (C, F, H, W); {ds.name!r} samples have shape "
+        f"{tuple(ds.sample_shape)}"
+    )
+
+
+def _model_format(memory_format: torch.memory_format) -> torch.memory_format:
+    """The weights' format for batches in ``memory_format``: 4-D conv weights channels-last for images and videos
+    (the space-time U-Net's convolutions are 2-D)."""
+    return torch.contiguous_format if memory_format == torch.contiguous_format else torch.channels_last
 
 
 def _backward(p: TrainParts, loss: torch.Tensor) -> None:
@@ -592,6 +607,10 @@ def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log,
                 save_fitted_noise(p.fitted_noise, out)
             _rewrite_log(log_path, start)
             atomic_write_bytes(out / "config.yaml", dump(portable(cfg, out)).encode())
+            if p.init is not None:  # the provenance of train.init_from
+                record = {k: v for k, v in p.init.items() if k != "source_config"}
+                atomic_write_bytes(out / "init.json", json.dumps(record, indent=2).encode())
+                atomic_write_bytes(out / "init_config.yaml", dump(p.init["source_config"]).encode())
         except OSError as e:
             raise os_error(e, f"write to the run directory {out}") from None
 

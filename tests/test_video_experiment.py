@@ -1,0 +1,122 @@
+"""The noise-prior experiment: training until the metric stops improving, the plan of arms, configs that
+validate, the expected time stated first, results under --out and docs/ written only when asked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from diffusionlab.errors import DiffusionLabError
+from diffusionlab.experiments import noise_prior as npx
+from diffusionlab.experiments.video_runs import converged, frames_as_videos, improved, train_until_converged
+
+
+def test_convergence_rule():
+    assert improved(9.0, None, 0.05) and improved(9.0, 10.0, 0.05) and not improved(9.6, 10.0, 0.05)
+    pts = [{"fvd": v} for v in (10.0, 8.0, 7.9, 7.8, 7.7)]  # gains under 5 % after step 2: three in a row
+    assert converged(pts, "fvd", 3, 0.05) and not converged(pts[:4], "fvd", 3, 0.05)
+    assert not converged(pts + [{"fvd": 5.0}], "fvd", 3, 0.05)  # a late gain resets the count
+
+
+def _toy(tmp_path):
+    return {"data": {"name": "ring", "num": 64}, "model": {"name": "mlp", "hidden": 16, "depth": 1},
+            "process": {"name": "vp", "T": 20}, "train": {"batch_size": 8, "warmup": 1, "device": "cpu"},
+            "sample": {"sampler": "ddim", "steps": 2}}
+
+
+def test_train_until_converged_stops_keeps_the_best_and_resumes(tmp_path):
+    scores = iter([10.0, 8.0, 7.9, 7.95, 7.8, 1.0])
+    calls = []
+
+    def evaluate(run):
+        calls.append(run)
+        return {"fvd": next(scores)}
+
+    rec = train_until_converged(_toy(tmp_path), tmp_path / "run", evaluate, eval_every=2, max_steps=20, patience=3,
+                                min_delta=0.05, log=lambda m: None)
+    assert [p["step"] for p in rec["curve"]] == [2, 4, 6, 8, 10] and rec["converged"] and rec["done"]
+    assert rec["best_step"] == 10 and rec["steps"] == 10 and rec["train_cpu_s"] > 0
+    # best.safetensors: the EMA weights at the lowest score (7.8 at step 10, the last one here)
+    assert (tmp_path / "run" / "best.safetensors").read_bytes() == (tmp_path / "run" / "model.safetensors").read_bytes()
+    again = train_until_converged(_toy(tmp_path), tmp_path / "run", evaluate, 2, 20, log=lambda m: None)
+    assert again["curve"] == rec["curve"] and len(calls) == 5  # reused, nothing trained or evaluated again
+    with pytest.raises(DiffusionLabError, match="eval_every"):
+        train_until_converged(_toy(tmp_path), tmp_path / "other", evaluate, 0, 20)
+
+
+def test_frames_as_videos():
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(6, 1, 2, 2)
+    v = frames_as_videos(x, 3)
+    assert v.shape == (2, 1, 3, 2, 2) and torch.equal(v[1, :, 2], x[5])
+
+
+def _options(argv):
+    p = argparse.ArgumentParser()
+    npx.add_arguments(p)
+    return npx.options(p.parse_args(argv))
+
+
+TINY = ["--set", "data.frames=4", "--set", "data.size=8", "--set", "model.base_channels=8",
+        "--set", "model.channel_mults=[1,2]", "--set", "model.temporal_attn_resolutions=[4]",
+        "--set", "train.batch_size=2", "--set", "train.warmup=1", "--max-steps", "2", "--eval-every", "1",
+        "--min-steps", "2", "--pretrain-max-steps", "2", "--eval-num", "3", "--final-num", "3",
+        "--sample-steps", "2", "--num-train", "6", "--device", "cpu"]
+
+
+def test_plan_and_every_arm_config_validates(tmp_path):
+    from diffusionlab.training.config import resolve
+
+    o = _options(["--preset", "cpu"])
+    arms = npx.plan(o)
+    main = [a for a in arms if a["alpha"] == 1.0 and a["loss"] == "mahalanobis"]
+    assert len(main) == 2 * 4 * 3 and len(o["seeds"]) >= 3
+    names = {a["name"] for a in arms}
+    assert {"mixed-a0.5", "progressive-a2", "mixed-mse", "fitted-mse"} <= names
+    image = resolve(npx.image_config(o))
+    assert image["model"]["name"] == "unet" and image["data"]["name"] == "moving_digit_frames"
+    for arm in arms:
+        cfg = resolve(npx.arm_config(arm, o, tmp_path / "pre"))
+        assert cfg["train"]["seed"] == arm["seed"] and cfg["process"]["noise"].split(":")[0] in (
+            "iid", "mixed", "progressive", "fitted")
+        assert (cfg["train"]["init_from"] is not None) == (arm["setting"] == "finetune")
+        assert cfg["objective"]["weighting"] == ("mse" if arm["loss"] == "mse" else "simple")
+    q = _options(["--quick"])
+    assert q["preset"] == "quick" and not q["sweep"]
+    with pytest.raises(DiffusionLabError, match="unknown noise prior"):
+        _options(["--priors", "iid,pink"])
+
+
+def test_experiment_end_to_end_tiny_writes_only_under_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    o = _options(["--quick", "--priors", "iid,mixed", "--seeds", "0", *TINY])
+    msgs = []
+    out = tmp_path / "exp"
+    res = npx.run_experiment(o, out, None, log=msgs.append)
+    assert "expect at most" in msgs[0]  # the time is stated before anything is trained
+    assert not (tmp_path / "docs").exists()
+    for name in ("results.json", "results.md", "curves.png", "samples_scratch_iid.gif",
+                 "samples_finetune_mixed.png"):
+        assert (out / name).is_file(), name
+    table = res["table"]
+    assert set(table) == {"scratch/iid", "scratch/mixed", "finetune/iid", "finetune/mixed"}
+    assert res["pretrain"]["train_cpu_s"] > 0 and res["pretrain"]["curve"]
+    fin = json.loads((out / "runs" / "finetune" / "mixed" / "seed0" / "final.json").read_text())
+    assert fin["deterministic"]["fvd"] > 0 and fin["ancestral"]["fvd"] > 0 and len(fin["curve"]) == 2
+    assert json.loads((out / "runs" / "finetune" / "mixed" / "seed0" / "init.json").read_text())["mode"] == "inflate"
+    # asked for: the docs directory gets the table and the figures
+    docs = tmp_path / "docs_out"
+    npx.run_experiment(o, out, docs, log=lambda m: None, estimate=False)
+    assert (docs / "noise_prior_results.md").is_file() and (docs / "noise_prior_curves.png").is_file()
+
+
+def test_cli_help_names_the_options(capsys):
+    from diffusionlab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["experiment", "noise-prior", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--quick", "--out", "--write-docs", "--jobs", "--settings", "--preset"):
+        assert flag in text

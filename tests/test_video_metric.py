@@ -258,7 +258,7 @@ def test_evaluate_prints_the_video_metric_for_a_tiny_video_run(tmp_path, capsys)
     run = tmp_path / "run"
     sets = ["data.num=8", "data.frames=4", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
             "train.log_every=1", "train.device=cpu", "model.base_channels=8", "model.channel_mults=[1, 2]",
-            "sample.steps=3"]
+            "model.temporal_attn_resolutions=[8]", "sample.steps=3"]
     argv = ["train", "video", "--out", str(run), "--quiet"]
     for s in sets:
         argv += ["--set", s]
@@ -269,7 +269,7 @@ def test_evaluate_prints_the_video_metric_for_a_tiny_video_run(tmp_path, capsys)
     for k in ("fvd", "frame_fd", "digit_all_same", "digit_agreement", "background_mean", "speed", "straightness",
               "jump_fraction", "static_fraction"):
         assert set(out[k]) == {"value", "real", "real_sd"}
-    assert out["num"] == 4 and out["frames"] == 4 and out["sampler"] == "ddpm" and out["steps"] == 3
+    assert out["num"] == 4 and out["frames"] == 4 and out["sampler"] == "ddim" and out["steps"] == 3
     assert out["calibrated"] is False  # 4 frames
 
 

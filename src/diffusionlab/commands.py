@@ -11,26 +11,14 @@ import json
 import os
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from diffusionlab.errors import DiffusionLabError
+from diffusionlab.training.config import packaged_config, shipped_configs  # noqa: F401 (also imported from here)
 
 SAMPLE_SUFFIXES = (".npz", ".png", ".npy", ".gif", ".mp4")
-
-
-def packaged_config(name: str) -> Path:
-    """Path of a config shipped with the package (``digits``, ``toy2d``, ...)."""
-    p = resources.files("diffusionlab") / "configs" / f"{name}.yaml"
-    return Path(str(p))
-
-
-def shipped_configs() -> list[str]:
-    """The names of the configs shipped with the package."""
-    folder = Path(str(resources.files("diffusionlab") / "configs"))
-    return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 def _config_path(arg: str) -> Path:

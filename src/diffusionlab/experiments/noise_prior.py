@@ -120,8 +120,7 @@ def noise_spec(prior: str, alpha: float) -> str:
 
 def _base(name: str, o: dict) -> dict:
     """A packaged config (``video`` or ``video_frames``) with the preset's and the user's overrides applied."""
-    from diffusionlab.commands import packaged_config
-    from diffusionlab.training.config import apply_overrides, load_yaml
+    from diffusionlab.training.config import apply_overrides, load_yaml, packaged_config
 
     user = load_yaml(packaged_config(name))
     user = apply_overrides(user, [f"data.num={o['num_train']}", *o["overrides"], *o["set"]])

@@ -390,3 +390,19 @@ def dump(cfg: dict) -> str:
 def validate(cfg: dict) -> dict:
     """``cfg`` if it is a valid full config (it resolves to itself); DiffusionLabError otherwise."""
     return resolve(cfg)
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a config shipped with the package (``digits``, ``toy2d``, ...)."""
+    from importlib import resources
+
+    p = resources.files("diffusionlab") / "configs" / f"{name}.yaml"
+    return Path(str(p))
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs shipped with the package."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("diffusionlab") / "configs"))
+    return sorted(p.stem for p in folder.glob("*.yaml"))

@@ -193,22 +193,22 @@ class Entry:
         return self.factory(**context, **self.resolve(options))
 
     def doc_lines(self) -> dict[str, str]:
-        """``{option: description}`` from the factory's docstring (``name: text`` lines of an ``Args:`` block, or
-        ``- name: text`` items)."""
-        doc = inspect.getdoc(self.factory) or ""
+        """``{option: description}`` from the docstrings of ``meta["options_of"]`` and of the factory (``name:
+        text`` lines of an ``Args:`` block, or ``- name: text`` items; the factory's win where both describe one)."""
         out: dict[str, str] = {}
-        current = None
-        for line in doc.splitlines():
-            stripped = line.strip().lstrip("-").strip()
-            key, sep, text = stripped.partition(":")
-            key = key.strip().strip("`")
-            if sep and key in self.parameters() and " " not in key:
-                current = key
-                out[key] = text.strip()
-            elif current and line.startswith(" " * 8) and stripped:
-                out[current] += " " + stripped
-            else:
-                current = None
+        for target in (self.meta.get("options_of", self.factory), self.factory):
+            current = None
+            for line in (inspect.getdoc(target) or "").splitlines():
+                stripped = line.strip().lstrip("-").strip()
+                key, sep, text = stripped.partition(":")
+                key = key.strip().strip("`")
+                if sep and key in self.parameters() and " " not in key:
+                    current = key
+                    out[key] = text.strip()
+                elif current and line.startswith(" " * 8) and stripped:
+                    out[current] += " " + stripped
+                else:
+                    current = None
         return out
 
 

@@ -281,6 +281,14 @@ def load_array(path: str, key: str | None = None, range: str | None = None,  # n
     ``range`` says where the values lie: ``unit`` ``[0, 1]`` (mapped by :func:`~diffusionlab.data.scaling.to_model`),
     ``model`` ``[-1, 1]`` (kept), ``raw`` (kept as they are). Unset, points are ``raw``, ``uint8`` arrays are bytes
     ``0..255``, and float images/videos must say. ``labels`` names an integer array of the same ``.npz``.
+
+    Args:
+        path: a .npy file or .npz archive (read without unpickling); its rank sets the kind: points (N, D), images
+            (N, C, H, W) or videos (N, C, F, H, W)
+        key: the .npz member holding the data (unset: the archive's first; a .npy takes none)
+        range: unit (values in [0, 1], mapped to [-1, 1]), model (values in [-1, 1], kept) or raw (kept as they
+            are); unset: points raw, uint8 arrays bytes 0..255 (mapped to [-1, 1]), float images/videos must set it
+        labels: the .npz member holding integer class labels of shape (N,) (unset: no labels)
     """
     if not isinstance(path, (str, os.PathLike)):
         raise DiffusionLabError(f"array path must be a file path, got {path!r}")

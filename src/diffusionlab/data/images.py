@@ -54,7 +54,11 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits(split: str = "all") -> ArrayDataset:
-    """scikit-learn's 8x8 digits (bundled, no download) as ``(N, 1, 8, 8)`` in ``[-1, 1]`` with labels."""
+    """scikit-learn's 8x8 digits (bundled, no download) as ``(N, 1, 8, 8)`` in ``[-1, 1]`` with labels.
+
+    Args:
+        split: all (the 1797 images), train (the first 1500) or test (the last 297, the held-out split)
+    """
     images, target = _digits_arrays()
     sl = digits_split(split, len(images))
     x = torch.tensor(images[sl], dtype=torch.float32)[:, None] / 16.0
@@ -294,7 +298,13 @@ def _mnist_arrays(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mnist(path: str, split: str = "train") -> ArrayDataset:
-    """MNIST from its IDX files in ``path`` (or ``path/MNIST/raw``) as ``(N, 1, 28, 28)`` with labels."""
+    """MNIST from its IDX files in ``path`` (or ``path/MNIST/raw``) as ``(N, 1, 28, 28)`` with labels.
+
+    Args:
+        path: the folder of the IDX files (train-images-idx3-ubyte etc., optionally .gz), or one holding MNIST/raw;
+            nothing is downloaded
+        split: train (the 60000 training images) or test (the 10000 test images)
+    """
     images, labels = _mnist_arrays(path, split)
     return ArrayDataset(from_uint8(images[:, None]), "images", "mnist", torch.from_numpy(labels.astype(np.int64)),
                         levels=256, num_classes=10)
@@ -413,7 +423,13 @@ class Cifar10Source(Source):
 
 
 def cifar10(path: str, split: str = "train") -> ArrayDataset:
-    """CIFAR-10 from the binary batches as ``(N, 3, 32, 32)`` with labels (train: batches 1-5, test: test_batch)."""
+    """CIFAR-10 from the binary batches as ``(N, 3, 32, 32)`` with labels (train: batches 1-5, test: test_batch).
+
+    Args:
+        path: the extracted binary version's folder cifar-10-batches-bin (data_batch_1.bin ... test_batch.bin), or
+            one holding it; the python (pickle) version is refused, nothing is downloaded
+        split: train (data_batch_1.bin ... data_batch_5.bin, 50000 images) or test (test_batch.bin, 10000)
+    """
     parts = [read_cifar_batch(p) for p in _cifar_files(path, split)]
     images = np.concatenate([im for im, _ in parts])
     labels = np.concatenate([lab for _, lab in parts]).astype(np.int64)

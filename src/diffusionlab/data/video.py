@@ -73,6 +73,15 @@ def moving_digits(num: int = 2000, frames: int = 8, size: int = 16, speed: float
     uniform start in ``[0, size - 8]^2`` with a uniform direction and ``speed`` pixels per frame, reflected at
     the walls (:func:`bounce`) and rounded to whole pixels (digits stay crisp, values stay on the 17 levels
     ``k / 16``). Labels: the class of the first digit.
+
+    Args:
+        num: number of videos
+        frames: frames per video
+        size: side of the square canvas in pixels (>= 8, the digits' side)
+        speed: pixels per frame each digit moves (>= 0; direction uniform; positions rounded to whole pixels)
+        num_digits: digits per video, 1 or 2 (overlaps combine by maximum; the label is the first digit's class)
+        split: the sklearn digits drawn from: train (the first 1500), test (the last 297) or all, the split of the
+            digits image set (test is the held-out data of a train run)
     """
     positive_int("moving_digits option num", num)
     positive_int("moving_digits option frames", frames)
@@ -104,7 +113,17 @@ def moving_digit_frames(num: int = 2000, frames: int = 8, size: int = 16, speed:
                         split: str = "train", seed: int = 0) -> ArrayDataset:
     """The frames of :func:`moving_digits` ``(num, frames, size, speed, num_digits, split, seed)`` as images
     ``(num * frames, 1, size, size)`` (video ``n``'s frames at rows ``n * frames ...``), each labelled with its
-    video's digit: the image data of image-to-video fine-tuning, on the very canvas of the videos."""
+    video's digit: the image data of image-to-video fine-tuning, on the very canvas of the videos.
+
+    Args:
+        num: number of videos (the set holds num * frames images)
+        frames: frames per video, each one image
+        size: side of the square canvas (the images) in pixels (>= 8, the digits' side)
+        speed: pixels per frame each digit moves (>= 0; direction uniform; positions rounded to whole pixels)
+        num_digits: digits per video, 1 or 2 (overlaps combine by maximum; the label is the first digit's class)
+        split: the sklearn digits drawn from: train (the first 1500), test (the last 297) or all, the split of the
+            digits image set (test is the held-out data of a train run)
+    """
     videos = moving_digits(num, frames, size, speed, num_digits, split, seed)
     x = videos.data.transpose(1, 2).reshape(num * frames, 1, size, size).contiguous()
     return ArrayDataset(x, "images", "moving_digit_frames", videos.labels.repeat_interleave(frames), levels=17,
@@ -178,7 +197,14 @@ def moving_mnist(path: str, frames: int = 20, size: int = 64, num: int | None = 
     """Moving MNIST's ``mnist_test_seq.npy`` (``(20, 10000, 64, 64)`` uint8, frames first) as
     ``(N, 1, frames, size, size)``: the first ``num`` videos (all by default), their first ``frames`` frames,
     frames resized to ``size`` when it is not 64 (bilinear, antialiased). ``path`` is the ``.npy`` file or a
-    folder holding ``mnist_test_seq.npy``. The array is memory-mapped, so a few videos load quickly."""
+    folder holding ``mnist_test_seq.npy``. The array is memory-mapped, so a few videos load quickly.
+
+    Args:
+        path: the file mnist_test_seq.npy (Srivastava et al. 2015) or a folder holding it; nothing is downloaded
+        frames: the first frames taken of each video (at most the file's 20)
+        size: the side the 64x64 frames are resized to (bilinear, antialiased; 64 keeps them as they are)
+        num: the first num videos of the file (unset: all, 10000)
+    """
     from diffusionlab.data.arrays import check_array_bytes
 
     _, arr, n = _moving_mnist_map(path, frames, size, num)

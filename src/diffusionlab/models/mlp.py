@@ -46,7 +46,17 @@ class ResidualMLPBlock(nn.Module):
 
 class MLP(nn.Module):
     """Noise-conditioned residual MLP: ``net(x (B, dim), c_noise (B,), labels=None) -> (B, out_mult * dim)``
-    (``labels`` only with ``num_classes``: class labels ``0..num_classes``, the last one "no label")."""
+    (``labels`` only with ``num_classes``: class labels ``0..num_classes``, the last one "no label").
+
+    Args:
+        dim: the points' dimension D (set from the data in a config; other sample shapes are flattened)
+        hidden: width of the residual blocks
+        depth: number of residual blocks
+        emb_dim: width of the sinusoidal noise embedding and of its Linear-SiLU-Linear output added in each block (>= 2)
+        out_mult: output width out_mult * dim (2 for a learned variance; set from the objective in a config)
+        num_classes: class-conditional on labels 0..num_classes-1, index num_classes = "no label" for
+            classifier-free guidance (Ho & Salimans 2022; trained by train.p_uncond); unset: unconditional
+    """
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 4, emb_dim: int = 128, out_mult: int = 1,
                  num_classes: int | None = None):

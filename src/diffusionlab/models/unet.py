@@ -200,11 +200,31 @@ def unet_layout(base_channels: int, mults, num_res_blocks: int, resolutions: lis
 class UNet(nn.Module):
     """Noise-conditioned U-Net: ``net(x (B, C, H, W), c_noise (B,), labels=None) -> (B, out_mult * C, H, W)``.
 
-    ``attn_resolutions`` lists the spatial sizes (the height) at which a self-attention block follows each
-    residual block; ``None`` means DDPM's choice, 16 when the network visits it. The middle always has one.
-    ``scale_shift`` selects improved-diffusion's ``use_scale_shift_norm`` conditioning; ``conv_resample=False``
-    (DDPM's ``resamp_with_conv``) resamples by average pooling / nearest neighbour without the 3x3 convs,
-    which at 8x8 saves the most expensive conv of the network (the up-sampling conv at full resolution).
+    Args:
+        in_channels: the images' channels C (set from the data in a config)
+        base_channels: channels of the first level; level i has channel_mults[i] * base_channels, the noise
+            embedding 4 * base_channels
+        channel_mults: channel multiplier per level, one level per entry; each level after the first halves H and
+            W (both must divide by 2**(levels - 1))
+        num_res_blocks: residual blocks per level on the way down (num_res_blocks + 1 on the way up)
+        attn_resolutions: the heights at which a self-attention block follows each residual block ([]: none; unset:
+            DDPM's 16 where the network visits it); the middle always has one
+        dropout: dropout probability in [0, 1) inside each residual block, before its second conv (DDPM: 0.1 on
+            CIFAR-10)
+        groups: the most GroupNorm groups (Wu & He 2018) of each norm, which takes the largest count <= groups that
+            divides its channels (improved-diffusion: 32)
+        num_heads: heads of each self-attention block (they must divide its channels)
+        out_mult: output channels out_mult * in_channels (2 for a learned variance; set from the objective in a config)
+        image_size: the side, or (H, W) (set from the data in a config)
+        scale_shift: the FiLM-style scale/shift of the noise embedding in each residual block, GroupNorm(h) (1 + s)
+            + b, as in improved-diffusion (Nichol & Dhariwal 2021, use_scale_shift_norm); false: DDPM's
+            GroupNorm(h + emb)
+        conv_resample: resample with convs (stride-2 3x3 conv down; nearest x2, then a 3x3 conv up: DDPM's
+            resamp_with_conv); false: 2x2 average pooling and plain nearest neighbour, without convs (at 8x8 this
+            saves the costliest conv of the network, the up-sampling one at full resolution)
+        num_classes: class-conditional on labels 0..num_classes-1 (the label embedding added to the noise
+            embedding, as in guided-diffusion), index num_classes = "no label" for classifier-free guidance (Ho &
+            Salimans 2022; trained by train.p_uncond); unset: unconditional
     """
 
     def __init__(

@@ -182,7 +182,42 @@ class VideoUNet(nn.Module):
     for the conv). ``temporal_attn_resolutions`` lists the heights where temporal attention is placed (``None``:
     every level); the middle always has it when ``temporal`` includes attention; with ``"both"`` the other levels
     keep the conv. ``temporal_attention``: ``"frames"`` (each pixel across frames) or ``"spacetime"`` (all
-    positions of all frames; :class:`TemporalAttention`). A video in ``torch.channels_last_3d`` memory runs every spatial layer channels-last.
+    positions of all frames; :class:`TemporalAttention`). A video in ``torch.channels_last_3d`` memory runs every
+    spatial layer channels-last.
+
+    Args:
+        in_channels: the videos' channels C (set from the data in a config)
+        frames: the most frames temporal attention takes (its frame-position table; set from the data in a config)
+        image_size: the frames' side, or (H, W) (set from the data in a config)
+        base_channels: channels of the first level; level i has channel_mults[i] * base_channels, the noise
+            embedding 4 * base_channels
+        channel_mults: channel multiplier per level, one level per entry; each level after the first halves H and
+            W (both must divide by 2**(levels - 1))
+        num_res_blocks: residual blocks per level on the way down (num_res_blocks + 1 on the way up)
+        attn_resolutions: the heights at which spatial self-attention (per frame) follows each residual block ([]:
+            none; unset: DDPM's 16 where the network visits it); the middle always has one
+        dropout: dropout probability in [0, 1) inside each residual block, before its second conv (DDPM: 0.1 on
+            CIFAR-10)
+        groups: the most GroupNorm groups (Wu & He 2018) of each norm, which takes the largest count <= groups that
+            divides its channels (improved-diffusion: 32)
+        num_heads: heads of each self-attention block (they must divide its channels)
+        out_mult: output channels out_mult * in_channels (2 for a learned variance; set from the objective in a config)
+        scale_shift: the FiLM-style scale/shift of the noise embedding in each residual block, GroupNorm(h) (1 + s)
+            + b, as in improved-diffusion (Nichol & Dhariwal 2021, use_scale_shift_norm); false: DDPM's
+            GroupNorm(h + emb)
+        conv_resample: resample with convs (stride-2 3x3 conv down; nearest x2, then a 3x3 conv up: DDPM's
+            resamp_with_conv); false: 2x2 average pooling and plain nearest neighbour, without convs (at 8x8 this
+            saves the costliest conv of the network, the up-sampling one at full resolution)
+        temporal: the temporal layers after each block's residual block: conv, attention (only where
+            temporal_attn_resolutions says and in the middle) or both (the conv everywhere, then that attention)
+        temporal_kernel: frames the temporal conv spans, odd (3: each frame and its two neighbours, zero-padded)
+        temporal_attn_resolutions: the heights at which temporal attention is placed (unset: every level); the middle
+            always has it
+        temporal_attention: frames (each pixel attends across the F frames, Ho et al. 2022) or spacetime (all F H W
+            positions of a video attend jointly, Bertasius et al. 2021)
+        num_classes: class-conditional on labels 0..num_classes-1 (the label embedding added to the noise
+            embedding, as in guided-diffusion), index num_classes = "no label" for classifier-free guidance (Ho &
+            Salimans 2022; trained by train.p_uncond); unset: unconditional
     """
 
     def __init__(

@@ -23,7 +23,12 @@ from diffusionlab.utils import per_sample_dim
 
 class NCSNLoss:
     """``||sigma_t C s_theta(x_t) + eps||^2_{C^{-1}} / D`` per sample; call ``(model, x0, generator=None, t=None,
-    noise=None) -> (B,)``."""
+    noise=None) -> (B,)``.
+
+    Args:
+        process: a discrete chain (NCSN's: a VEChain of levels sigma_1 < ... < sigma_L) or an SDE; its ``cov`` is C
+        t_min: smallest training time on an SDE, t ~ U(t_min, T) (chains draw t ~ U{1..T} and ignore it)
+    """
 
     def __init__(self, process, t_min: float = 1e-5):
         self.process = process

@@ -56,6 +56,14 @@ class SimpleLoss:
     ``t ~ U{1..T}`` on chains (``t ~ U(t_min, 1)`` on SDEs), ``x_t = s_t x0 + sigma_t eps``, ``eps ~ N(0, C)``.
     ``t`` and ``noise`` may be passed to fix them, ``labels`` reach a class-conditional model. A learned-variance
     model's variance half is ignored.
+
+    Args:
+        process: the diffusion process; its ``cov`` is C
+        weighting: simple (w_t = 1, Ho et al. 2020), elbo (the exact ELBO weight: the loss is the KL L_{t-1} in nats,
+            not divided by D; chains only), mse (plain squared error, ignoring C) or min_snr (Min-SNR-gamma, Hang
+            et al. 2023); module docstring
+        gamma: the SNR clip of min_snr, > 0 (5 in Hang et al. 2023; the other weightings ignore it)
+        t_min: smallest training time on an SDE, t ~ U(t_min, T) (chains draw t ~ U{1..T} and ignore it)
     """
 
     def __init__(self, process, weighting: str = "simple", gamma: float = 5.0, t_min: float = 1e-5):

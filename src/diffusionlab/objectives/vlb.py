@@ -232,7 +232,17 @@ def full_vlb(model, x0: torch.Tensor, variance=None, decoder="gaussian", generat
 
 class VLBLoss:
     """Unbiased one-term estimator of the bound for training: ``T L_{t-1} + L_T``, ``t ~ U{1..T}`` (nats per
-    sample, ``(B,)``; divided by D with ``per_dim``). Call ``(model, x0, generator=None, t=None, noise=None)``."""
+    sample, ``(B,)``; divided by D with ``per_dim``). Call ``(model, x0, generator=None, t=None, noise=None)``.
+
+    Args:
+        process: a discrete chain; its ``cov`` is C
+        variance: the reverse variance: beta (b_t^2 C, Ho et al. 2020's sigma_t^2 = beta_t), fixed_large (beta but
+            beta-tilde_2 at t = 1, as Ho et al.'s code), beta_tilde (the posterior's) or learned (Nichol & Dhariwal
+            2021's interpolation; needs learn_variance); unset: learned for a learned-variance model, beta otherwise
+        decoder: L_0 = -log p(x_0 | x_1): gaussian (a density, any C) or discretized (Ho et al. 2020's for 8-bit
+            data in [-1, 1]; identity C only)
+        per_dim: divide the loss by D, the entries per sample (nats per dimension; false: nats per sample)
+    """
 
     def __init__(self, process, variance: str | None = None, decoder: str = "gaussian", per_dim: bool = False):
         require_chain(process, "the variational bound")
@@ -259,6 +269,12 @@ class HybridLoss:
     ``L_vlb = T L_{t-1} / D`` in nats per dimension at the same ``t`` and noise, with the learned variance and a
     stop-gradient on the mean, so the vlb part trains only the variance (improved-diffusion's ``vb`` term;
     it measures bits, which rescales lambda by ``1 / ln 2``). Needs ``model.learn_variance``.
+
+    Args:
+        process: a discrete chain; its ``cov`` is C
+        lam: the weight lambda >= 0 of the vlb term (improved-diffusion's lambda = 0.001; config key lam or lambda)
+        decoder: L_0 = -log p(x_0 | x_1) of the vlb term: gaussian (a density, any C) or discretized (Ho et al.
+            2020's for 8-bit data in [-1, 1]; identity C only)
     """
 
     def __init__(self, process, lam: float = 0.001, decoder: str = "gaussian"):

@@ -366,14 +366,16 @@ def cmd_sample(args) -> int:
     num = 64 if args.num is None else args.num
     _check_output_size(out, num, ds.sample_shape, ds.kind)
     t0 = time.time()
+    cost = _nfe_line(model, scfg, num)
     if _longer(args, ds):  # video branch: more frames than trained on (samplers/extend.py)
         x = _extend(args, model, ds, scfg, num)
         _write_samples(ds.to_display(x), ds.kind, out)
+        cost = _extend_cost(args, ds, cost)
     else:
         chunks = generate_chunks(model, scfg, num=num, seed=args.seed, device=next(model.parameters()).device,
                                  shape=ds.sample_shape, progress=not args.quiet)
         _stream_samples(chunks, ds, out, num, _source_name(args))
-    print(json.dumps({"out": str(out), "num": num, "sampler": scfg["sampler"], **_nfe_line(model, scfg, num),
+    print(json.dumps({"out": str(out), "num": num, "sampler": scfg["sampler"], **cost,
                       "seconds": round(time.time() - t0, 2), "threads": threads}))
     return 0
 
@@ -418,6 +420,15 @@ def _extend(args, model, ds, scfg, num):
     return extend_with_section(model, scfg, num, args.frames, ds.sample_shape, overlap=args.overlap,
                                joint=not args.independent_noise, resample=args.resample, seed=args.seed,
                                progress=not args.quiet)
+
+
+def _extend_cost(args, ds, cost: dict) -> dict:
+    """The evaluations of a longer video: every window's steps (times ``--resample``), per video."""
+    from diffusionlab.samplers.extend import window_starts
+
+    window = int(ds.sample_shape[1])
+    windows = len(window_starts(args.frames, window, window // 2 if args.overlap is None else args.overlap))
+    return {**cost, "windows": windows, "nfe_per_sample": cost["nfe_per_sample"] * windows * args.resample}
 
 
 def _add_extend_args(p) -> None:

@@ -190,3 +190,35 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
             raise DiffusionLabError(f"{path} does not hold a flat mapping of tensors")
         return obj
     raise DiffusionLabError(f"unsupported weights file {path}: use .safetensors (or .pt/.pth loaded weights-only)")
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (the training settings and figures a shipped network records)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_frozen(cache: dict, build, path: str | Path, device: torch.device, what: str, hint: str) -> torch.nn.Module:
+    """``build()`` loaded with the safetensors weights at ``path`` (never pickle), frozen, in eval mode on
+    ``device``; cached in ``cache`` per (path, device). A missing file or weights that do not fit are one
+    DiffusionLabError naming ``what`` (``hint``: how to make the file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    key = (str(p.resolve()), str(device))
+    if key not in cache:
+        if not p.is_file():
+            raise DiffusionLabError(f"{what} {str(p)!r} not found; {hint}")
+        model = build()
+        try:
+            model.load_state_dict(load_file(str(p), device="cpu"))
+        except (RuntimeError, SafetensorError, OSError) as e:
+            raise DiffusionLabError(f"{what} {str(p)!r} do not load into {type(model).__name__}: "
+                                    f"{str(e).strip().splitlines()[0]}") from None
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+        cache[key] = model.to(device).eval()
+    return cache[key]

@@ -245,33 +245,17 @@ def save_classifier(model: DigitsClassifier, path: str | Path = WEIGHTS_PATH, me
 
 def read_metadata(path: str | Path = WEIGHTS_PATH) -> dict[str, str]:
     """The string metadata stored in a classifier file (seed, epochs, test accuracy, torch version)."""
-    from safetensors import safe_open
+    from diffusionlab.io import safetensors_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return safetensors_metadata(path)
 
 
 def load_classifier(device=None, path: str | Path | None = None) -> DigitsClassifier:
     """The classifier in eval mode on ``device``, loaded with safetensors (never pickle); cached per (path, device)."""
-    from safetensors.torch import load_file
+    from diffusionlab.io import load_frozen
 
-    dev = _device(device)
-    p = Path(path) if path is not None else WEIGHTS_PATH
-    key = (str(p.resolve()), str(dev))
-    if key not in _CLASSIFIERS:
-        if not p.is_file():
-            raise DiffusionLabError(
-                f"classifier weights {str(p)!r} not found; run `python -m diffusionlab.metrics.digits --retrain`"
-            )
-        model = DigitsClassifier()
-        try:
-            model.load_state_dict(load_file(str(p), device="cpu"))
-        except RuntimeError as e:
-            raise DiffusionLabError(f"classifier weights {str(p)!r} do not match the architecture: {e}") from None
-        for prm in model.parameters():
-            prm.requires_grad_(False)
-        _CLASSIFIERS[key] = model.to(dev).eval()
-    return _CLASSIFIERS[key]
+    return load_frozen(_CLASSIFIERS, DigitsClassifier, WEIGHTS_PATH if path is None else path, _device(device), "classifier weights",
+                       "run `python -m diffusionlab.metrics.digits --retrain`")
 
 
 # ---- the metric -----------------------------------------------------------------------------------------

@@ -340,34 +340,17 @@ def save_feature_net(model: VideoFeatureNet, path: str | Path = WEIGHTS_PATH, me
 
 def read_metadata(path: str | Path = WEIGHTS_PATH) -> dict[str, str]:
     """The string metadata of a weights file (training settings and held-out figures)."""
-    from safetensors import safe_open
+    from diffusionlab.io import safetensors_metadata
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return safetensors_metadata(path)
 
 
 def load_feature_net(device=None, path: str | Path | None = None) -> VideoFeatureNet:
     """The feature net in eval mode on ``device``, loaded with safetensors (never pickle); cached."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from diffusionlab.io import load_frozen
 
-    dev = _device(device)
-    p = Path(path) if path is not None else WEIGHTS_PATH
-    key = (str(p.resolve()), str(dev))
-    if key not in _NETS:
-        if not p.is_file():
-            raise DiffusionLabError(f"video feature weights {str(p)!r} not found; run "
-                                    "`python -m diffusionlab.metrics.video_digits --train`")
-        model = VideoFeatureNet()
-        try:
-            model.load_state_dict(load_file(str(p), device="cpu"))
-        except (RuntimeError, SafetensorError, OSError) as e:
-            raise DiffusionLabError(f"video feature weights {str(p)!r} do not load into VideoFeatureNet: "
-                                    f"{str(e).splitlines()[0]}") from None
-        for prm in model.parameters():
-            prm.requires_grad_(False)
-        _NETS[key] = model.to(dev).eval()
-    return _NETS[key]
+    return load_frozen(_NETS, VideoFeatureNet, WEIGHTS_PATH if path is None else path, _device(device),
+                       "video feature weights", "run `python -m diffusionlab.metrics.video_digits --train`")
 
 
 # ---- input checks -----------------------------------------------------------------------------------------

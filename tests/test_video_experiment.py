@@ -11,7 +11,8 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.experiments import noise_prior as npx
-from diffusionlab.experiments.video_runs import converged, frames_as_videos, improved, train_until_converged
+from diffusionlab.experiments.video_runs import (converged, frames_as_videos, improved, sample_run,
+                                                 train_until_converged)
 
 
 def test_convergence_rule():
@@ -45,6 +46,9 @@ def test_train_until_converged_stops_keeps_the_best_and_resumes(tmp_path):
     assert again["curve"] == rec["curve"] and len(calls) == 5  # reused, nothing trained or evaluated again
     with pytest.raises(DiffusionLabError, match="eval_every"):
         train_until_converged(_toy(tmp_path), tmp_path / "other", evaluate, 0, 20)
+    # the best weights sample on the device "auto" resolves to (the final scoring's path)
+    x = sample_run(tmp_path / "run", {"sampler": "ddim", "steps": 2}, 4, 0, weights="best.safetensors", device="auto")
+    assert x.shape == (4, 2) and torch.isfinite(x).all()
 
 
 def test_frames_as_videos():

@@ -39,8 +39,8 @@ def sample_run(run_dir: Path, scfg: dict, num: int, seed: int, weights: str = "m
     from diffusionlab.training.sampling import generate, load_run
 
     cfg, ds, model = load_run(run_dir, device=device)
-    if weights != "model.safetensors":
-        model.load_state_dict(load_weights(Path(run_dir) / weights, device=device))
+    if weights != "model.safetensors":  # onto the device load_run resolved ("auto" is not a torch device)
+        model.load_state_dict(load_weights(Path(run_dir) / weights, device=next(model.parameters()).device))
     x = generate(model, scfg, num=num, seed=seed, device=next(model.parameters()).device, shape=ds.sample_shape)
     return ds.to_display(x).clamp(0, 1)
 

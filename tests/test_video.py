@@ -567,7 +567,7 @@ def test_sde_view_is_the_chain_model_at_matched_times(schedule):
     a, b = sde_model.predict(x, t), chain_model.predict(x, i)
     torch.testing.assert_close(a.sigma, b.sigma, rtol=1e-9, atol=0)
     torch.testing.assert_close(a.eps, b.eps, rtol=1e-5, atol=1e-6)
-    with pytest.raises(DiffusionLabError, match="variance-preserving \(VP\) chain"):
+    with pytest.raises(DiffusionLabError, match=r"variance-preserving \(VP\) chain"):
         sde_view(DiffusionModel(net, VPSDE()))
 
 

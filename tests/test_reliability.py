@@ -564,12 +564,16 @@ def test_a_second_signal_stops_at_once():
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "diffusionlab", "train", "digits", "--out", str(tmp_path / "x")],
                             env=ENV, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.4)  # the CLI is still importing torch (about 2 s here)
+    time.sleep(0.4)  # the CLI is still importing torch (about 2 s here; later on a loaded machine)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)  # never hangs: the exit after an interrupt skips finalisation
     assert "Traceback" not in err, err
-    assert err.strip().splitlines() == ["diffusionlab: interrupted"], err
-    assert proc.returncode == 130
+    lines = err.strip().splitlines()
+    if proc.returncode == 130:  # the interrupt landed while importing or building
+        assert lines == ["diffusionlab: interrupted"], err
+    else:  # a slow start: the trainer's own handler had already taken it
+        assert proc.returncode == 0 and lines[-1:] == [
+            "diffusionlab: stopped by SIGINT before training started; nothing was written"], (proc.returncode, err)
 
 
 # ==== 7. operating-system errors ==========================================================================

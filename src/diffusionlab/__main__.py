@@ -3,9 +3,13 @@
 import sys
 
 try:
-    from diffusionlab.cli import main
+    from diffusionlab.cli import run
 except KeyboardInterrupt:  # Ctrl-C while the CLI is still being imported: one line, no traceback
-    print("diffusionlab: interrupted", file=sys.stderr)
-    sys.exit(130)
+    import os
+    import signal
 
-sys.exit(main())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("diffusionlab: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+run()

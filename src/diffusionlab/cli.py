@@ -77,6 +77,33 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> None:
+    """The process's entry point (the ``diffusionlab`` script and ``python -m diffusionlab``): :func:`main`, then
+    the exit. After Ctrl-C or SIGTERM (exit 130 / 143) the process leaves at once (:func:`exit_now`): an interrupt
+    that landed inside ``import torch`` leaves a half-initialised extension whose finalisation can hang or end the
+    process by the signal itself; every file was already written atomically or not at all."""
+    code = main()
+    if code in (130, 143):
+        exit_now(code)
+    sys.exit(code)
+
+
+def exit_now(code: int) -> None:
+    """Flush stdout and stderr and end the process with ``code`` without interpreter finalisation, ignoring further
+    SIGINT / SIGTERM."""
+    import os
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def _main(argv):
     try:
         parser = build_parser()
@@ -110,4 +137,4 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -16,3 +16,18 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _signals():
+    """Every test leaves SIGINT and SIGTERM as it found them (handlers and the blocked set), so that no test's
+    handling leaks into the next one or into the processes it starts."""
+    import signal
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    for s, h in handlers.items():
+        if signal.getsignal(s) is not h and h is not None:
+            signal.signal(s, h)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -364,10 +364,12 @@ def cmd_sample(args) -> int:
         return _sample_conditional(args, cfg, ds, model, scfg, cond, out)
     # --
     num = 64 if args.num is None else args.num
-    _check_output_size(out, num, ds.sample_shape, ds.kind)
+    longer = _longer(args, ds)  # video branch: more frames than trained on (samplers/extend.py)
+    shape = (ds.sample_shape[0], args.frames, *ds.sample_shape[2:]) if longer else ds.sample_shape
+    _check_output_size(out, num, shape, ds.kind)
     t0 = time.time()
     cost = _nfe_line(model, scfg, num)
-    if _longer(args, ds):  # video branch: more frames than trained on (samplers/extend.py)
+    if longer:
         x = _extend(args, model, ds, scfg, num)
         _write_samples(ds.to_display(x), ds.kind, out)
         cost = _extend_cost(args, ds, cost)

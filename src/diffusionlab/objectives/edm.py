@@ -30,8 +30,7 @@ import torch
 
 from diffusionlab.checks import real
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.objectives.common import draw_noise
-from diffusionlab.parametrization import batch_t, coeffs_like
+from diffusionlab.objectives.common import label_kwargs, noisy_inputs
 from diffusionlab.utils import per_sample_dim
 
 _F64 = torch.float64
@@ -114,13 +113,11 @@ class EDMLoss:
         return edm_weight(sig, self._sigma_data(model)) * c2
 
     def __call__(self, model, x0: torch.Tensor, generator: torch.Generator | None = None, t=None,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        self.process.cov.check(x0)
-        tb = self.sample_t(x0.shape[0], generator, x0.device) if t is None else batch_t(t, x0)
-        eps = draw_noise(self.process, x0, generator) if noise is None else noise
-        s, sigma = coeffs_like(self.process, tb, x0)
-        x_t = s * x0 + sigma * eps
-        out, _ = model.split(model(x_t, tb))
+                 noise: torch.Tensor | None = None, labels=None) -> torch.Tensor:
+        if t is None:
+            t = self.sample_t(x0.shape[0], generator, x0.device)
+        tb, eps, x_t, s, sigma = noisy_inputs(self.process, x0, generator, t, noise)
+        out, _ = model.split(model(x_t, tb, **label_kwargs(labels)))  # labels: class-conditional nets
         diff = model.target(x0, eps, tb) - out
         return self.weight(model, s, sigma) * self.process.cov.mahalanobis(diff) / per_sample_dim(x0)
 

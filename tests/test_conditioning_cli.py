@@ -123,6 +123,13 @@ def test_config_keys_are_the_defaults(run, tmp_path, capsys):
     assert rec["classes"] == [2] and rec["guidance"] == 2.0
     from diffusionlab.errors import DiffusionLabError
 
+    # the run's explicit times are the grid of a class-conditional sample too (not rebuilt from steps)
+    cfg = resolve({**TINY, "sample": {"sampler": "ddim", "times": [20, 9, 2], "classes": [2], "num": 2}})
+    (other / "config.yaml").write_text(dump(cfg))
+    assert main(["sample", "--run", str(other), "--out", str(tmp_path / "y.npz"), "--quiet"]) == 0
+    rec = _json(capsys)
+    assert rec["steps"] == 3 and rec["network_calls"] == 3 and rec["grid"] == "explicit"
+
     with pytest.raises(DiffusionLabError, match="needs classes"):
         resolve({**TINY, "sample": {**TINY["sample"], "guidance": 2.0}})
     with pytest.raises(DiffusionLabError, match="unknown conditional method"):

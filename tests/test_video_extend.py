@@ -175,3 +175,46 @@ def test_sample_and_evaluate_longer_videos(video_run, tmp_path, capsys):
     assert "at least the 4 frames" in capsys.readouterr().err
     assert main(["sample", "--run", str(video_run), "--frames", "10", "--sampler", "heun", "--out", str(out),
                  "--quiet"]) == 2
+
+
+def test_extend_options_follow_the_sampler_and_refuse_other_steps():
+    """The window updates take the sampler's own resolved options: DDIM's defaults where the section is silent
+    (eta 0, no clipping), ddpm only with the posterior variance (DDIM at eta = 1); ddpm's default beta variance is
+    not a DDIM step and is refused rather than silently replaced."""
+    from diffusionlab.training.sampling import extend_options
+
+    assert extend_options({"sampler": "ddim"}) == (0.0, False)
+    assert extend_options({"sampler": "ddim", "eta": 0.5, "clip_x0": True}) == (0.5, True)
+    assert extend_options({"sampler": "ddpm", "variance": "beta_tilde"}) == (1.0, False)
+    with pytest.raises(DiffusionLabError, match="variance 'beta'"):
+        extend_options({"sampler": "ddpm"})
+    with pytest.raises(DiffusionLabError, match="'heun'"):
+        extend_options({"sampler": "heun"})
+    with pytest.raises(DiffusionLabError, match="no option"):
+        extend_options({"sampler": "ddim", "variance": "beta"})
+
+
+def test_extension_walks_the_sections_grid(monkeypatch):
+    """The extension's grid is the sample section's, its ``sig_max`` and explicit ``times`` included (not rebuilt
+    from steps alone)."""
+    import diffusionlab.samplers.extend as extend
+    from diffusionlab.processes import VPChain
+    from diffusionlab.schedules import linear_betas
+    from diffusionlab.training.sampling import extend_with_section
+
+    seen = {}
+
+    class Model(torch.nn.Module):
+        process = VPChain(linear_betas(20, 1e-3, 0.2))
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def fake(model, num, frames, window, overlap, grid, *args, **kwargs):
+        seen["times"] = list(grid.times)
+        return torch.zeros(())
+
+    monkeypatch.setattr(extend, "extend_videos", fake)
+    extend_with_section(Model(), {"sampler": "ddim", "times": [20, 12, 5, 0]}, 1, 8, (1, 4, 2, 2))
+    assert seen["times"] == [20, 12, 5, 0]

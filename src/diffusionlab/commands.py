@@ -283,7 +283,7 @@ def _sample_conditional(args, cfg: dict, ds, model, scfg: dict, cond: dict, out:
     from diffusionlab.conditioning.cli import _set_options
     from diffusionlab.conditioning.generate import generate_conditional, load_known
     from diffusionlab.samplers import get_sampler
-    from diffusionlab.training.sampling import sampler_options
+    from diffusionlab.training.sampling import sampler_options, section_grid
 
     device = next(model.parameters()).device
     kw = dict(classes=cond.get("classes"), guidance=cond.get("guidance"), interval=cond.get("interval"))
@@ -309,7 +309,7 @@ def _sample_conditional(args, cfg: dict, ds, model, scfg: dict, cond: dict, out:
     else:
         num = 64 if num is None else num
         spec = get_sampler(scfg["sampler"])
-        kw.update(sampler=spec, sampler_options=sampler_options(scfg), grid=scfg.get("steps"), kind=scfg.get("grid"))
+        kw.update(sampler=spec, sampler_options=sampler_options(scfg), grid=section_grid(scfg, model.process))
     t0 = time.time()
     x, info = generate_conditional(model, ds.sample_shape, num, args.seed, device, progress=not args.quiet, **kw)
     disp = ds.to_display(x)
@@ -416,8 +416,8 @@ def _longer(args, ds) -> bool:
 
 def _extend(args, model, ds, scfg, num):
     """Sliding windows of the trained length, each conditioned on the frames already made, with joint noising
-    (:func:`diffusionlab.samplers.extend.extend_with_section`)."""
-    from diffusionlab.samplers.extend import extend_with_section
+    (:func:`diffusionlab.training.sampling.extend_with_section`)."""
+    from diffusionlab.training.sampling import extend_with_section
 
     return extend_with_section(model, scfg, num, args.frames, ds.sample_shape, overlap=args.overlap,
                                joint=not args.independent_noise, resample=args.resample, seed=args.seed,

@@ -159,33 +159,3 @@ def extend_videos(model, num: int, frames: int, window: int, overlap: int | None
             out.append(torch.cat(parts, dim=2)[:, :, :frames].cpu())
     bar.close()
     return torch.cat(out)
-
-
-def extend_section(scfg: dict) -> tuple[float, bool]:
-    """``(eta, clip_x0)`` of the window updates for a run's ``sample:`` section: DDIM's own ``eta``, 1 (ancestral)
-    for ``ddpm``; other samplers are refused (the extension takes DDIM steps)."""
-    from diffusionlab.samplers import canonical
-
-    name = canonical(scfg["sampler"])
-    if name == "ddim":
-        return float(scfg.get("eta", 0.0)), bool(scfg.get("clip_x0", True))
-    if name == "ddpm":
-        return 1.0, bool(scfg.get("clip_x0", True))
-    raise DiffusionLabError(f"longer videos are sampled with DDIM steps (ddim, or ddpm as eta = 1); the sampler is "
-                            f"{scfg['sampler']!r}: pass --sampler ddim (or ddpm)")
-
-
-def extend_with_section(model, scfg: dict, num: int, frames: int, shape, overlap: int | None = None,
-                        joint: bool = True, resample: int = 1, seed: int = 0, device=None,
-                        progress: bool = False) -> torch.Tensor:
-    """:func:`extend_videos` with the grid, steps, ``eta`` and ``clip_x0`` of a ``sample:`` section, seeded."""
-    from diffusionlab.samplers import get_sampler
-
-    eta, clip = extend_section(scfg)
-    spec = get_sampler(scfg["sampler"])
-    grid = spec.grid(model.process, scfg.get("steps"), scfg.get("grid"),
-                     **({"rho": scfg["rho"]} if "rho" in scfg else {}))
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    gen = torch.Generator(device=dev).manual_seed(int(seed))
-    return extend_videos(model, num, frames, int(shape[1]), overlap, grid, eta, joint, resample, clip, gen,
-                         shape=tuple(shape), device=dev, progress=progress)

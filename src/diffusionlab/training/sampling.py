@@ -209,3 +209,37 @@ def load_run(run_dir: str | Path, device: str = "auto", weights: str = "ema"):
     if bad:
         raise DiffusionLabError(f"the weights of {run} hold NaN or infinite values ({bad[0]}); they cannot be sampled")
     return cfg, ds, model
+
+
+def extend_options(scfg: dict) -> tuple[float, bool]:
+    """``(eta, clip_x0)`` of the window updates (DDIM steps) of a ``sample:`` section, its options resolved by the
+    sampler (its defaults where the section is silent): ``ddim``'s own ``eta``; ``ddpm`` with ``variance:
+    beta_tilde`` is DDIM at ``eta = 1`` (Song, Meng & Ermon 2021, eq. 16). Any other sampler, or ``ddpm`` with
+    another variance, is refused: the extension has no such step."""
+    from diffusionlab.samplers import canonical, get_sampler
+
+    spec = get_sampler(scfg["sampler"])
+    opts = spec.resolve(sampler_options(scfg))
+    name = canonical(scfg["sampler"])
+    if name == "ddim":
+        return float(opts["eta"]), bool(opts["clip_x0"])
+    if name == "ddpm" and opts["variance"] == "beta_tilde":
+        return 1.0, bool(opts["clip_x0"])
+    detail = f"ddpm with variance {opts['variance']!r}" if name == "ddpm" else repr(scfg["sampler"])
+    raise DiffusionLabError(f"longer videos are sampled with DDIM steps (ddim, or ddpm with variance beta_tilde as "
+                            f"eta = 1); the sampler is {detail}: pass --sampler ddim (--set eta=1 for ancestral)")
+
+
+def extend_with_section(model, scfg: dict, num: int, frames: int, shape, overlap: int | None = None,
+                        joint: bool = True, resample: int = 1, seed: int = 0, device=None,
+                        progress: bool = False) -> torch.Tensor:
+    """:func:`~diffusionlab.samplers.extend.extend_videos` with the grid (:func:`section_grid`), ``eta`` and
+    ``clip_x0`` (:func:`extend_options`) of a ``sample:`` section, one generator seeded by ``seed``."""
+    from diffusionlab.samplers.extend import extend_videos
+
+    eta, clip = extend_options(scfg)
+    grid = section_grid(scfg, model.process)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(int(seed))
+    return extend_videos(model, num, frames, int(shape[1]), overlap, grid, eta, joint, resample, clip, gen,
+                         shape=tuple(shape), device=dev, progress=progress)

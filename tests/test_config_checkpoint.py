@@ -111,6 +111,25 @@ def test_checkpoint_roundtrip_restores_everything(tmp_path):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][pid][name]))
 
 
+def test_generator_state_from_another_kind_of_device_is_reseeded_deterministically():
+    """A CUDA generator's state (16 bytes: seed and offset) cannot become a CPU generator's (5056 bytes), nor the
+    reverse: such a generator is seeded from a digest of the saved state and named, so a resume with a changed
+    ``train.device`` goes on (the same way every time) and says it is not exact; same-kind states are restored."""
+    state = {"rng.torch_cpu": torch.get_rng_state(), "rng.gen.noise": torch.arange(16, dtype=torch.uint8),
+             "rng.gen.data": torch.Generator().manual_seed(5).get_state()}
+    draws = []
+    for _ in range(2):
+        gens = {"noise": torch.Generator(), "data": torch.Generator()}
+        assert ck.restore_rng(state, gens) == ["noise"]
+        draws.append((torch.randn(4, generator=gens["noise"]), torch.randn(4, generator=gens["data"])))
+    assert torch.equal(draws[0][0], draws[1][0])
+    assert torch.equal(draws[0][1], torch.randn(4, generator=torch.Generator().manual_seed(5)))
+    other = dict(state, **{"rng.gen.noise": torch.arange(1, 17, dtype=torch.uint8)})
+    gen = torch.Generator()
+    ck.restore_rng(other, {"noise": gen})
+    assert not torch.equal(torch.randn(4, generator=gen), draws[0][0])  # the seed follows the saved state
+
+
 def test_only_last_k_checkpoints_kept(tmp_path):
     model, opt = _tiny_state()
     for step in (1, 2, 3, 4):

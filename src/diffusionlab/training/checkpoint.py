@@ -88,9 +88,15 @@ def rng_state_tensors(generators: dict[str, torch.Generator]) -> dict[str, torch
     return out
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator]) -> None:
+def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator]) -> list[str]:
     """Set torch's global RNGs and the named generators from :func:`rng_state_tensors`' tensors; a missing or
-    malformed entry is a :class:`DiffusionLabError` (checked before anything is set)."""
+    malformed entry is a :class:`DiffusionLabError` (checked before anything is set).
+
+    A generator's state is specific to its kind of device (a CPU generator's Mersenne-Twister state, a CUDA
+    generator's seed and offset), so a run resumed on another kind of device (``train.device`` may change) cannot
+    take it over: that generator is seeded from a digest of the saved state instead -- deterministic, the same on
+    every such resume, but not the stream an uninterrupted run would have drawn. Returns the names of the generators
+    reseeded that way (empty when the resume is exact)."""
     want = ["rng.torch_cpu", *(f"rng.gen.{name}" for name in generators)]
     missing = [k for k in want if k not in tensors]
     if missing:
@@ -98,6 +104,8 @@ def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Ge
     bad = [k for k in want if tensors[k].dtype != torch.uint8 or tensors[k].ndim != 1]
     if bad:
         raise DiffusionLabError(f"checkpoint RNG entry {bad[0]} is not a byte vector")
+    reseeded = [name for name, g in generators.items()
+                if tensors[f"rng.gen.{name}"].numel() != g.get_state().numel()]
     try:
         torch.set_rng_state(tensors["rng.torch_cpu"])
         if torch.cuda.is_available():
@@ -105,9 +113,15 @@ def restore_rng(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Ge
             if states:
                 torch.cuda.set_rng_state_all(states)
         for name, g in generators.items():
-            g.set_state(tensors[f"rng.gen.{name}"])
-    except RuntimeError as e:  # a state of the wrong length
+            saved = tensors[f"rng.gen.{name}"]
+            if name in reseeded:
+                digest = hashlib.sha256(saved.numpy().tobytes()).digest()
+                g.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            else:
+                g.set_state(saved)
+    except RuntimeError as e:  # a state of the right length that the generator still refuses
         raise DiffusionLabError(f"checkpoint RNG state does not fit: {str(e).splitlines()[0]}") from None
+    return reseeded
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, state_dict: dict) -> None:

@@ -586,7 +586,7 @@ def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log,
             p.model.load_state_dict(ck["model"])
             p.ema.load_state_dict(ck["ema"])
             restore_optimizer(p.opt, ck["optimizer"])
-            restore_rng(ck["state"], p.generators)
+            ck["reseeded"] = restore_rng(ck["state"], p.generators)
             restore_scaler(p.scaler, ck["meta"].get("extra", {}).get("grad_scaler"))
 
         ck = load_latest_checkpoint(out, device=device, warn=log if dist.is_main else (lambda m: None), apply=apply)
@@ -597,6 +597,10 @@ def _run(p: TrainParts, cfg: dict, out: Path, resume: bool, progress: bool, log,
                                         f"resumed run can only go on (give train.steps >= {start})")
             if dist.is_main:
                 log(f"diffusionlab: resuming {out} from step {start}")
+                if ck["reseeded"]:
+                    log(f"diffusionlab: warning: the {', '.join(ck['reseeded'])} generator's state was saved on "
+                        f"another kind of device than {device}; it is seeded from that state instead, so the "
+                        "resumed run does not draw the noise an uninterrupted run would have")
                 _check_data_order(extra, p, log)
         elif dist.is_main:
             log(f"diffusionlab: no checkpoint in {out}; starting from step 0")

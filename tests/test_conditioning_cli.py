@@ -75,6 +75,8 @@ def test_sample_with_known_values(run, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--guidance", "2"], "needs classes"),
+    (["--guidance", "nan"], "finite number"),
+    (["--class", "1", "--guidance", "inf"], "finite number"),
     (["--class", "12"], "not a class of this model"),
     (["--class", "1.5"], "integers"),
     (["--method", "smc"], "needs --known and --mask"),

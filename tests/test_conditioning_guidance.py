@@ -165,3 +165,17 @@ def test_guided_samples_follow_the_exact_class_distributions():
         # means of n log-densities: se ~ sd / sqrt(n) each; 5 se of the difference
         se = math.sqrt(lp.var() / n + lq.var() / n)
         assert abs(float(lp.mean() - lq.mean())) < 5 * se + 0.05, (float(lp.mean()), float(lq.mean()))
+
+
+def test_guidance_weight_is_checked_once_everywhere():
+    """One check (``check_guidance``) for every entry: a NaN or infinite weight is refused as such, not passed
+    through (NaN compared unequal to 0 and 1 and reached the guided mix) nor misreported as a missing class."""
+    from diffusionlab.conditioning.generate import generate_conditional
+    from diffusionlab.conditioning.guidance import check_guidance
+
+    assert check_guidance(None) is None and check_guidance(2) == 2.0
+    for bad in (float("nan"), float("inf"), True, "2"):
+        with pytest.raises(DiffusionLabError, match="finite number"):
+            check_guidance(bad)
+    with pytest.raises(DiffusionLabError, match="finite number"):
+        generate_conditional(None, (2,), 4, 0, "cpu", guidance=float("nan"))

@@ -66,10 +66,10 @@ def resolve(args, section: dict | None = None) -> dict:
         raise DiffusionLabError("a guidance interval (--guidance-interval, sample.guidance_interval) needs classes "
                                 "(--class, sample.classes)")
     if out["guidance"] is not None:
-        g = out["guidance"]
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or g != g or g in (float("inf"), float("-inf")):
-            raise DiffusionLabError(f"guidance must be a finite number, got {g!r}")
-        if out["classes"] is None and float(g) != 0.0:
+        from diffusionlab.conditioning.guidance import check_guidance
+
+        g = out["guidance"] = check_guidance(out["guidance"])
+        if out["classes"] is None and g != 0.0:
             raise DiffusionLabError("guidance (--guidance, sample.guidance) needs classes to guide towards (--class "
                                     "K[,K2,...], sample.classes)")
     if out["interval"] is not None:

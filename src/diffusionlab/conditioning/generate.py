@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusionlab.conditioning.guidance import class_labels, condition_on_class, evaluation_note
+from diffusionlab.conditioning.guidance import check_guidance, class_labels, condition_on_class, evaluation_note
 from diffusionlab.conditioning.methods import get_method
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.utils import as_mask
@@ -126,7 +126,8 @@ def generate_conditional(model, shape, num: int, seed: int, device, sampler=None
 
     if (known is None) != (method is None):
         raise DiffusionLabError("known values and a conditional method go together (--known, --mask and --method)")
-    if classes is None and guidance not in (None, 0, 0.0):
+    guidance = check_guidance(guidance)
+    if classes is None and guidance not in (None, 0.0):
         raise DiffusionLabError("guidance needs classes to guide towards (--class K[,K2,...])")
     spec = None
     opts = dict(method_options or {})

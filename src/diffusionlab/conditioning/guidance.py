@@ -162,6 +162,15 @@ class LabelledModel(ModelWrapper):
         return f"labels={self.labels.tolist()[:10]}{'...' if self.labels.numel() > 10 else ''}"
 
 
+def check_guidance(guidance) -> float | None:
+    """A guidance weight ``w`` as a float (a finite number: 0 unconditional, 1 conditional, > 1 guided), or None."""
+    if guidance is None:
+        return None
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise DiffusionLabError(f"guidance must be a finite number (0 unconditional, 1 conditional), got {guidance!r}")
+    return float(guidance)
+
+
 def check_interval(interval) -> tuple[float, float] | None:
     """A guidance interval ``(lo, hi)`` of EDM noise levels, ``0 <= lo < hi`` (``hi`` may be ``inf``), or None."""
     if interval is None:
@@ -190,9 +199,9 @@ class GuidedModel(LabelledModel):
 
     def __init__(self, inner, labels, guidance: float, interval=None):
         super().__init__(inner, labels)
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise DiffusionLabError(f"guidance must be a finite number (0 unconditional, 1 conditional), got {guidance!r}")
-        self.guidance = float(guidance)
+        self.guidance = check_guidance(guidance)
+        if self.guidance is None:
+            raise DiffusionLabError("a guided model needs a guidance weight w (a finite number), got None")
         self.interval = check_interval(interval)
         self.null = int(inner.num_classes)
         self.calls = {"doubled": 0, "conditional": 0, "unconditional": 0}
@@ -246,9 +255,8 @@ class GuidedModel(LabelledModel):
 def condition_on_class(model, labels, guidance: float | None = None, interval=None):
     """``model`` conditioned on ``labels``: :class:`LabelledModel` without guidance (or ``w = 1`` and no interval),
     :class:`GuidedModel` otherwise."""
-    if guidance is None or (float(guidance) == 1.0 and interval is None):
-        if guidance is not None and (isinstance(guidance, bool) or not math.isfinite(float(guidance))):
-            raise DiffusionLabError(f"guidance must be a finite number, got {guidance!r}")
+    guidance = check_guidance(guidance)
+    if guidance is None or (guidance == 1.0 and interval is None):
         return LabelledModel(model, labels)
     return GuidedModel(model, labels, guidance, interval)
 

@@ -48,7 +48,7 @@ import torch
 from diffusionlab.conditioning.known import Known
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.progress import progress as progress_display
-from diffusionlab.samplers.ancestral import ancestral_variances
+from diffusionlab.samplers.ancestral import ancestral_variances, reverse_mean
 from diffusionlab.samplers.catalogue import SamplerSpec, budget_per_step, flag, integer, number, one_of, per_step
 from diffusionlab.samplers.noise import noise_source
 
@@ -144,32 +144,27 @@ def _initial(model, known: Known, grid, y0: torch.Tensor, noise, joint: bool) ->
     """A prior draw ``N(0, std^2 C)`` with its known entries set to ``y0`` and (``joint``) its unknown entries drawn
     given them."""
     z = _prior_std(model.process, grid) * noise(known.y)
-    if joint:
-        z = z + known.conditioner.shift(y0 - z)
-    return known.impose(z, y0)
+    return _set_known(known, z, y0, joint)
+
+
+def _set_known(known: Known, x: torch.Tensor, value: torch.Tensor, joint: bool) -> torch.Tensor:
+    """``x`` with its known entries set to ``value``; ``joint``: its unknown entries moved by Matheron's rule to a
+    draw given them (:meth:`~diffusionlab.conditioning.known.NoiseConditioner.condition`)."""
+    return known.conditioner.condition(x, value) if joint else known.impose(x, value)
 
 
 def _mean(model, x: torch.Tensor, grid, i: int, clip_x0: bool) -> torch.Tensor:
     """The reverse kernel's mean ``A x + B x_theta`` of step ``i`` (one evaluation)."""
     A, B, _ = grid.posterior(i)
-    pred = model.predict(x, grid.time(i, x))
-    if clip_x0:
-        return A * x + B * pred.x0.clamp(-1.0, 1.0)
-    return model.parametrization.posterior_mean(x, pred, A, B)
+    return reverse_mean(model, x, model.predict(x, grid.time(i, x)), A, B, clip_x0)
 
 
 def _move(known: Known, mean: torch.Tensor, y_next: torch.Tensor, v: float, last: bool, noise,
           joint: bool) -> torch.Tensor:
     """The unknown part from ``N(mean, v C)`` given that its known part moved to ``y_next`` (``joint``: Matheron's
     rule; else the marginal), the known part set to ``y_next``. No noise on the last step (DDPM's)."""
-    if last:
-        x = mean + known.conditioner.shift(y_next - mean) if joint else mean
-    else:
-        e = math.sqrt(v) * noise(mean)
-        x = mean + e
-        if joint:
-            x = x + known.conditioner.shift(y_next - x)
-    return known.impose(x, y_next)
+    x = mean if last else mean + math.sqrt(v) * noise(mean)
+    return _set_known(known, x, y_next, joint)
 
 
 def _rep(v: torch.Tensor, m: int) -> torch.Tensor:
@@ -207,7 +202,9 @@ def _twisted_mean(model, x: torch.Tensor, known: Known, grid, i: int, clip_x0: b
         r2 = grid.sig[i] ** 2 / (1.0 + grid.sig[i] ** 2)
         lt = -0.5 * twist * r.square().reshape(r.shape[0], -1).sum(1) / r2
         (grad,) = torch.autograd.grad(lt.sum(), xg)
-    return A * x + B * x0.detach(), lt.detach().to(torch.float64), grad
+    with torch.no_grad():
+        mean = reverse_mean(model, x, pred, A, B, clip_x0)
+    return mean, lt.detach().to(torch.float64), grad
 
 
 def _walk(model, known: Known, grid, noise, progress: bool, particles: int, weighted: bool, variance: str,
@@ -389,7 +386,7 @@ def dps(model, known: Known, grid, noise=None, progress: bool = False, scale: fl
             norm = r.square().reshape(r.shape[0], -1).sum(1).clamp(min=1e-24).sqrt()
             (grad,) = torch.autograd.grad(norm.sum(), xg)  # rows are independent: one backward pass for all
         with torch.no_grad():
-            mean = A * x + B * x0.detach()
+            mean = reverse_mean(model, x, pred, A, B, clip_x0)
             if i < n - 1:
                 mean = mean + math.sqrt(var[i]) * noise(x)
             g = cov.apply(grad) if precondition else grad

@@ -38,6 +38,15 @@ def ancestral_variances(grid) -> tuple[list[float], list[float]]:
     return upper, lower
 
 
+def reverse_mean(model, x: torch.Tensor, pred, A: float, B: float, clip_x0: bool = False) -> torch.Tensor:
+    """The reverse kernel's mean ``A x + B x_theta`` (the posterior mean at the predicted ``x_0``, Ho et al. 2020,
+    eq. 7): with ``clip_x0`` at ``x_theta`` clamped to ``[-1, 1]``, else the parametrization's own well-conditioned
+    form (:meth:`~diffusionlab.parametrization.Parametrization.posterior_mean`)."""
+    if clip_x0:
+        return A * x + B * pred.x0.clamp(-1.0, 1.0)
+    return model.parametrization.posterior_mean(x, pred, A, B)
+
+
 @register_sampler(
     "ddpm", "ancestral sampling x' ~ N(A x + B x_theta, v C) on any grid", "Ho et al. 2020, Algorithm 2",
     options={"variance": one_of(*VARIANCES, doc="reverse variance: beta (G^2), beta_tilde (V) or learned"),
@@ -66,10 +75,7 @@ def ddpm(model, x: torch.Tensor, grid=None, noise=None, progress: bool = False, 
     for i in progress_display(range(n), desc="ddpm", enabled=progress):
         A, B, V = grid.posterior(i)
         pred = model.predict(x, grid.time(i, x))
-        if clip_x0:
-            mean = A * x + B * pred.x0.clamp(-1.0, 1.0)
-        else:
-            mean = model.parametrization.posterior_mean(x, pred, A, B)
+        mean = reverse_mean(model, x, pred, A, B, clip_x0)
         if i == n - 1:
             x = mean
         elif variance == "learned":

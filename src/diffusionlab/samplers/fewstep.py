@@ -42,7 +42,7 @@ on the digits U-Net, whose ``delta`` is 0.02 (pure noise is 34). So Heun, DPM-So
 (:data:`LOW_START`): first-order Euler on that grid, and DPM-Solver++(3M), whose quadratic extrapolation through
 three denoised values amplifies their errors on the uneven Karras steps, on the log-SNR grid. Measured on the
 digits run (configs/digits.yaml, 10 steps, FD of 1000 samples, seeds 0-2): DDIM with clipping 2.97; Euler 2.66,
-Heun 1.70 (19 NFE), DPM-Solver++(2M) 1.73, DPM-Solver++(3M) 1.97, UniPC 1.77 (docs/benchmarks.md). A ``sig_max`` (the
+Heun 1.70 (19 NFE), DPM-Solver++(2M) 1.73, DPM-Solver++(3M) 1.97, UniPC 1.77 (docs/fewstep.md). A ``sig_max`` (the
 ``sample:`` section's, ``inf`` for ``T``) or an explicit grid overrides them.
 
 NFE: one evaluation per step for Euler, DPM-Solver++ and UniPC; two for Heun, one on a last step to ``sig = 0``

@@ -280,7 +280,7 @@ def _nfe_line(model, scfg: dict, num: int) -> dict:
 
 def _sample_conditional(args, cfg: dict, ds, model, scfg: dict, cond: dict, out: Path) -> int:
     """``diffusionlab sample`` with conditioning (module docstring): writes ``out`` and prints one JSON line."""
-    from diffusionlab.conditioning.cli import _set_options
+    from diffusionlab.conditioning.cli import set_options
     from diffusionlab.conditioning.generate import generate_conditional, load_known
     from diffusionlab.samplers import get_sampler
     from diffusionlab.training.sampling import sampler_options, section_grid
@@ -302,7 +302,7 @@ def _sample_conditional(args, cfg: dict, ds, model, scfg: dict, cond: dict, out:
             raise DiffusionLabError(f"--num {num} disagrees with the {known.shape[0]} rows of --known (one known row "
                                     "per sample, or one row for all)")
         opts = dict(cond["method_options"])
-        opts.update(_set_options(args.set))
+        opts.update(set_options(args.set))
         if args.eta is not None:
             raise DiffusionLabError("--eta is a ddim option; with --method use --set KEY=VALUE for the method's options")
         kw.update(known=known, mask=mask, method=cond["method"], method_options=opts, grid=args.steps, kind=args.grid)

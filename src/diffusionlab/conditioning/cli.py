@@ -99,16 +99,18 @@ def check_section(section: dict) -> None:
             section)
 
 
-def _set_options(items) -> dict:
+def set_options(items, example: str = "a method option, e.g. particles=32") -> dict:
+    """``--set KEY=VALUE`` items of a sampling command as a dict of options (a leading ``sample.`` dropped, the
+    values parsed as YAML scalars); ``example`` names what a KEY is, for the error."""
     from diffusionlab.configuration import parse_scalar
 
     out = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise DiffusionLabError(f"--set expects KEY=VALUE (a method option, e.g. particles=32), got {item!r}")
+            raise DiffusionLabError(f"--set expects KEY=VALUE ({example}), got {item!r}")
         out[key.removeprefix("sample.")] = parse_scalar(raw)
     return out
 
 
-__all__ = ["CONDITIONING_KEYS", "add_arguments", "resolve", "check_section"]
+__all__ = ["CONDITIONING_KEYS", "add_arguments", "resolve", "check_section", "set_options"]

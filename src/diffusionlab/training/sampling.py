@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
+from diffusionlab.conditioning.cli import CONDITIONING_KEYS
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.training.build import build_dataset, build_model, build_process, resolve_device
 from diffusionlab.io import load_weights
 from diffusionlab.training.config import load_config
 
 #: keys of a ``sample:`` section that are not the sampler's own options (the last six: conditioning)
-SAMPLE_KEYS = ("sampler", "steps", "grid", "rho", "sig_max", "times", "num", "classes", "guidance",
-               "guidance_interval", "known", "mask", "method")
+SAMPLE_KEYS = ("sampler", "steps", "grid", "rho", "sig_max", "times", "num", *CONDITIONING_KEYS)
 
 
 def sampler_options(scfg: dict) -> dict:
@@ -91,7 +91,7 @@ def sample_section(cfg: dict, sampler: str | None = None, steps: int | None = No
     ``--set KEY=VALUE`` options (``eta`` as a shortcut) override, each validated against the sampler. A ``fitted``
     or ``file:`` grid becomes explicit ``times`` (``run_dir``: where a fitted grid is read from); given ``steps`` or
     ``grid`` replace the run's explicit ``times``."""
-    from diffusionlab.configuration import parse_scalar
+    from diffusionlab.conditioning.cli import set_options
     from diffusionlab.samplers import canonical, get_sampler
     from diffusionlab.training.config import check_sample
 
@@ -106,11 +106,7 @@ def sample_section(cfg: dict, sampler: str | None = None, steps: int | None = No
     for key, value in (("steps", steps), ("grid", grid), ("eta", eta)):
         if value is not None:
             scfg[key] = value
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise DiffusionLabError(f"--set expects KEY=VALUE (a sampler option, e.g. eta=0.5), got {item!r}")
-        scfg[key.removeprefix("sample.")] = parse_scalar(raw)
+    scfg.update(set_options(overrides, "a sampler option, e.g. eta=0.5"))
     scfg.pop("num", None)
     check_sample(dict(scfg))
     return resolve_grid_file(scfg, run_dir)

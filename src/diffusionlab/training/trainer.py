@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from diffusionlab.data.order import epoch_of
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.threads import set_threads
 from diffusionlab.training.build import build_model, build_process
@@ -482,7 +483,7 @@ def _data_order(p: TrainParts, step: int) -> dict:
     n = len(p.batches)
     batch = p.cfg["train"]["batch_size"]
     return {"data_order": {"order": "epochs", "size": n, "batch": batch, "samples": step * batch,
-                           "epoch": round(step * batch / n, 4)}}
+                           "epoch": round(epoch_of(step, batch, n), 4)}}
 
 
 def _check_data_order(extra: dict, p: TrainParts, log) -> None:

@@ -206,6 +206,15 @@ def _wait_for(pred, timeout: float = 120.0) -> None:
     raise AssertionError("timed out")
 
 
+def _has_trained(run: Path) -> bool:
+    """Whether the run's log has its first data row (``train.log_every=1``: a step is done): signalled from then on,
+    a run is mid-training on any CPU, however fast (a fixed sleep could outlast a whole short run)."""
+    try:
+        return len((run / "log.csv").read_text().splitlines()) >= 2
+    except OSError:
+        return False
+
+
 def test_sigterm_checkpoints_says_so_exits_0_and_resume_is_bit_exact(tmp_path):
     """SIGTERM mid-run (digits, channels-last): a checkpoint at the step it stopped, one line saying so, exit 0;
     --resume then reaches the weights of an uninterrupted run bit for bit."""
@@ -213,11 +222,10 @@ def test_sigterm_checkpoints_says_so_exits_0_and_resume_is_bit_exact(tmp_path):
 
     args = ["-m", "diffusionlab", "train", str(packaged_config("digits")), "--quiet", "--set", "train.device=cpu",
             "--set", "train.threads=1", "--set", "train.batch_size=4", "--set", "train.steps=120",
-            "--set", "train.checkpoint_every=1000", "--set", "train.log_every=1000"]
+            "--set", "train.checkpoint_every=1000", "--set", "train.log_every=1"]
     run, ref = tmp_path / "run", tmp_path / "ref"
     proc = subprocess.Popen([sys.executable, *args, "--out", str(run)], env=ENV, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (run / "log.csv").exists())  # training has started
-    time.sleep(0.3)
+    _wait_for(lambda: _has_trained(run))  # training has started
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -245,7 +253,7 @@ def test_sigterm_with_streaming_workers_checkpoints_and_resume_is_bit_exact(tmp_
            "process": {"name": "vp", "T": 20},
            "model": {"name": "unet", "base_channels": 8, "channel_mults": [1], "num_res_blocks": 1,
                      "attn_resolutions": []},
-           "train": {"steps": 400, "batch_size": 4, "checkpoint_every": 1000, "log_every": 1000, "device": "cpu",
+           "train": {"steps": 400, "batch_size": 4, "checkpoint_every": 1000, "log_every": 1, "device": "cpu",
                      "threads": 1, "seed": 2},
            "sample": {"sampler": "ddim", "steps": 3}}
     path = tmp_path / "cfg.yaml"
@@ -254,8 +262,7 @@ def test_sigterm_with_streaming_workers_checkpoints_and_resume_is_bit_exact(tmp_
     run, ref = tmp_path / "run", tmp_path / "ref"
     proc = subprocess.Popen([sys.executable, "-m", "diffusionlab", "train", str(path), "--quiet", *stream, "--out",
                              str(run)], env=ENV, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (run / "log.csv").exists())
-    time.sleep(0.5)
+    _wait_for(lambda: _has_trained(run))
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

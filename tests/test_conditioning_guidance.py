@@ -162,9 +162,10 @@ def test_guided_samples_follow_the_exact_class_distributions():
             o.sample_data(n, torch.Generator().manual_seed(8))
         ref = o.class_oracle(label) if w == 1.0 else o
         lp, lq = ref.log_prob(x), ref.log_prob(exact)
-        # means of n log-densities: se ~ sd / sqrt(n) each; 5 se of the difference
+        # means of n log-densities: se ~ sd / sqrt(n) each (0.04 here); 5 se of the difference, with no allowance
+        # for the 200-step sampler's bias (measured: 0.017-0.039, within one se)
         se = math.sqrt(lp.var() / n + lq.var() / n)
-        assert abs(float(lp.mean() - lq.mean())) < 5 * se + 0.05, (float(lp.mean()), float(lq.mean()))
+        assert abs(float(lp.mean() - lq.mean())) < 5 * se, (float(lp.mean()), float(lq.mean()))
 
 
 def test_guidance_weight_is_checked_once_everywhere():

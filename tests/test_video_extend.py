@@ -111,7 +111,11 @@ def test_extension_continues_the_video_across_windows_with_joint_noising():
         x = extend_videos(model, 1000, 10, W, overlap=2, grid=50, eta=0.0, joint=joint, clip_x0=False, generator=g,
                           shape=(1, W, 2, 2), device="cpu", dtype=F64, chunk=500)
         assert x.shape == (1000, 1, 10, 2, 2) and x.dtype == F64
-        if joint:  # the data's marginal variance 0.25 kept (sd of a variance estimate of 4000 draws: 0.006)
+        # the data's marginal variance 0.25 kept within 0.04 (sd of a variance estimate of 4000 draws: 0.006).
+        # Measured 0.223-0.269: the first window is 0.023 low because DDIM at eta = 0 (the probability-flow ODE's
+        # first-order solver) shrinks it on 50 steps (0.012 still on all 200; 16000 draws), the later windows up
+        # to 0.02 high because replacement is not the exact conditional
+        if joint:
             var = x.var(dim=(0, 1, 3, 4))
             assert bool(((var - 0.25).abs() < 0.04).all()), var
         lag1[joint] = [_lag_corr(x, a, a + 1) for a in range(9)]

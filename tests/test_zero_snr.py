@@ -1,6 +1,9 @@
 """Zero terminal SNR (Lin et al. 2024, Algorithm 1): the rescaled schedule, the chain, refusals, and sampling on it."""
 
+import math
+
 import numpy as np
+
 import pytest
 import torch
 
@@ -76,8 +79,11 @@ def test_samplers_from_pure_noise_reach_the_data(name, grid):
     n = 4000
     x = sample_in_chunks(spec, oracle, (3,), n, generator=torch.Generator().manual_seed(1), dtype=F64, grid=g)
     assert bool(torch.isfinite(x).all())
-    se = (torch.diagonal(oracle.Sigma) / n).sqrt()
+    var = torch.diagonal(oracle.Sigma)
+    se = (var / n).sqrt()
     assert bool(((x.mean(0) - oracle.mean_flat).abs() < 5 * se).all())
+    # and the variances (Gaussian data: a sample variance's se is var sqrt(2 / n); measured within 2 se)
+    assert bool(((x.var(0) - var).abs() < 5 * var * math.sqrt(2 / n)).all()), (x.var(0), var)
 
 
 def test_solvers_in_y_refuse_a_start_at_zero_snr_and_grids_skip_the_infinite_level():

@@ -244,6 +244,11 @@ class VPrediction(Parametrization):
         return A * x_t + B * pred.x0  # x0 decodes without dividing by s: stable at every s, 0 included
 
 
+def edm_weight(sig, sigma_data: float):
+    """EDM's loss weight ``lambda(sig) = (sig^2 + sd^2) / (sig sd)^2 = 1 / c_out^2`` (Karras et al. 2022, Table 1)."""
+    return (sig * sig + sigma_data**2) / (sig * sigma_data) ** 2
+
+
 class EDMPrediction(Parametrization):
     """Karras et al. 2022's preconditioning (Table 1, the "EDM" column; module docstring): the net ``F`` is fed
     ``c_in y`` and ``c_noise`` and the denoiser is ``D = c_skip y + c_out F``, in the EDM level ``sig = sigma / s``
@@ -286,8 +291,8 @@ class EDMPrediction(Parametrization):
         return (0.25 * self.noise_scale) * torch.log(sig)
 
     def loss_weight(self, sig):
-        """EDM's ``lambda(sig) = (sig^2 + sd^2) / (sig sd)^2 = 1 / c_out^2`` (Karras et al. 2022, Table 1)."""
-        return (sig * sig + self.sigma_data**2) / (sig * self.sigma_data) ** 2
+        """EDM's ``lambda(sig) = 1 / c_out^2`` (:func:`edm_weight`)."""
+        return edm_weight(sig, self.sigma_data)
 
     # -- the model's hooks ------------------------------------------------------------------------------------
     def input_scale(self, s, sigma):

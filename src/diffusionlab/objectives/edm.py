@@ -31,15 +31,11 @@ import torch
 from diffusionlab.checks import real
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.objectives.common import label_kwargs, noisy_inputs
+from diffusionlab.parametrization import edm_weight
 from diffusionlab.utils import per_sample_dim
 
 _F64 = torch.float64
 DENSITIES = ("lognormal", "process")
-
-
-def edm_weight(sig: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """``lambda(sig) = (sig^2 + sd^2) / (sig sd)^2`` (Karras et al. 2022, Table 1)."""
-    return (sig * sig + sigma_data**2) / (sig * sigma_data) ** 2
 
 
 class EDMLoss:

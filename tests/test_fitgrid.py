@@ -11,7 +11,7 @@ from diffusionlab.errors import DiffusionLabError
 from diffusionlab.oracles.gaussian import GaussianOracle
 from diffusionlab.processes import make_process
 from diffusionlab.samplers import get_sampler
-from diffusionlab.samplers.fitgrid import _starts, coupled_error, fit_grid, reference_solve
+from diffusionlab.samplers.fitgrid import coupled_error, fit_grid, reference_solve
 from nets import TrainedLikeOracle
 
 F64 = torch.float64
@@ -37,7 +37,7 @@ def test_reference_solve_is_the_exact_gaussian_flow():
     process = make_process("vp-sde")
     oracle = _gaussian(process)
     start = get_sampler("dpmpp-2m").grid(process, 10)
-    x = _starts(process, start, 256, torch.Generator().manual_seed(1), "cpu", F64, oracle.sample_shape)
+    x = start.start_sample((256, *oracle.sample_shape), torch.Generator().manual_seed(1), "cpu", F64)
     ref, est = reference_solve(oracle, x, start, 200)
     y0, y1 = x / start.s[0], ref / start.s[-1]
     eye = torch.eye(oracle.dim, dtype=F64)
@@ -63,7 +63,7 @@ def test_fitted_grid_never_does_worse_than_its_start(name, opts, sampler, steps)
     assert r.error <= r.error_start
     assert r.grid.times[0] == r.start.times[0] and r.grid.times[-1] == r.start.times[-1]
     assert r.grid.steps == steps
-    x = _starts(process, r.start, 256, torch.Generator().manual_seed(11), "cpu", F64, model.sample_shape)
+    x = r.start.start_sample((256, *model.sample_shape), torch.Generator().manual_seed(11), "cpu", F64)
     ref, _ = reference_solve(model, x, r.start, 150)
     spec = get_sampler(sampler)
     held_start = coupled_error(spec.run(model, x, r.start), ref)

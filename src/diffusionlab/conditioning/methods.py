@@ -134,16 +134,10 @@ def _check_coupling(coupling: str) -> bool:
     return coupling == "joint"
 
 
-def _prior_std(process, grid) -> float:
-    """The prior's scale at the grid's start (``sample_in_chunks``'s rule: ``prior_std`` from ``T``, else
-    ``sigma_0``)."""
-    return process.prior_std if grid.times[0] >= process.T else grid.sigma[0]
-
-
 def _initial(model, known: Known, grid, y0: torch.Tensor, noise, joint: bool) -> torch.Tensor:
     """A prior draw ``N(0, std^2 C)`` with its known entries set to ``y0`` and (``joint``) its unknown entries drawn
     given them."""
-    z = _prior_std(model.process, grid) * noise(known.y)
+    z = grid.start_std * noise(known.y)
     return _set_known(known, z, y0, joint)
 
 
@@ -374,7 +368,7 @@ def dps(model, known: Known, grid, noise=None, progress: bool = False, scale: fl
     var = _variances(grid, variance)
     n = grid.steps
     cov = model.process.cov
-    x = _prior_std(model.process, grid) * noise(known.y)
+    x = grid.start_std * noise(known.y)
     m = known.mask.to(x.dtype)
     for i in progress_display(range(n), desc="dps", enabled=progress):
         A, B, _ = grid.posterior(i)

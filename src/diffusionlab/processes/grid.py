@@ -132,6 +132,17 @@ class TimeGrid:
         v = self.times[i]
         return v if self.discrete else torch.tensor(v, dtype=_F64, device=like.device)
 
+    @property
+    def start_std(self) -> float:
+        """The scale of the draw a sampler starts from: the process's prior ``N(0, prior_std^2 C)`` at ``T``, and at
+        a grid started below ``T`` (a clipped start) the marginal's noise there, ``N(0, sigma_0^2 C)``."""
+        return self.process.prior_std if self.times[0] >= self.process.T else self.sigma[0]
+
+    def start_sample(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+        """``shape`` draws at the grid's first point (:attr:`start_std`), from the process's prior sampler."""
+        x = self.process.prior_sample(tuple(shape), generator=generator, device=device, dtype=dtype)
+        return x if self.times[0] >= self.process.T else x * (self.sigma[0] / self.process.prior_std)
+
     def transition(self, i: int) -> tuple[float, float]:
         """``(a, G^2)`` of step ``i``: ``x_{p_i} = a x_{p_{i+1}} + G L z`` exactly."""
         a, g2 = transition_coefficients(self.s_t[i], self.sigma_t[i], self.s_t[i + 1], self.sigma_t[i + 1])

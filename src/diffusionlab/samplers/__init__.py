@@ -53,11 +53,12 @@ def sample_in_chunks(sampler, model, shape, num: int, chunk: int | None = None, 
                      progress: bool = False, **options) -> torch.Tensor:
     """Draw ``num`` samples of per-sample ``shape`` in batches of at most ``chunk`` (memory bounded by one batch).
 
-    ``sampler`` is a :class:`SamplerSpec`, a registered name or a registered function; ``grid`` / ``kind`` as in :meth:`SamplerSpec.grid`
-    (built once); ``options`` are the sampler's. Each batch starts from ``model.process.prior_sample`` (on
-    ``device``, ``dtype``, with ``generator``; scaled to ``N(0, sigma_0^2 C)`` when the grid starts below ``T``), and the ``generator`` also seeds the sampler's noise unless a
-    ``noise`` source is given. Batches are moved to ``store_device`` (e.g. ``"cpu"`` to keep accelerator memory
-    bounded; None keeps them where they were made) and concatenated.
+    ``sampler`` is a :class:`SamplerSpec`, a registered name or a registered function; ``grid`` / ``kind`` as in
+    :meth:`SamplerSpec.grid` (built once); ``options`` are the sampler's. Each batch starts from the grid's
+    :meth:`~diffusionlab.processes.grid.TimeGrid.start_sample` (on ``device``, ``dtype``, with ``generator``: the
+    prior, scaled to ``N(0, sigma_0^2 C)`` when the grid starts below ``T``), and the ``generator`` also seeds the
+    sampler's noise unless a ``noise`` source is given. Batches are moved to ``store_device`` (e.g. ``"cpu"`` to keep
+    accelerator memory bounded; None keeps them where they were made) and concatenated.
     """
     spec = spec_of(sampler)
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
@@ -72,9 +73,7 @@ def sample_in_chunks(sampler, model, shape, num: int, chunk: int | None = None, 
     out = []
     for start in range(0, num, chunk):
         n = min(chunk, num - start)
-        x_T = model.process.prior_sample((n, *tuple(shape)), generator=generator, device=device, dtype=dtype)
-        if g.times[0] < model.process.T:  # a grid started below T (a clipped start): N(0, sigma_0^2 C) there
-            x_T = x_T * (g.sigma[0] / model.process.prior_std)
+        x_T = g.start_sample((n, *tuple(shape)), generator=generator, device=device, dtype=dtype)
         x = spec.run(model, x_T, g, noise=noise, progress=progress, **options)
         out.append(x if store_device is None else x.to(store_device))
     return torch.cat(out, 0)

@@ -133,7 +133,7 @@ def fit_grid(model, sampler, steps: int | None = None, start=None, kind: str | N
     if device is None:
         device = next((q.device for q in model.parameters()), torch.device("cpu"))
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    x = _starts(process, g0, num, gen, device, dtype, shape)
+    x = g0.start_sample((num, *shape), generator=gen, device=device, dtype=dtype)  # as sample_in_chunks draws
     nfe0 = model.nfe
     ref, ref_err = reference_solve(model, x, g0, ref_steps)
 
@@ -161,14 +161,6 @@ def fit_grid(model, sampler, steps: int | None = None, start=None, kind: str | N
                     log(f"fit-grid: sweep {sweep} (f = {f}), point {i} -> t = {c[i]:g}: coupled error {e:.4g}")
     return FitResult(spec.name, opts, TimeGrid(process, times, "fitted"), g0, e0, best, ref_err, num, int(seed),
                      history, model.nfe - nfe0, time.time() - t0)
-
-
-def _starts(process, grid: TimeGrid, num: int, gen, device, dtype, shape):
-    """``num`` draws at the grid's first point, as :func:`~diffusionlab.samplers.sample_in_chunks` makes them."""
-    x = process.prior_sample((num, *shape), generator=gen, device=device, dtype=dtype)
-    if grid.times[0] < process.T:
-        x = x * (grid.sigma[0] / process.prior_std)
-    return x
 
 
 # ---- saved with a run -----------------------------------------------------------------------------------------

@@ -86,6 +86,16 @@ def ddpm(model, x: torch.Tensor, grid=None, noise=None, progress: bool = False, 
     return x
 
 
+def ddim_prediction(model, x: torch.Tensor, grid, i: int, clip_x0: bool = False):
+    """``(x_theta, eps_theta)`` at point ``i`` of ``grid`` (one evaluation); ``clip_x0`` clamps ``x_theta`` to
+    ``[-1, 1]`` and recomputes ``eps_theta = (x - s x_theta) / sigma`` to match it."""
+    pred = model.predict(x, grid.time(i, x))
+    if not clip_x0:
+        return pred.x0, pred.eps
+    x0 = pred.x0.clamp(-1.0, 1.0)
+    return x0, (x - grid.s[i] * x0) / grid.sigma[i]
+
+
 def ddim_update(x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, s_next: float, sigma_next: float,
                 c2: float = 0.0, noise=None) -> torch.Tensor:
     """One DDIM step (Song, Meng & Ermon 2021, eq. 12): ``s' x0 + sqrt(sigma'^2 - c^2) eps + c L z``."""
@@ -121,11 +131,7 @@ def ddim(model, x: torch.Tensor, grid=None, noise=None, progress: bool = False, 
     model.process.cov.check(x)
     noise = noise_source(model, noise) if eta > 0 else None
     for i in progress_display(range(grid.steps), desc="ddim", enabled=progress):
-        pred = model.predict(x, grid.time(i, x))
-        x0, eps = pred.x0, pred.eps
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = (x - grid.s[i] * x0) / grid.sigma[i]
+        x0, eps = ddim_prediction(model, x, grid, i, clip_x0)
         c2 = eta**2 * grid.posterior(i)[2]
         x = ddim_update(x, x0, eps, grid.s[i + 1], grid.sigma[i + 1], c2, noise)
     return x

@@ -36,7 +36,7 @@ from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.conditional import ConditionalNoise
 from diffusionlab.processes.grid import as_grid
 from diffusionlab.progress import progress as progress_display
-from diffusionlab.samplers.ancestral import ddim_update
+from diffusionlab.samplers.ancestral import ddim_prediction, ddim_update
 from diffusionlab.samplers.noise import NoiseSource
 
 
@@ -91,11 +91,7 @@ def conditional_window(model, known_x0: torch.Tensor, known_noise: torch.Tensor,
     for i in range(n):
         c2 = float(eta) ** 2 * grid.posterior(i)[2]
         for r in range(resample):
-            pred = model.predict(x, grid.time(i, x))
-            x0, e = pred.x0, pred.eps
-            if clip_x0:
-                x0 = x0.clamp(-1.0, 1.0)
-                e = (x - grid.s[i] * x0) / grid.sigma[i]
+            x0, e = ddim_prediction(model, x, grid, i, clip_x0)
             if k:  # the known frames: their true x_0 and their own noise, so they follow their forward path
                 x0, e = x0.clone(), e.clone()
                 x0[:, :, :k] = known_x0

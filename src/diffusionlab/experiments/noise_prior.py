@@ -509,7 +509,8 @@ def run_experiment(o: dict, out: Path, docs: Path | None = None, log=print, esti
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu (2 CPU cores, a few hours), quick (under 30 minutes, one seed, not converged), gpu")
+                   help="cpu (2 CPU cores: 45 arms, at most about 10 h with --jobs 2, less as arms converge), quick "
+                        "(under 30 minutes, one seed, not converged), gpu")
     p.add_argument("--quick", dest="preset", action="store_const", const="quick", help="the same as --preset quick")
     p.add_argument("--out", default="runs/noise_prior", help="where runs and results go (reused if present)")
     p.add_argument("--write-docs", default=None, metavar="DIR",

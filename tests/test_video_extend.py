@@ -216,9 +216,12 @@ def test_extension_walks_the_sections_grid(monkeypatch):
             self.w = torch.nn.Parameter(torch.zeros(()))
 
     def fake(model, num, frames, window, overlap, grid, *args, **kwargs):
-        seen["times"] = list(grid.times)
+        seen["times"], seen["sig"] = list(grid.times), list(grid.sig)
         return torch.zeros(())
 
     monkeypatch.setattr(extend, "extend_videos", fake)
     extend_with_section(Model(), {"sampler": "ddim", "times": [20, 12, 5, 0]}, 1, 8, (1, 4, 2, 2))
     assert seen["times"] == [20, 12, 5, 0]
+    # sig_max 1: on this chain the nearest step is 12 (sig 1.040; step 11 has 0.917, T = 20 has 2.775)
+    extend_with_section(Model(), {"sampler": "ddim", "steps": 4, "sig_max": 1.0}, 1, 8, (1, 4, 2, 2))
+    assert seen["times"][0] == 12 and seen["sig"][0] == pytest.approx(1.0404, abs=1e-4) and len(seen["times"]) == 5

@@ -429,7 +429,7 @@ def _extend_cost(args, ds, cost: dict) -> dict:
     from diffusionlab.samplers.extend import window_starts
 
     window = int(ds.sample_shape[1])
-    windows = len(window_starts(args.frames, window, window // 2 if args.overlap is None else args.overlap))
+    windows = len(window_starts(args.frames, window, args.overlap))
     return {**cost, "windows": windows, "nfe_per_sample": cost["nfe_per_sample"] * windows * args.resample}
 
 

@@ -141,7 +141,8 @@ class TimeGrid:
     def start_sample(self, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
         """``shape`` draws at the grid's first point (:attr:`start_std`), from the process's prior sampler."""
         x = self.process.prior_sample(tuple(shape), generator=generator, device=device, dtype=dtype)
-        return x if self.times[0] >= self.process.T else x * (self.sigma[0] / self.process.prior_std)
+        scale = self.start_std / self.process.prior_std  # exactly 1.0 at T: the prior draw itself
+        return x if scale == 1.0 else x * scale
 
     def transition(self, i: int) -> tuple[float, float]:
         """``(a, G^2)`` of step ``i``: ``x_{p_i} = a x_{p_{i+1}} + G L z`` exactly."""

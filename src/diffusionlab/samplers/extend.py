@@ -57,7 +57,7 @@ def frame_covariance(model, window: int) -> torch.Tensor:
 
 
 def conditional_window(model, known_x0: torch.Tensor, known_noise: torch.Tensor, window: int, grid=None,
-                       eta: float = 0.0, joint: bool = True, resample: int = 1, clip_x0: bool = True,
+                       eta: float = 0.0, joint: bool = True, resample: int = 1, clip_x0: bool = False,
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One window of ``window`` frames whose first ``k`` frames are ``known_x0`` ``(N, C, k, H, W)`` (model space;
     ``k = 0`` for an unconditional window) with the starting noise ``known_noise`` of the same shape (module
@@ -107,9 +107,16 @@ def conditional_window(model, known_x0: torch.Tensor, known_noise: torch.Tensor,
     return x, eps
 
 
-def window_starts(frames: int, window: int, overlap: int) -> list[int]:
+def window_overlap(window: int, overlap: int | None = None) -> int:
+    """The known frames per window: ``overlap``, by default half the window."""
+    return window // 2 if overlap is None else overlap
+
+
+def window_starts(frames: int, window: int, overlap: int | None = None) -> list[int]:
     """First frame of every window of an ``frames``-frame video made ``window`` frames at a time with ``overlap``
-    known frames (the last window may reach past the end; its extra frames are dropped)."""
+    known frames (default :func:`window_overlap`; the last window may reach past the end, its extra frames are
+    dropped)."""
+    overlap = window_overlap(window, overlap)
     _check_int("window", window, 2)
     _check_int("overlap", overlap, 1, window - 1)
     _check_int("frames", frames, window)
@@ -120,15 +127,15 @@ def window_starts(frames: int, window: int, overlap: int) -> list[int]:
 
 
 def extend_videos(model, num: int, frames: int, window: int, overlap: int | None = None, grid=None,
-                  eta: float = 0.0, joint: bool = True, resample: int = 1, clip_x0: bool = True,
+                  eta: float = 0.0, joint: bool = True, resample: int = 1, clip_x0: bool = False,
                   generator: torch.Generator | None = None, shape=None, device=None, dtype=torch.float32,
                   chunk: int = 64, progress: bool = False) -> torch.Tensor:
     """``num`` videos of ``frames`` frames from a model of ``window``-frame videos (model space, on the CPU):
-    windows of ``window`` frames, each sharing ``overlap`` (default ``window // 2``) frames with the one before
-    (module docstring; :func:`conditional_window` for the other options). ``shape`` is the model's sample shape
+    windows of ``window`` frames, each sharing ``overlap`` (default :func:`window_overlap`, half the window) frames
+    with the one before (module docstring; :func:`conditional_window` for the other options). ``shape`` is the model's sample shape
     ``(C, window, H, W)``; ``device`` (default: the model's) and ``dtype`` those of the sampling."""
     _check_int("num", num, 1)
-    overlap = window // 2 if overlap is None else overlap
+    overlap = window_overlap(window, overlap)
     starts = window_starts(frames, window, overlap)
     if shape is None or len(shape) != 4 or shape[1] != window:
         raise DiffusionLabError(f"shape must be the model's sample shape (C, {window}, H, W), got {shape!r}")

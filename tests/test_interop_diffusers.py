@@ -284,6 +284,8 @@ def test_export_names_every_option_that_does_not_map(tmp_path, capsys):
     bad = " | ".join(export_blockers(cfg, model))
     for word in ("conv_resample", "channel_mults", "groups = 7"):
         assert word in bad
+    shifted = {**cfg, "process": {**cfg["process"], "snr_shift": 2.0}}
+    assert any("snr_shift = 2.0" in line for line in export_blockers(shifted, model))
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "conv_resample" in err and not (tmp_path / "x").exists()

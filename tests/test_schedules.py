@@ -19,6 +19,7 @@ from diffusionlab.schedules import (
     geometric_sigmas,
     linear_betas,
     make_betas,
+    shift_snr,
 )
 
 
@@ -102,6 +103,34 @@ def test_cosine_alpha_bar_function():
     assert torch.allclose(ab, torch.tensor(ref, dtype=torch.float64), rtol=1e-13, atol=1e-15)
     assert ab[0].item() == pytest.approx(1.0, abs=1e-15)
     assert abs(ab[-1].item()) < 1e-30
+
+
+@pytest.mark.parametrize("shift", [0.5, 2.0, 4.0])
+def test_shifted_cosine_matches_the_closed_form(shift):
+    # Hoogeboom et al. 2023: SNR'_t = SNR_t / shift^2, i.e. abar' = abar / (abar + shift^2 (1 - abar)), written out
+    # in plain floats from Nichol & Dhariwal's abar; the steps before the cosine clip (k of them) are exact there
+    T = 1000
+    b = shift_snr(cosine_betas(T), shift)
+    ab = torch.cumprod(1 - b, 0)
+    k2 = shift * shift
+    ref = []
+    for t in range(1, T):
+        a = _nichol_dhariwal_alpha_bar(t, T)
+        ref.append(a / (a + k2 * (1 - a)))
+    # float64 round-off of a product of up to 1000 factors (as in the cosine test above)
+    assert torch.allclose(ab[:T - 1], torch.tensor(ref, dtype=torch.float64), rtol=1e-10, atol=1e-15)
+    assert ((b > 0) & (b < 1)).all()
+    plain = torch.cumprod(1 - cosine_betas(T), 0)
+    # shift > 1 noises more at every step, shift < 1 less
+    assert ((ab < plain) if shift > 1 else (ab > plain)).all()
+
+
+def test_shift_one_is_the_schedule_and_bad_shifts_are_refused():
+    b = cosine_betas(100)
+    assert torch.equal(shift_snr(b, 1.0), b)  # returned as validated, no arithmetic
+    for bad in (0, -1.0, float("inf"), float("nan"), "x", None):
+        with pytest.raises(DiffusionLabError, match="snr_shift"):
+            shift_snr(b, bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,3 +232,16 @@ def test_sorted_unique_sigmas_pass_and_reversed_fail(values):
     if len(inc) > 1:
         with pytest.raises(DiffusionLabError, match="strictly increasing"):
             as_sigmas(inc[::-1])
+
+
+def test_the_vp_chain_takes_the_shift():
+    from diffusionlab.processes import make_process
+
+    plain = make_process("vp", schedule="cosine")
+    shifted = make_process("vp", schedule="cosine", snr_shift=2.0)
+    t = torch.tensor([1, 250, 500, 999])
+    (s0, g0), (s1, g1) = plain.coeffs(t), shifted.coeffs(t)
+    # SNR / 4 at every step: a ratio of cumulative products, a few hundred ulps
+    assert torch.allclose((s0 / g0) ** 2 / (s1 / g1) ** 2, torch.full((4,), 4.0, dtype=torch.float64), rtol=1e-10)
+    with pytest.raises(DiffusionLabError, match="snr_shift must be a positive finite number, got -2"):
+        make_process("vp", schedule="cosine", snr_shift=-2)

@@ -6,6 +6,7 @@
   ``f(t) = cos^2(((t / T + s) / (1 + s)) pi / 2)``, ``beta_t = min(1 - alpha-bar_t / alpha-bar_{t-1}, 0.999)``;
 - :func:`geometric_sigmas` -- Song & Ermon 2019 (NCSN): ``sigma_1 < ... < sigma_L`` in geometric progression;
 - :func:`rescale_zero_terminal_snr` -- Lin et al. 2024, Algorithm 1: betas rescaled so that ``alpha-bar_T = 0``;
+- :func:`shift_snr` -- Hoogeboom et al. 2023 (simple diffusion): every step's SNR divided by ``shift^2``;
 - :func:`as_betas`, :func:`as_sigmas` -- any user array, validated.
 
 All return 1-D float64 tensors indexed by ``t - 1`` for ``t = 1..T`` (the chains pad index 0 themselves).
@@ -128,6 +129,33 @@ def rescale_zero_terminal_snr(betas) -> torch.Tensor:
     out = 1.0 - alphas
     out[-1] = 1.0
     return as_betas(out, allow_final_one=True)
+
+
+def shift_snr(betas, shift: float) -> torch.Tensor:
+    """The shifted schedule of Hoogeboom et al. 2023 ("simple diffusion", the shifted cosine schedule), for any chain: the
+    signal-to-noise ratio ``SNR_t = alpha-bar_t / (1 - alpha-bar_t)`` of every step divided by ``shift^2``::
+
+        log SNR'_t = log SNR_t - 2 log(shift),   alpha-bar'_t = sigmoid(log SNR'_t),
+        beta'_1 = 1 - alpha-bar'_1,   beta'_t = 1 - alpha-bar'_t / alpha-bar'_{t-1}
+
+    ``shift > 1`` noises more at every step (their rule for an image ``d`` pixels wide against a 64-pixel base:
+    ``shift = d / 64``; Chen 2023, "On the importance of noise scheduling", reaches the same by scaling the data by
+    ``1 / shift``), ``shift = 1`` returns the
+    betas as they are. ``alpha-bar`` stays strictly decreasing, so the shifted betas stay in (0, 1)."""
+    b = as_betas(betas)
+    try:
+        shift = float(shift)
+    except (TypeError, ValueError):
+        raise DiffusionLabError(f"snr_shift must be a positive number, got {shift!r}") from None
+    if not (shift > 0 and math.isfinite(shift)):
+        raise DiffusionLabError(f"snr_shift must be a positive finite number, got {shift!r}")
+    if shift == 1.0:
+        return b
+    log_ab = torch.cumsum(torch.log1p(-b), 0)  # log alpha-bar_t, t = 1..T
+    log_snr = log_ab - torch.log(-torch.expm1(log_ab)) - 2.0 * math.log(shift)
+    log_ab_new = torch.nn.functional.logsigmoid(log_snr)
+    alphas = torch.exp(torch.cat([log_ab_new[:1], log_ab_new[1:] - log_ab_new[:-1]]))
+    return as_betas(1.0 - alphas)
 
 
 def geometric_sigmas(L: int = 10, sigma_min: float = 0.01, sigma_max: float = 1.0) -> torch.Tensor:

@@ -372,6 +372,8 @@ def export_blockers(cfg: dict, model) -> list[str]:
             bad.append(f"process.schedule {pcfg.get('schedule')!r}")
         if pcfg.get("schedule") == "cosine" and float(pcfg.get("cosine_s", 0.008)) != 0.008:
             bad.append(f"process.cosine_s = {pcfg.get('cosine_s')}: squaredcos_cap_v2 has s = 0.008")
+        if float(pcfg.get("snr_shift", 1.0)) != 1.0:
+            bad.append(f"process.snr_shift = {pcfg.get('snr_shift')}: DDPMScheduler has no shifted schedule")
     if model.prediction not in PREDICTION_TO_DIFFUSERS:
         bad.append(f"parametrization.prediction {model.prediction!r}")
     if not isinstance(net, UNet):

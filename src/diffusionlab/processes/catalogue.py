@@ -7,7 +7,8 @@ constructor ``N`` below (their defaults are the defaults), ``noise`` / ``noise_a
 =============  ======================================================================================================
 ``vp``         DDPM's chain (Ho et al. 2020): ``T`` steps, linear betas ``beta_start .. beta_end`` or the cosine
                schedule (Nichol & Dhariwal 2021, eq. 17, offset ``cosine_s``); ``zero_terminal_snr`` rescales
-               either to ``alpha-bar_T = 0`` (Lin et al. 2024, Algorithm 1)
+               either to ``alpha-bar_T = 0`` (Lin et al. 2024, Algorithm 1); ``snr_shift`` divides every step's SNR
+               by ``snr_shift^2`` (Hoogeboom et al. 2023)
 ``ve``         NCSN's chain (Song & Ermon 2019): ``L`` geometric levels ``sigma_min .. sigma_max`` (defaults: NCSNv2's
                CIFAR-10 levels, Song & Ermon 2020, technique 1-2: choose ``sigma_max`` near the largest distance
                between training points)
@@ -24,7 +25,7 @@ from diffusionlab.configuration import Catalogue
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.processes.discrete import VEChain, VPChain
 from diffusionlab.processes.sde import SubVPSDE, VESDE, VPSDE
-from diffusionlab.schedules import cosine_betas, geometric_sigmas, linear_betas, rescale_zero_terminal_snr
+from diffusionlab.schedules import cosine_betas, geometric_sigmas, linear_betas, rescale_zero_terminal_snr, shift_snr
 
 PROCESSES = Catalogue("process", "process")
 #: an upper bound on the number of chain steps (the schedule arrays are built in memory; DDPM uses 1000)
@@ -34,7 +35,7 @@ SCHEDULES = ("linear", "cosine")
 
 @PROCESSES.register("vp", context=("cov",))
 def vp(T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
-       cosine_s: float = 0.008, zero_terminal_snr: bool = False, cov=None) -> VPChain:
+       cosine_s: float = 0.008, snr_shift: float = 1.0, zero_terminal_snr: bool = False, cov=None) -> VPChain:
     """DDPM's variance-preserving chain.
 
     Args:
@@ -43,6 +44,8 @@ def vp(T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4, beta_e
         beta_start: first beta of the linear schedule
         beta_end: last beta of the linear schedule
         cosine_s: offset s of the cosine schedule
+        snr_shift: divide the SNR of every step by snr_shift^2 (> 0; 1: the schedule as it is; > 1 noises more, the
+            shifted schedule of Hoogeboom et al. 2023 for large images; < 1 noises less)
         zero_terminal_snr: rescale the betas so that x_T is pure noise (Lin et al. 2024, Algorithm 1; needs v- or
             x0-prediction)
     """
@@ -55,6 +58,7 @@ def vp(T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4, beta_e
         betas = cosine_betas(T, cosine_s)
     else:
         raise DiffusionLabError(f"unknown process.schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    betas = shift_snr(betas, snr_shift)
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return VPChain(betas, cov=cov)

@@ -580,3 +580,9 @@ def test_video_config_validates():
     assert cfg["data"]["name"] == "moving_digits" and cfg["model"]["name"] == "video_unet"
     frames = load_config(packaged_config("video_frames"))
     assert frames["data"]["name"] == "moving_digit_frames" and frames["model"]["name"] == "unet"
+    # the image model starts the video model (--init-from): the same process, the noise's covariance apart
+    from diffusionlab.training.init import FREE_PROCESS_OPTIONS
+
+    same = {k: v for k, v in cfg["process"].items() if k not in FREE_PROCESS_OPTIONS}
+    assert same == {k: v for k, v in frames["process"].items() if k not in FREE_PROCESS_OPTIONS}
+    assert same["snr_shift"] == 0.5

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from diffusionlab.checks import real
 from diffusionlab.errors import DiffusionLabError
 
 _F64 = torch.float64
@@ -140,15 +141,9 @@ def shift_snr(betas, shift: float) -> torch.Tensor:
 
     ``shift > 1`` noises more at every step (their rule for an image ``d`` pixels wide against a 64-pixel base:
     ``shift = d / 64``; Chen 2023, "On the importance of noise scheduling", reaches the same by scaling the data by
-    ``1 / shift``), ``shift = 1`` returns the
-    betas as they are. ``alpha-bar`` stays strictly decreasing, so the shifted betas stay in (0, 1)."""
+    ``1 / shift``), ``shift < 1`` less, ``shift = 1`` returns the betas as they are. ``alpha-bar`` stays strictly decreasing, so the shifted betas stay in (0, 1)."""
     b = as_betas(betas)
-    try:
-        shift = float(shift)
-    except (TypeError, ValueError):
-        raise DiffusionLabError(f"snr_shift must be a positive number, got {shift!r}") from None
-    if not (shift > 0 and math.isfinite(shift)):
-        raise DiffusionLabError(f"snr_shift must be a positive finite number, got {shift!r}")
+    shift = real("snr_shift", shift, 0.0, open_low=True)
     if shift == 1.0:
         return b
     log_ab = torch.cumsum(torch.log1p(-b), 0)  # log alpha-bar_t, t = 1..T

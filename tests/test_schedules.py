@@ -245,3 +245,9 @@ def test_the_vp_chain_takes_the_shift():
     assert torch.allclose((s0 / g0) ** 2 / (s1 / g1) ** 2, torch.full((4,), 4.0, dtype=torch.float64), rtol=1e-10)
     with pytest.raises(DiffusionLabError, match=r"snr_shift must lie in \(0, inf\], got -2"):
         make_process("vp", schedule="cosine", snr_shift=-2)
+    # on a zero-terminal-SNR chain the shift applies to the rescaled SNR, and x_T stays pure noise
+    zero = make_process("vp", schedule="cosine", zero_terminal_snr=True)
+    zero_shifted = make_process("vp", schedule="cosine", zero_terminal_snr=True, snr_shift=2.0)
+    (s0, g0), (s1, g1) = zero.coeffs(t), zero_shifted.coeffs(t)
+    assert torch.allclose((s0 / g0) ** 2 / (s1 / g1) ** 2, torch.full((4,), 4.0, dtype=torch.float64), rtol=1e-10)
+    assert zero_shifted.zero_terminal_snr and float(zero_shifted.coeffs(torch.tensor(zero.T))[0]) == 0.0

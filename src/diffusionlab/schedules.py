@@ -108,6 +108,18 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> to
     return as_betas(betas)
 
 
+def log_alpha_bar(betas: torch.Tensor) -> torch.Tensor:
+    """``log alpha-bar_t = sum_{s <= t} log(1 - beta_s)`` for ``t = 1..len(betas)`` (``-inf`` after a beta of 1)."""
+    return torch.cumsum(torch.log1p(-betas), 0)
+
+
+def betas_from_log_alpha_bar(log_ab: torch.Tensor) -> torch.Tensor:
+    """The betas of a chain with ``log alpha-bar_t`` (``t = 1..T``): ``beta_1 = 1 - alpha-bar_1``,
+    ``beta_t = 1 - alpha-bar_t / alpha-bar_{t-1}``, as ``-expm1`` of the log ratio (no cancellation; a last
+    ``alpha-bar`` of 0, ``-inf``, gives a beta of exactly 1)."""
+    return -torch.expm1(torch.cat([log_ab[:1], log_ab[1:] - log_ab[:-1]]))
+
+
 def rescale_zero_terminal_snr(betas) -> torch.Tensor:
     """Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed"), Algorithm 1: shift and
     scale ``sqrt(alpha-bar_t)`` so that it is 0 at ``t = T`` and unchanged at ``t = 1``, and read the betas back::
@@ -122,35 +134,32 @@ def rescale_zero_terminal_snr(betas) -> torch.Tensor:
     b = as_betas(betas)
     if b.numel() < 2:
         raise DiffusionLabError("zero terminal SNR needs a schedule of at least 2 steps")
-    a = torch.exp(0.5 * torch.cumsum(torch.log1p(-b), 0))  # sqrt(alpha-bar_t), t = 1..T
+    a = torch.exp(0.5 * log_alpha_bar(b))  # sqrt(alpha-bar_t), t = 1..T
     a1, aT = a[0].clone(), a[-1].clone()
-    a = (a - aT) * (a1 / (a1 - aT))
-    ab = a * a
-    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
-    out = 1.0 - alphas
-    out[-1] = 1.0
-    return as_betas(out, allow_final_one=True)
+    a = (a - aT) * (a1 / (a1 - aT))  # a_T is exactly 0, so its log is -inf and beta_T exactly 1
+    return as_betas(betas_from_log_alpha_bar(2.0 * torch.log(a)), allow_final_one=True)
 
 
 def shift_snr(betas, shift: float) -> torch.Tensor:
-    """The shifted schedule of Hoogeboom et al. 2023 ("simple diffusion", the shifted cosine schedule), for any chain: the
-    signal-to-noise ratio ``SNR_t = alpha-bar_t / (1 - alpha-bar_t)`` of every step divided by ``shift^2``::
+    """The shifted schedule of Hoogeboom et al. 2023 ("simple diffusion", the shifted cosine schedule), for any
+    chain: the signal-to-noise ratio ``SNR_t = alpha-bar_t / (1 - alpha-bar_t)`` of every step divided by
+    ``shift^2``::
 
         log SNR'_t = log SNR_t - 2 log(shift),   alpha-bar'_t = sigmoid(log SNR'_t),
         beta'_1 = 1 - alpha-bar'_1,   beta'_t = 1 - alpha-bar'_t / alpha-bar'_{t-1}
 
     ``shift > 1`` noises more at every step (their rule for an image ``d`` pixels wide against a 64-pixel base:
     ``shift = d / 64``; Chen 2023, "On the importance of noise scheduling", reaches the same by scaling the data by
-    ``1 / shift``), ``shift < 1`` less, ``shift = 1`` returns the betas as they are. ``alpha-bar`` stays strictly decreasing, so the shifted betas stay in (0, 1)."""
-    b = as_betas(betas)
+    ``1 / shift``), ``shift < 1`` less, ``shift = 1`` returns the betas as they are. ``alpha-bar`` stays strictly
+    decreasing, so the shifted betas stay in (0, 1); a zero-terminal-SNR chain (last beta 1) keeps
+    ``alpha-bar_T = 0``."""
+    b = as_betas(betas, allow_final_one=True)
     shift = real("snr_shift", shift, 0.0, open_low=True)
     if shift == 1.0:
         return b
-    log_ab = torch.cumsum(torch.log1p(-b), 0)  # log alpha-bar_t, t = 1..T
+    log_ab = log_alpha_bar(b)
     log_snr = log_ab - torch.log(-torch.expm1(log_ab)) - 2.0 * math.log(shift)
-    log_ab_new = torch.nn.functional.logsigmoid(log_snr)
-    alphas = torch.exp(torch.cat([log_ab_new[:1], log_ab_new[1:] - log_ab_new[:-1]]))
-    return as_betas(1.0 - alphas)
+    return as_betas(betas_from_log_alpha_bar(torch.nn.functional.logsigmoid(log_snr)), allow_final_one=True)
 
 
 def geometric_sigmas(L: int = 10, sigma_min: float = 0.01, sigma_max: float = 1.0) -> torch.Tensor:

@@ -45,7 +45,8 @@ def vp(T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4, beta_e
         beta_end: last beta of the linear schedule
         cosine_s: offset s of the cosine schedule
         snr_shift: divide the SNR of every step by snr_shift^2 (> 0; 1: the schedule as it is; > 1 noises more, the
-            shifted schedule of Hoogeboom et al. 2023 for large images; < 1 noises less)
+            shifted schedule of Hoogeboom et al. 2023 for large images; < 1 noises less); applied after
+            zero_terminal_snr, so x_T stays pure noise
         zero_terminal_snr: rescale the betas so that x_T is pure noise (Lin et al. 2024, Algorithm 1; needs v- or
             x0-prediction)
     """
@@ -58,10 +59,9 @@ def vp(T: int = 1000, schedule: str = "linear", beta_start: float = 1e-4, beta_e
         betas = cosine_betas(T, cosine_s)
     else:
         raise DiffusionLabError(f"unknown process.schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
-    betas = shift_snr(betas, snr_shift)
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
-    return VPChain(betas, cov=cov)
+    return VPChain(shift_snr(betas, snr_shift), cov=cov)  # after the rescale: every step's SNR / snr_shift^2
 
 
 @PROCESSES.register("ve", context=("cov",))

@@ -26,7 +26,7 @@ import torch
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.covariance import Covariance
 from diffusionlab.processes.base import GaussianProcess, as_f64, posterior_coefficients_between
-from diffusionlab.schedules import as_betas, as_sigmas
+from diffusionlab.schedules import as_betas, as_sigmas, log_alpha_bar
 from diffusionlab.utils import bcast
 
 _F64 = torch.float64
@@ -159,7 +159,7 @@ class VPChain(GaussianChain):
         betas = as_betas(betas, allow_final_one=True)  # beta_T = 1: zero terminal SNR (Lin et al. 2024)
         self.beta = _pad(betas, 0.0)
         self.alpha = 1.0 - self.beta
-        log_ab = torch.cumsum(torch.log1p(-self.beta), 0)
+        log_ab = log_alpha_bar(self.beta)
         self.alpha_bar = torch.exp(log_ab)
         self._one_minus_ab = -torch.expm1(log_ab)  # 1 - abar_t without cancellation
         self._one_minus_ab[0] = 0.0  # -expm1(0) is -0.0

@@ -46,6 +46,16 @@ What the network output means (``prediction``), all rank-agnostic (via :func:`~d
     reverse SDE, the probability-flow ODE and Langevin dynamics with noise ``L z`` need (with correlated noise the
     score enters the drifts as ``C grad log p``, not ``grad log p``).
 
+Self-conditioning (Chen, Zhang & Hinton 2022, "Analog Bits", sec. 3 and Fig. 3)
+    With ``self_condition`` the net is also fed an estimate of ``x_0``: ``net(cat[c_in x_t, x0_hat], c_noise)``
+    (its input takes the sample's channels twice, :func:`~diffusionlab.models.build_network`). Training
+    (:meth:`DiffusionModel.self_condition_estimate`): the first half of every batch is fed the model's own
+    ``x_theta`` at the same ``(x_t, t)`` from a pass fed zeros, without gradient; the second half is fed zeros
+    (the paper draws the half at random; the batch is already in random order, so a fixed half needs no extra
+    randomness and keeps a resumed run exact). Sampling (:func:`carrying_x0`, opened by every sampler call):
+    each evaluation is fed the ``x_theta`` of the evaluation before it in the same trajectory, the first zeros.
+    Outside a sampler call (likelihoods, objectives, one-off predictions) the net is fed zeros.
+
 Learned variance (Nichol & Dhariwal 2021)
     With ``learn_variance`` the net outputs twice the channels (``out_mult = 2``); the second half is
     ``v_var``, nominally in ``[-1, 1]`` (not clamped, as in improved-diffusion: the log-space interpolation
@@ -58,6 +68,7 @@ Learned variance (Nichol & Dhariwal 2021)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -359,6 +370,12 @@ def get_parametrization(name, sigma_data: float | None = None) -> Parametrizatio
     return _WITH_OPTIONS[name](sigma_data=sigma_data)
 
 
+def _extra(labels, x0_cond) -> dict:
+    """The optional arguments of :meth:`DiffusionModel._raw` that are set (subclasses such as the oracles take
+    neither)."""
+    return {k: v for k, v in (("labels", labels), ("x0_cond", x0_cond)) if v is not None}
+
+
 class DiffusionModel(nn.Module):
     """A raw network plus its process and parametrization: the interface samplers and objectives use.
 
@@ -370,6 +387,9 @@ class DiffusionModel(nn.Module):
         scale_input: feed the net ``c_in x_t`` (the parametrization's :meth:`~Parametrization.input_scale`:
             ``1 / sqrt(s_t^2 + sigma_t^2)``; EDM's ``c_in``).
         sigma_data: the data's standard deviation of the ``edm`` parametrization (default 0.5; only for ``edm``).
+        self_condition: the net is also fed an ``x_0`` estimate (self-conditioning, Chen et al. 2022, sec. 3: its
+            own on half of each training batch, the previous step's when sampling); the network (unet on images,
+            video_unet) is built with the sample's channels twice.
 
     ``nfe`` counts network evaluations (every :meth:`forward`); samplers never count themselves.
     ``t`` may be an int/float, a 0-d tensor or a ``(B,)`` tensor; ``labels`` (class-conditional nets only, module
@@ -377,7 +397,7 @@ class DiffusionModel(nn.Module):
     """
 
     def __init__(self, net: nn.Module | None, process, prediction: str = "eps", learn_variance: bool = False,
-                 scale_input: bool = True, sigma_data: float | None = None):
+                 scale_input: bool = True, sigma_data: float | None = None, self_condition: bool = False):
         super().__init__()
         self.parametrization = get_parametrization(prediction, sigma_data)
         if getattr(process, "zero_terminal_snr", False) and not self.parametrization.decodes_at_zero_snr:
@@ -388,6 +408,8 @@ class DiffusionModel(nn.Module):
         self.process = process
         self.learn_variance = bool(learn_variance)
         self.scale_input = bool(scale_input)
+        self.self_condition = bool(self_condition)
+        self._carry: list | None = None  # [x0 of the last evaluation] inside carrying_x0(), else None
         self.nfe = 0
 
     @property
@@ -435,20 +457,54 @@ class DiffusionModel(nn.Module):
         s, sigma = coeffs_like(self.process, tb, x)
         return tb, s, sigma
 
-    def _raw(self, x_t: torch.Tensor, tb: torch.Tensor, s, sigma, labels=None) -> torch.Tensor:
-        """The network evaluation proper (what subclasses such as the Gaussian oracle replace)."""
+    def _raw(self, x_t: torch.Tensor, tb: torch.Tensor, s, sigma, labels=None, x0_cond=None) -> torch.Tensor:
+        """The network evaluation proper (what subclasses such as the Gaussian oracle replace); ``x0_cond`` is the
+        self-conditioning input (zeros when None)."""
         x_in = x_t * self.parametrization.input_scale(s, sigma) if self.scale_input else x_t
+        if self.self_condition:
+            x_in = torch.cat([x_in, torch.zeros_like(x_t) if x0_cond is None else x0_cond.to(x_t.dtype)], dim=1)
+        elif x0_cond is not None:
+            raise DiffusionLabError("an x_0 estimate was passed to a model without self-conditioning "
+                                    "(parametrization.self_condition is off)")
         lab = self.labels_for(labels, x_t)
         if lab is None:
             return self.net(x_in, self.c_noise(tb, x_t.dtype, s, sigma))
         return self.net(x_in, self.c_noise(tb, x_t.dtype, s, sigma), lab)
 
-    def forward(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor:
-        """The raw network output (both halves when ``learn_variance``); counts one evaluation."""
+    def forward(self, x_t: torch.Tensor, t, labels=None, x0_cond=None) -> torch.Tensor:
+        """The raw network output (both halves when ``learn_variance``); counts one evaluation. ``x0_cond``: the
+        self-conditioning input of a ``self_condition`` model (zeros when None)."""
         tb, s, sigma = self.coeffs(t, x_t)
-        out = self._raw(x_t, tb, s, sigma) if labels is None else self._raw(x_t, tb, s, sigma, labels)
+        out = self._raw(x_t, tb, s, sigma, **_extra(labels, x0_cond))
         self.nfe += 1
         return out
+
+    # -- self-conditioning (Chen et al. 2022; module docstring) -----------------------------------------------
+    def self_condition_estimate(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor | None:
+        """The self-conditioning input of a training batch (Chen et al. 2022, Fig. 3, ``train_loss``): for the first
+        ``B // 2`` samples ``x_theta(x_t, t)`` from a pass fed zeros, without gradient; zeros for the rest. None for
+        a model without self-conditioning."""
+        if not self.self_condition:
+            return None
+        cond = torch.zeros_like(x_t)
+        n = x_t.shape[0] // 2
+        if n:
+            tb = batch_t(t, x_t)
+            lab = None if labels is None else self.labels_for(labels, x_t)[:n]
+            with torch.no_grad():
+                cond[:n] = self.predict(x_t[:n], tb[:n], labels=lab, x0_cond=torch.zeros_like(x_t[:n])).x0
+        return cond
+
+    @contextlib.contextmanager
+    def carry_x0(self):
+        """Inside this block every :meth:`predict` of a ``self_condition`` model is fed the ``x_theta`` of the one
+        before it (the first, and any whose batch shape differs, zeros): one sampling trajectory (Chen et al. 2022,
+        Fig. 3, ``generate``). :func:`carrying_x0` opens it for every sampler call."""
+        outer, self._carry = self._carry, [None]
+        try:
+            yield self
+        finally:
+            self._carry = outer
 
     def split(self, out: torch.Tensor):
         """``(mean_part, v_var)``: the output's two halves along dim 1 (``v_var`` None without a learned variance)."""
@@ -462,13 +518,19 @@ class DiffusionModel(nn.Module):
         return mean, v_var
 
     # -- decoded predictions --------------------------------------------------------------------------------
-    def predict(self, x_t: torch.Tensor, t, labels=None) -> Prediction:
-        """One network evaluation decoded into ``eps``, ``x0`` (and ``v_var``)."""
+    def predict(self, x_t: torch.Tensor, t, labels=None, x0_cond=None) -> Prediction:
+        """One network evaluation decoded into ``eps``, ``x0`` (and ``v_var``). A ``self_condition`` model is fed
+        ``x0_cond``, else inside :meth:`carry_x0` the previous evaluation's ``x0``, else zeros."""
         tb, s, sigma = self.coeffs(t, x_t)
-        out = self._raw(x_t, tb, s, sigma) if labels is None else self._raw(x_t, tb, s, sigma, labels)
+        carry = self._carry if self.self_condition and x0_cond is None else None
+        if carry is not None and carry[0] is not None and carry[0].shape == x_t.shape:
+            x0_cond = carry[0]
+        out = self._raw(x_t, tb, s, sigma, **_extra(labels, x0_cond))
         self.nfe += 1
         mean, v_var = self.split(out)
         eps, x0 = self.parametrization.decode(mean, x_t, s, sigma)
+        if carry is not None:
+            carry[0] = x0.detach()
         return Prediction(eps=eps, x0=x0, out=mean, s=s, sigma=sigma, v_var=v_var)
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
@@ -498,6 +560,18 @@ class DiffusionModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"prediction={self.prediction!r}, learn_variance={self.learn_variance}, process={self.process!r}"
+
+
+def carrying_x0(model):
+    """The :meth:`DiffusionModel.carry_x0` block of the model under ``model`` (through wrappers' ``inner``), or a
+    block that does nothing: what a sampler call runs in, so a self-conditioned model carries its ``x_0`` estimate
+    along one trajectory."""
+    m = model
+    while m is not None and not isinstance(m, DiffusionModel):
+        m = getattr(m, "inner", None)
+    if m is None or not m.self_condition:
+        return contextlib.nullcontext(model)
+    return m.carry_x0()
 
 
 def reverse_variances(b2: torch.Tensor, post_var: torch.Tensor):

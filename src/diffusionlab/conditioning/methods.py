@@ -48,6 +48,7 @@ import torch
 from diffusionlab.conditioning.known import Known
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.progress import progress as progress_display
+from diffusionlab.parametrization import carrying_x0
 from diffusionlab.samplers.ancestral import ancestral_variances, reverse_mean
 from diffusionlab.samplers.catalogue import SamplerSpec, budget_per_step, flag, integer, number, one_of, per_step
 from diffusionlab.samplers.noise import noise_source
@@ -74,7 +75,8 @@ class ConditionalSpec(SamplerSpec):
         g = self.grid(model.process, grid, kind)
         obs = known if isinstance(known, Known) else Known(known, mask, model.process.cov)
         model.process.cov.check(obs.y)
-        return self.fn(model, obs, g, noise=noise, progress=progress, **opts)
+        with carrying_x0(model):  # a self-conditioned model feeds each evaluation the last x_0 estimate
+            return self.fn(model, obs, g, noise=noise, progress=progress, **opts)
 
     __call__ = run
 

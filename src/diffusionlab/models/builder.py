@@ -31,7 +31,7 @@ from diffusionlab.models.video_unet import VideoUNet, build_video_unet
 #: class (their defaults are the class's); the sizes (``dim``, ``in_channels``, ``image_size``, ``frames``) come
 #: from the data's sample shape and ``out_mult`` from the parametrization
 NETWORKS = Catalogue("network", "model")
-_INFERRED = ("dim", "in_channels", "image_size", "frames", "out_mult")
+_INFERRED = ("dim", "in_channels", "image_size", "frames", "out_mult", "cond_channels")
 
 #: The recommended U-Net for 8x8 digits: 399,913 parameters, 0.98 GMAC per forward pass of a batch of 128.
 #: A training step (batch 128, forward + backward + AdamW) measured ~150 ms on one CPU thread (AMD EPYC,
@@ -79,8 +79,15 @@ def _sample_shape(sample_shape) -> tuple[int, ...]:
     return shape
 
 
+def _no_conditioning_input(name: str, cond_channels: int) -> None:
+    if cond_channels:
+        raise DiffusionLabError(f"parametrization.self_condition needs a network that takes extra input channels "
+                                f"(unet on images, video_unet); {name} does not")
+
+
 @NETWORKS.register("mlp", context=("sample_shape", "out_mult"), options_of=MLP, inferred=_INFERRED)
-def _build_mlp(sample_shape: tuple[int, ...], out_mult: int, **opts) -> nn.Module:
+def _build_mlp(sample_shape: tuple[int, ...], out_mult: int, cond_channels: int = 0, **opts) -> nn.Module:
+    _no_conditioning_input("mlp", cond_channels)
     shape = sample_shape
     if len(shape) == 1:
         return MLP(shape[0], out_mult=out_mult, **opts)
@@ -89,12 +96,13 @@ def _build_mlp(sample_shape: tuple[int, ...], out_mult: int, **opts) -> nn.Modul
 
 
 @NETWORKS.register("unet", context=("sample_shape", "out_mult"), options_of=UNet, inferred=_INFERRED)
-def _build_unet(sample_shape: tuple[int, ...], out_mult: int, **opts) -> nn.Module:
+def _build_unet(sample_shape: tuple[int, ...], out_mult: int, cond_channels: int = 0, **opts) -> nn.Module:
     shape = sample_shape
     if len(shape) == 3:
         c, h, w = shape
-        return UNet(in_channels=c, image_size=(h, w), out_mult=out_mult, **opts)
+        return UNet(in_channels=c, image_size=(h, w), out_mult=out_mult, cond_channels=cond_channels, **opts)
     if len(shape) == 4:
+        _no_conditioning_input("unet on videos (frames folded into channels)", cond_channels)
         c, f, h, w = shape
         inner = UNet(in_channels=c * f, image_size=(h, w), out_mult=out_mult, **opts)
         return Reshaped(inner, shape, (c * f, h, w), out_mult)
@@ -104,12 +112,15 @@ def _build_unet(sample_shape: tuple[int, ...], out_mult: int, **opts) -> nn.Modu
 
 
 NETWORKS.register("video_unet", context=("sample_shape", "out_mult"), options_of=VideoUNet,
-                  inferred=_INFERRED)(lambda sample_shape, out_mult, **opts: build_video_unet(opts, sample_shape, out_mult))
+                  inferred=_INFERRED)(lambda sample_shape, out_mult, cond_channels=0, **opts:
+                                      build_video_unet(opts, sample_shape, out_mult, cond_channels))
 
 
 def build_network(cfg: Mapping, sample_shape: Sequence[int], out_mult: int = 1,
-                  device: torch.device | str | None = None) -> nn.Module:
-    """Build the network ``cfg`` names for samples of ``sample_shape`` (moved to ``device`` when given)."""
+                  device: torch.device | str | None = None, self_condition: bool = False) -> nn.Module:
+    """Build the network ``cfg`` names for samples of ``sample_shape`` (moved to ``device`` when given); with
+    ``self_condition`` it takes the sample's channels twice (``x_t`` and the x_0 estimate fed back, Chen et al.
+    2022; :class:`~diffusionlab.parametrization.DiffusionModel`)."""
     if not isinstance(cfg, Mapping):
         raise DiffusionLabError(f"network config must be a mapping with a 'name' ({', '.join(NETWORKS)}), got {cfg!r}")
     entry, opts = NETWORKS.split(dict(cfg))
@@ -126,7 +137,7 @@ def build_network(cfg: Mapping, sample_shape: Sequence[int], out_mult: int = 1,
             opts[key] = tuple(opts[key])
     shape = _sample_shape(sample_shape)
     positive_int("out_mult", out_mult)
-    net = entry.factory(shape, out_mult, **opts)
+    net = entry.factory(shape, out_mult, cond_channels=shape[0] if self_condition else 0, **opts)
     return net.to(device) if device is not None else net
 
 

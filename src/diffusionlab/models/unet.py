@@ -225,6 +225,9 @@ class UNet(nn.Module):
         num_classes: class-conditional on labels 0..num_classes-1 (the label embedding added to the noise
             embedding, as in guided-diffusion), index num_classes = "no label" for classifier-free guidance (Ho &
             Salimans 2022; trained by train.p_uncond); unset: unconditional
+        cond_channels: extra input channels appended to the C image channels (the self-conditioning estimate of
+            x_0, Chen et al. 2022; set from parametrization.self_condition in a config); the output keeps
+            out_mult * C channels
     """
 
     def __init__(
@@ -242,11 +245,13 @@ class UNet(nn.Module):
         scale_shift: bool = True,
         conv_resample: bool = True,
         num_classes: int | None = None,
+        cond_channels: int = 0,
     ):
         super().__init__()
         mults = check_unet_options(in_channels, base_channels, channel_mults, num_res_blocks, dropout, groups,
                                    num_heads, out_mult, scale_shift, conv_resample)
         self.in_channels, self.out_mult = in_channels, out_mult
+        self.cond_channels = positive_int("cond_channels", cond_channels, minimum=0)
         self.image_hw = _image_hw(image_size)
         resolutions = self._resolutions(self.image_hw, len(mults))
         attn = self._attention_at(attn_resolutions, resolutions)
@@ -256,7 +261,7 @@ class UNet(nn.Module):
         self.time = TimeEmbedding(base_channels, emb_dim)
         block = dict(emb_dim=emb_dim, dropout=dropout, groups=groups, scale_shift=scale_shift)
 
-        self.inp = conv3x3(in_channels, base_channels)
+        self.inp = conv3x3(in_channels + self.cond_channels, base_channels)
         self.down, self.mid, self.up, ch = unet_layout(
             base_channels, mults, num_res_blocks, resolutions, attn, block, num_heads, groups, conv_resample,
             seq=lambda spatial, temporal: EmbSequential(*spatial))
@@ -303,10 +308,10 @@ class UNet(nn.Module):
                 )
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels=None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.image_hw:
+        c = self.in_channels + self.cond_channels
+        if x.ndim != 4 or x.shape[1] != c or tuple(x.shape[2:]) != self.image_hw:
             raise DiffusionLabError(
-                f"UNet expects images of shape (B, {self.in_channels}, {self.image_hw[0]}, {self.image_hw[1]}), "
-                f"got {tuple(x.shape)}"
+                f"UNet expects images of shape (B, {c}, {self.image_hw[0]}, {self.image_hw[1]}), got {tuple(x.shape)}"
             )
         emb = F.silu(conditional_embedding(self.time(check_c_noise(c_noise, x)), self.label, labels, x, "UNet"))
         h = self.inp(x)

@@ -218,6 +218,9 @@ class VideoUNet(nn.Module):
         num_classes: class-conditional on labels 0..num_classes-1 (the label embedding added to the noise
             embedding, as in guided-diffusion), index num_classes = "no label" for classifier-free guidance (Ho &
             Salimans 2022; trained by train.p_uncond); unset: unconditional
+        cond_channels: extra input channels appended to the C video channels (the self-conditioning estimate of
+            x_0, Chen et al. 2022; set from parametrization.self_condition in a config); the output keeps
+            out_mult * C channels
     """
 
     def __init__(
@@ -240,11 +243,13 @@ class VideoUNet(nn.Module):
         temporal_attn_resolutions: Sequence[int] | None = None,
         temporal_attention: str = "frames",
         num_classes: int | None = None,
+        cond_channels: int = 0,
     ):
         super().__init__()
         mults = check_unet_options(in_channels, base_channels, channel_mults, num_res_blocks, dropout, groups,
                                    num_heads, out_mult, scale_shift, conv_resample)
         self.in_channels, self.out_mult = in_channels, out_mult
+        self.cond_channels = positive_int("cond_channels", cond_channels, minimum=0)
         self.frames = positive_int("frames", frames)
         positive_int("temporal_kernel", temporal_kernel)
         if temporal not in TEMPORAL:
@@ -272,7 +277,7 @@ class VideoUNet(nn.Module):
                 out.append(TemporalAttention(ch, num_heads, groups, self.frames, temporal_attention == "spacetime"))
             return out
 
-        self.inp = conv3x3(in_channels, base_channels)
+        self.inp = conv3x3(in_channels + self.cond_channels, base_channels)
         self.down, self.mid, self.up, ch = unet_layout(
             base_channels, mults, num_res_blocks, resolutions, attn, block, num_heads, groups, conv_resample,
             seq=SpaceTimeBlock, extra=temporal_layers)
@@ -283,10 +288,11 @@ class VideoUNet(nn.Module):
         self.label = None if num_classes is None else LabelEmbedding(num_classes, emb_dim)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels=None) -> torch.Tensor:
-        if x.ndim != 5 or x.shape[1] != self.in_channels or tuple(x.shape[3:]) != self.image_hw:
+        c = self.in_channels + self.cond_channels
+        if x.ndim != 5 or x.shape[1] != c or tuple(x.shape[3:]) != self.image_hw:
             raise DiffusionLabError(
-                f"VideoUNet expects videos of shape (B, {self.in_channels}, F, {self.image_hw[0]}, "
-                f"{self.image_hw[1]}), got {tuple(x.shape)}"
+                f"VideoUNet expects videos of shape (B, {c}, F, {self.image_hw[0]}, {self.image_hw[1]}), got "
+                f"{tuple(x.shape)}"
             )
         frames = x.shape[2]
         if frames > self.frames and any(isinstance(m, TemporalAttention) for m in self.modules()):
@@ -310,9 +316,10 @@ VIDEO_UNET_OPTIONS = ("base_channels", "channel_mults", "num_res_blocks", "attn_
                       "temporal_attn_resolutions", "temporal_attention", "num_classes")
 
 
-def build_video_unet(opts: dict, sample_shape: Sequence[int], out_mult: int = 1) -> VideoUNet:
+def build_video_unet(opts: dict, sample_shape: Sequence[int], out_mult: int = 1, cond_channels: int = 0) -> VideoUNet:
     """A :class:`VideoUNet` for samples ``(C, F, H, W)`` from the options of a ``video_unet`` network config
-    (without ``name``); ``in_channels``, ``frames`` and ``image_size`` come from ``sample_shape``."""
+    (without ``name``); ``in_channels``, ``frames`` and ``image_size`` come from ``sample_shape``, ``cond_channels``
+    from the model (self-conditioning)."""
     opts = dict(opts)
     opts.pop("name", None)
     check_keys(opts, VIDEO_UNET_OPTIONS, "network 'video_unet'")
@@ -323,4 +330,5 @@ def build_video_unet(opts: dict, sample_shape: Sequence[int], out_mult: int = 1)
         if isinstance(opts.get(key), list):
             opts[key] = tuple(opts[key])
     c, f, h, w = shape
-    return VideoUNet(in_channels=c, frames=f, image_size=(h, w), out_mult=out_mult, **opts)
+    return VideoUNet(in_channels=c, frames=f, image_size=(h, w), out_mult=out_mult, cond_channels=cond_channels,
+                     **opts)

@@ -1,7 +1,9 @@
 """What every objective shares: drawing ``t`` and the noise, and the ``x_0`` error of a prediction.
 
 Every objective takes ``labels=None``: the class labels of a class-conditional model's batch (``(B,)``, the no-label
-index where label dropout removed them), passed on to the model's evaluation (:func:`label_kwargs`).
+index where label dropout removed them), passed on to the model's evaluation (:func:`label_kwargs`). The objectives
+that evaluate the network through :func:`training_output` train self-conditioned models too (their class says
+``self_conditioning = True``).
 """
 
 from __future__ import annotations
@@ -43,3 +45,13 @@ def label_kwargs(labels) -> dict:
     """``{"labels": labels}`` for a class-conditional batch, ``{}`` otherwise (a model is then called as it always
     was, so models that take no labels keep working)."""
     return {} if labels is None else {"labels": labels}
+
+
+def training_output(model, x_t: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+    """The raw output ``model(x_t, t)`` as it is trained: labels passed on, and a self-conditioned model
+    (``parametrization.self_condition``) fed its own no-grad ``x_0`` estimate on the first half of the batch
+    (:meth:`~diffusionlab.parametrization.DiffusionModel.self_condition_estimate`; Chen et al. 2022, Fig. 3)."""
+    kw = label_kwargs(labels)
+    estimate = getattr(model, "self_condition_estimate", None)
+    cond = None if estimate is None else estimate(x_t, t, **kw)
+    return model(x_t, t, **kw) if cond is None else model(x_t, t, x0_cond=cond, **kw)

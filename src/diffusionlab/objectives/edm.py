@@ -30,7 +30,7 @@ import torch
 
 from diffusionlab.checks import real
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.objectives.common import label_kwargs, noisy_inputs
+from diffusionlab.objectives.common import noisy_inputs, training_output
 from diffusionlab.parametrization import edm_weight
 from diffusionlab.utils import per_sample_dim
 
@@ -50,6 +50,8 @@ class EDMLoss:
         density: ``lognormal``, ``process`` or a callable (module docstring).
         t_min: smallest time on an SDE (the levels below it are clamped).
     """
+
+    self_conditioning = True  #: trains self-conditioned models (:func:`~diffusionlab.objectives.common.training_output`)
 
     def __init__(self, process, sigma_data: float | None = None, P_mean: float = -1.2, P_std: float = 1.2,
                  density="lognormal", t_min: float = 1e-5):
@@ -113,7 +115,7 @@ class EDMLoss:
         if t is None:
             t = self.sample_t(x0.shape[0], generator, x0.device)
         tb, eps, x_t, s, sigma = noisy_inputs(self.process, x0, generator, t, noise)
-        out, _ = model.split(model(x_t, tb, **label_kwargs(labels)))  # labels: class-conditional nets
+        out, _ = model.split(training_output(model, x_t, tb, labels))  # labels: class-conditional nets
         diff = model.target(x0, eps, tb) - out
         return self.weight(model, s, sigma) * self.process.cov.mahalanobis(diff) / per_sample_dim(x0)
 

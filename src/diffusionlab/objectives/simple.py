@@ -30,7 +30,7 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.covariance import Identity
-from diffusionlab.objectives.common import label_kwargs, noisy_inputs, require_chain
+from diffusionlab.objectives.common import noisy_inputs, require_chain, training_output
 from diffusionlab.parametrization import get_parametrization, reverse_variances
 from diffusionlab.utils import per_sample_dim
 
@@ -66,6 +66,8 @@ class SimpleLoss:
         t_min: smallest training time on an SDE, t ~ U(t_min, T) (chains draw t ~ U{1..T} and ignore it)
     """
 
+    self_conditioning = True  #: trains self-conditioned models (:func:`~diffusionlab.objectives.common.training_output`)
+
     def __init__(self, process, weighting: str = "simple", gamma: float = 5.0, t_min: float = 1e-5):
         if weighting not in WEIGHTINGS:
             raise DiffusionLabError(f"unknown weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
@@ -97,7 +99,7 @@ class SimpleLoss:
 
     def __call__(self, model, x0: torch.Tensor, generator=None, t=None, noise=None, labels=None) -> torch.Tensor:
         t, eps, x_t, s, sigma = noisy_inputs(self.process, x0, generator, t, noise, self.t_min)
-        out, _ = model.split(model(x_t, t, **label_kwargs(labels)))
+        out, _ = model.split(training_output(model, x_t, t, labels))
         diff = model.target(x0, eps, t) - out
         if self.weighting == "mse":
             return _IDENTITY.mahalanobis(diff) / per_sample_dim(x0)

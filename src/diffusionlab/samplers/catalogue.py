@@ -25,6 +25,7 @@ import torch
 from diffusionlab.checks import brief
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.processes.grid import GRID_KINDS, TimeGrid, as_grid
+from diffusionlab.parametrization import carrying_x0
 
 #: what a sampler may require of a process, and how to say it
 REQUIREMENTS = {
@@ -193,9 +194,10 @@ class SamplerSpec:
         opts = self.validate(options)
         self.check_process(model.process)
         g = self.grid(model.process, grid, kind)
-        if self.takes_noise:
-            return self.fn(model, x, g, noise=noise, progress=progress, **opts)
-        return self.fn(model, x, g, progress=progress, **opts)
+        with carrying_x0(model):  # a self-conditioned model feeds each evaluation the last x_0 estimate
+            if self.takes_noise:
+                return self.fn(model, x, g, noise=noise, progress=progress, **opts)
+            return self.fn(model, x, g, progress=progress, **opts)
 
     __call__ = run
 

@@ -52,7 +52,8 @@ def build_model(cfg: dict, sample_shape: tuple, process, device) -> "torch.nn.Mo
 
     p = dict(cfg["parametrization"])
     out_mult = 2 if p.get("learn_variance") else 1
-    net = build_network(dict(cfg["model"]), tuple(sample_shape), out_mult=out_mult)
+    net = build_network(dict(cfg["model"]), tuple(sample_shape), out_mult=out_mult,
+                        self_condition=bool(p.get("self_condition")))
     return DiffusionModel(net, process, **p).to(device)
 
 

@@ -267,6 +267,9 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
     model = build_model(cfg, ds.sample_shape, process, device)
     init = init_model(model, cfg, ds.sample_shape, log)  # train.init_from: inflate / load a run's weights
     objective = make_objective(dict(cfg["objective"]), process)
+    if model.self_condition and not getattr(objective, "self_conditioning", False):
+        raise DiffusionLabError(f"parametrization.self_condition trains with objective simple or edm (they feed the "
+                                f"model its x_0 estimate); objective {cfg['objective']['name']!r} does not")
     labels = training_labels(ds, model, tcfg, device, streaming=batches.streaming)  # training/labels.py
     _check_model_takes(model, objective, ds, first, device, None if labels is None else labels[: first.shape[0]])
     memory_format = _memory_format(tcfg, ds)

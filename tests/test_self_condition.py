@@ -133,6 +133,21 @@ def test_networks_without_extra_inputs_refuse_it():
         build_network({"name": "unet", "cond_channels": 1}, (1, 8, 8))
 
 
+def test_a_registered_network_without_cond_channels_builds_and_refuses_only_self_conditioning():
+    """A third-party factory that never heard of cond_channels is not handed it (CI caught this once)."""
+    from diffusionlab.models import NETWORKS
+
+    name = "plain-mlp-for-self-condition-test"
+    NETWORKS.register(name, context=("sample_shape", "out_mult"), inferred=("dim", "out_mult"))(
+        lambda sample_shape, out_mult: torch.nn.Linear(sample_shape[0], out_mult * sample_shape[0]))
+    try:
+        assert isinstance(build_network({"name": name}, (3,), out_mult=1), torch.nn.Linear)
+        with pytest.raises(DiffusionLabError, match=f"self_condition needs a network.*{name} does not"):
+            build_network({"name": name}, (3,), self_condition=True)
+    finally:
+        NETWORKS.unregister(name)
+
+
 SC = {
     "data": {"name": "digits", "split": "train"},
     "process": {"name": "vp", "T": 50},

@@ -14,6 +14,7 @@ gives the per-head outputs).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Mapping, Sequence
 
@@ -137,7 +138,14 @@ def build_network(cfg: Mapping, sample_shape: Sequence[int], out_mult: int = 1,
             opts[key] = tuple(opts[key])
     shape = _sample_shape(sample_shape)
     positive_int("out_mult", out_mult)
-    net = entry.factory(shape, out_mult, cond_channels=shape[0] if self_condition else 0, **opts)
+    # Only a self-conditioned model passes cond_channels, so a registered network that never heard of it still
+    # builds; one that cannot take it is refused by name rather than by a TypeError from deep inside.
+    extra = {}
+    if self_condition:
+        if "cond_channels" not in inspect.signature(entry.factory).parameters:
+            _no_conditioning_input(entry.name, shape[0])
+        extra["cond_channels"] = shape[0]
+    net = entry.factory(shape, out_mult, **extra, **opts)
     return net.to(device) if device is not None else net
 
 

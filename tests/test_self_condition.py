@@ -178,3 +178,145 @@ def test_objectives_that_cannot_feed_the_estimate_are_refused(tmp_path):
     assert not (tmp_path / "a" / "model.safetensors").exists()
     for name in ("simple", "edm"):
         assert make_objective({"name": name}, make_process("vp", T=50)).self_conditioning
+
+
+# ---- one trajectory through every wrapper and entry point -------------------------------------------------------
+class LabelledRecording(Recording):
+    num_classes = 3
+
+    def forward(self, x, c_noise, labels=None):
+        return super().forward(x, c_noise)
+
+
+def _recording_x0(model):
+    """Record the x_0 of every evaluation of ``model`` (what the next one should be fed)."""
+    seen_x0, predict = [], model.predict
+
+    def recording_predict(*a, **k):
+        p = predict(*a, **k)
+        seen_x0.append(p.x0.detach().clone())
+        return p
+
+    model.predict = recording_predict
+    return seen_x0
+
+
+def test_a_direct_sampler_call_is_one_trajectory_too():
+    from diffusionlab.samplers import ddim
+
+    model, net = _model()
+    seen_x0 = _recording_x0(model)
+    x = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(4))
+    ddim(model, x, 4)  # the exported function, not the catalogue
+    assert torch.equal(net.seen[0], torch.zeros_like(x))
+    assert all(torch.equal(net.seen[k], seen_x0[k - 1]) for k in range(1, 4))
+    assert model._carry is None
+
+
+def test_guidance_switched_by_its_interval_keeps_the_estimate_row_for_row():
+    """Inside the interval the net sees the doubled batch (conditional, unconditional), outside it the batch: the
+    estimate is repeated into the doubled batch and cut back to its conditional half, never reset to zeros."""
+    from diffusionlab.conditioning import condition_on_class
+
+    net = LabelledRecording(2)
+    model = DiffusionModel(net, make_process("vp", T=20), prediction="v", self_condition=True)
+    seen_x0 = _recording_x0(model)
+    x = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(5))
+    guided = condition_on_class(model, [0, 1, 2], guidance=2.0, interval=(0.3, 2.0))
+    SAMPLERS["ddim"].run(guided, x, 10)
+    sizes = [s.shape[0] for s in net.seen]
+    assert 3 in sizes and 6 in sizes  # the interval switches the doubling off (and on: 0.3 < sigma / s <= 2)
+    assert net.seen[0].abs().max() == 0
+    for k in range(1, len(sizes)):
+        prev, fed = seen_x0[k - 1], net.seen[k]
+        want = torch.cat([prev, prev]) if fed.shape[0] == 2 * prev.shape[0] else prev[:fed.shape[0]]
+        assert torch.equal(fed, want), k
+
+
+def test_resampling_reorders_the_estimate_with_the_particles():
+    from diffusionlab.parametrization import reorder_carried_x0, resize_carried_x0
+
+    model, net = _model()
+    x = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(6))
+    idx = torch.tensor([2, 2, 0, 3])
+    reorder_carried_x0(model, idx)  # outside a trajectory: nothing to do
+    with model.carry_x0():
+        p = model.predict(x, 10)
+        reorder_carried_x0(model, idx)
+        model.predict(x, 9)
+        assert torch.equal(net.seen[-1], p.x0[idx])
+    with model.carry_x0():  # a guided model's doubled batch: each half reordered alike
+        q = model.predict(torch.cat([x, x * 0.5]), 10)
+        reorder_carried_x0(model, idx)
+        assert torch.equal(model._carry[0], torch.cat([q.x0[:4][idx], q.x0[4:][idx]]))
+        resize_carried_x0(model, 4)
+        assert torch.equal(model._carry[0], q.x0[:4][idx])
+
+
+def test_smc_runs_a_self_conditioned_model_with_the_estimate_fed():
+    from diffusionlab.conditioning import get_method
+
+    model, net = _model((1, 4))
+    known = torch.zeros(2, 1, 4)
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(1, 1, 4)
+    out = get_method("smc").run(model, known, mask, 6, noise=torch.Generator().manual_seed(7), particles=4, ess=1.0,
+                                twist=0.0)
+    assert out.shape == (2, 1, 4) and torch.isfinite(out).all()
+    assert all(s.abs().sum() > 0 for s in net.seen[1:])  # every evaluation after the first is fed an estimate
+
+
+def test_each_window_of_a_long_video_is_one_trajectory():
+    from diffusionlab.samplers.extend import extend_videos
+
+    model, net = _model((1, 4, 2, 2))
+    seen_x0 = _recording_x0(model)
+    out = extend_videos(model, 2, 6, 4, overlap=2, grid=5, shape=(1, 4, 2, 2),
+                        generator=torch.Generator().manual_seed(8))
+    assert out.shape == (2, 1, 6, 2, 2) and len(net.seen) == 10  # two windows of 5 evaluations
+    for k in range(10):
+        want = torch.zeros_like(net.seen[k]) if k % 5 == 0 else seen_x0[k - 1]  # each window starts afresh
+        assert torch.equal(net.seen[k], want), k
+
+
+def test_self_conditioned_accumulation_and_ranks_take_the_global_batch_rows():
+    """The rows fed the estimate are the global batch's first half, sliced like t and the noise: accumulate 2
+    gives the plain step's loss to rounding, while the first half of each micro-batch would change it."""
+    from diffusionlab.parametrization import self_condition_rows
+    from diffusionlab.training.trainer import build_parts, train_step
+    from rounding import sum_rtol
+
+    a, b = build_parts(resolve(SC)), build_parts(resolve(SC, ["train.accumulate=2"]))
+    for step in range(4):  # away from the zero-initialised output layer
+        train_step(a, step)
+    b.model.load_state_dict(a.model.state_dict())
+    state = a.generators["noise"].get_state()
+    b.generators["noise"].set_state(state)
+    la, lb = train_step(a, 4), train_step(b, 4)
+    tol = sum_rtol(16, torch.float32)
+    torch.testing.assert_close(lb[0], la[0], rtol=tol, atol=0)
+    rows = self_condition_rows(16)
+    assert rows.sum() == 8 and rows[:8].all()
+    # the alternative, each micro-batch's own first half, is another loss by far more than rounding
+    from diffusionlab.training.trainer import draw_inputs
+    b.model.load_state_dict(a.model.state_dict())
+    b.generators["noise"].set_state(state)
+    x0 = b.batches.get(4)
+    t, noise = draw_inputs(b.objective, b.process, x0, b.generators["noise"])
+    with torch.no_grad():
+        b.model.train()
+        wrong = torch.stack([b.step_module(x0[s], t[s], noise[s], self_cond_rows=self_condition_rows(8)).mean()
+                             for s in (slice(0, 8), slice(8, 16))]).mean()
+    assert abs(float(wrong) - float(la[0])) > 100 * tol * float(la[0])
+
+
+def test_distillation_and_diffusers_export_refuse_self_conditioned_models():
+    from diffusionlab.interop.diffusers import export_blockers
+    from diffusionlab.training.distill import distill_model
+
+    cfg = {"name": "unet", "base_channels": 8, "channel_mults": [1], "num_res_blocks": 1, "attn_resolutions": []}
+    net = build_network(cfg, (1, 8, 8), self_condition=True)
+    model = DiffusionModel(net, make_process("vp", T=1000), prediction="eps", self_condition=True)
+    with pytest.raises(DiffusionLabError, match="does not train self-conditioned models"):
+        distill_model(model, model, torch.zeros(4, 1, 8, 8), None, 1)
+    bad = export_blockers({"model": cfg, "process": {"name": "vp", "T": 1000}}, model)
+    assert any("self_condition" in line for line in bad)

@@ -49,12 +49,18 @@ What the network output means (``prediction``), all rank-agnostic (via :func:`~d
 Self-conditioning (Chen, Zhang & Hinton 2022, "Analog Bits", sec. 3 and Fig. 3)
     With ``self_condition`` the net is also fed an estimate of ``x_0``: ``net(cat[c_in x_t, x0_hat], c_noise)``
     (its input takes the sample's channels twice, :func:`~diffusionlab.models.build_network`). Training
-    (:meth:`DiffusionModel.self_condition_estimate`): the first half of every batch is fed the model's own
-    ``x_theta`` at the same ``(x_t, t)`` from a pass fed zeros, without gradient; the second half is fed zeros
+    (:meth:`DiffusionModel.self_condition_estimate`): the first half of every *global* batch is fed the model's
+    own ``x_theta`` at the same ``(x_t, t)`` from a pass fed zeros, without gradient; the second half is fed zeros
     (the paper draws the half at random; the batch is already in random order, so a fixed half needs no extra
-    randomness and keeps a resumed run exact). Sampling (:func:`carrying_x0`, opened by every sampler call):
-    each evaluation is fed the ``x_theta`` of the evaluation before it in the same trajectory, the first zeros.
-    Outside a sampler call (likelihoods, objectives, one-off predictions) the net is fed zeros.
+    randomness and keeps a resumed run exact). The trainer picks the rows for the global batch
+    (:func:`self_condition_rows`) and every rank and micro-batch takes its slice, so torchrun and
+    ``train.accumulate`` follow the one-process trajectory. Sampling (:func:`carries_x0`, around every registered
+    sampler and conditional method): each evaluation is fed the ``x_theta`` of the evaluation before it in the
+    same trajectory, the first zeros; a wrapper that changes the batch between evaluations (guidance switched on
+    and off by its interval, SMC resampling) keeps the carried estimate row for row (:func:`resize_carried_x0`,
+    :func:`reorder_carried_x0`). An adaptive ODE solver's rejected stages also feed the next one, so its
+    right-hand side then depends on the history. Outside a sampler call (likelihoods, objectives, one-off
+    predictions) the net is fed zeros: bits/dim are those of the zero-fed model.
 
 Learned variance (Nichol & Dhariwal 2021)
     With ``learn_variance`` the net outputs twice the channels (``out_mult = 2``); the second half is
@@ -69,6 +75,7 @@ Learned variance (Nichol & Dhariwal 2021)
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -480,19 +487,24 @@ class DiffusionModel(nn.Module):
         return out
 
     # -- self-conditioning (Chen et al. 2022; module docstring) -----------------------------------------------
-    def self_condition_estimate(self, x_t: torch.Tensor, t, labels=None) -> torch.Tensor | None:
-        """The self-conditioning input of a training batch (Chen et al. 2022, Fig. 3, ``train_loss``): for the first
-        ``B // 2`` samples ``x_theta(x_t, t)`` from a pass fed zeros, without gradient; zeros for the rest. None for
-        a model without self-conditioning."""
+    def self_condition_estimate(self, x_t: torch.Tensor, t, labels=None, rows=None) -> torch.Tensor | None:
+        """The self-conditioning input of a training batch (Chen et al. 2022, Fig. 3, ``train_loss``): on the
+        ``rows`` (a ``(B,)`` bool mask; default :func:`self_condition_rows` of this batch, its first ``B // 2``)
+        ``x_theta(x_t, t)`` from a pass fed zeros, without gradient; zeros on the others. None for a model without
+        self-conditioning."""
         if not self.self_condition:
             return None
+        b = x_t.shape[0]
+        rows = self_condition_rows(b, x_t.device) if rows is None else rows.to(device=x_t.device, dtype=torch.bool)
+        if rows.shape != (b,):
+            raise DiffusionLabError(f"self-conditioning rows must be a ({b},) mask, got shape {tuple(rows.shape)}")
         cond = torch.zeros_like(x_t)
-        n = x_t.shape[0] // 2
-        if n:
+        if bool(rows.any()):
             tb = batch_t(t, x_t)
-            lab = None if labels is None else self.labels_for(labels, x_t)[:n]
+            lab = None if labels is None else self.labels_for(labels, x_t)[rows]
+            xs = x_t[rows]
             with torch.no_grad():
-                cond[:n] = self.predict(x_t[:n], tb[:n], labels=lab, x0_cond=torch.zeros_like(x_t[:n])).x0
+                cond[rows] = self.predict(xs, tb[rows], labels=lab, x0_cond=torch.zeros_like(xs)).x0
         return cond
 
     @contextlib.contextmanager
@@ -562,16 +574,70 @@ class DiffusionModel(nn.Module):
         return f"prediction={self.prediction!r}, learn_variance={self.learn_variance}, process={self.process!r}"
 
 
+def self_condition_rows(batch: int, device=None) -> torch.Tensor:
+    """The rows of a (global) training batch of ``batch`` that are fed the model's own ``x_0`` estimate: the first
+    ``batch // 2`` (a ``(batch,)`` bool mask; module docstring)."""
+    return torch.arange(batch, device=device) < batch // 2
+
+
+def _self_conditioned(model) -> DiffusionModel | None:
+    """The self-conditioned :class:`DiffusionModel` under ``model`` (through wrappers' ``inner``), or None."""
+    m = model
+    while m is not None and not isinstance(m, DiffusionModel):
+        m = getattr(m, "inner", None)
+    return m if m is not None and m.self_condition else None
+
+
 def carrying_x0(model):
     """The :meth:`DiffusionModel.carry_x0` block of the model under ``model`` (through wrappers' ``inner``), or a
     block that does nothing: what a sampler call runs in, so a self-conditioned model carries its ``x_0`` estimate
     along one trajectory."""
-    m = model
-    while m is not None and not isinstance(m, DiffusionModel):
-        m = getattr(m, "inner", None)
-    if m is None or not m.self_condition:
-        return contextlib.nullcontext(model)
-    return m.carry_x0()
+    m = _self_conditioned(model)
+    return contextlib.nullcontext(model) if m is None else m.carry_x0()
+
+
+def carries_x0(fn):
+    """``fn(model, ...)`` run inside :func:`carrying_x0` of its model: how every registered sampler and
+    conditional method is one trajectory of a self-conditioned model, called through its catalogue or directly."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        with carrying_x0(model):
+            return fn(model, *args, **kwargs)
+    return run
+
+
+def _carried(model) -> list | None:
+    m = _self_conditioned(model)
+    carry = None if m is None else m._carry
+    return carry if carry is not None and carry[0] is not None else None
+
+
+def resize_carried_x0(model, rows: int) -> None:
+    """Before an evaluation on ``rows`` rows by a wrapper that doubles its batch (classifier-free guidance, the
+    conditional then the unconditional half) or stops doubling it: the carried estimate of ``B`` rows is repeated
+    for ``2B``, that of ``2B`` rows cut to its first (conditional) ``B``. Nothing outside a trajectory."""
+    carry = _carried(model)
+    if carry is None or carry[0].shape[0] == rows:
+        return
+    n = carry[0].shape[0]
+    if rows == 2 * n:
+        carry[0] = torch.cat([carry[0], carry[0]])
+    elif 2 * rows == n:
+        carry[0] = carry[0][:rows]
+
+
+def reorder_carried_x0(model, index: torch.Tensor) -> None:
+    """After a resampling step that reorders the particles by ``index`` (SMC): the carried estimate follows, so
+    each particle keeps being fed its own trajectory's (both halves of a guided model's doubled batch). Nothing
+    outside a trajectory."""
+    carry = _carried(model)
+    if carry is None:
+        return
+    index = index.to(carry[0].device)
+    n = index.numel()
+    if carry[0].shape[0] == 2 * n:
+        index = torch.cat([index, index + n])
+    carry[0] = carry[0][index]
 
 
 def reverse_variances(b2: torch.Tensor, post_var: torch.Tensor):

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from diffusionlab.errors import DiffusionLabError
-from diffusionlab.parametrization import Prediction
+from diffusionlab.parametrization import Prediction, resize_carried_x0
 
 
 class ModelWrapper(nn.Module):
@@ -222,13 +222,15 @@ class GuidedModel(LabelledModel):
         inside = self._inside(t, x_t)
         if inside is not None and not bool(inside.any()):
             w = 1.0
+        b = x_t.shape[0]
+        # a self-conditioned trajectory's estimate follows the batch as the interval turns the doubling on or off
+        resize_carried_x0(self.inner, b if w in (0.0, 1.0) else 2 * b)
         if w == 1.0:
             self.calls["conditional"] += 1
             return self.inner.predict(x_t, t, labels=rows)
         if w == 0.0:
             self.calls["unconditional"] += 1
             return self.inner.predict(x_t, t, labels=torch.full_like(rows, self.null))
-        b = x_t.shape[0]
         tt = torch.as_tensor(t)
         t2 = torch.cat([tt, tt]) if torch.is_tensor(t) and tt.ndim == 1 else t
         p = self.inner.predict(torch.cat([x_t, x_t]), t2, labels=torch.cat([rows, torch.full_like(rows, self.null)]))

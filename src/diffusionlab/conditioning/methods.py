@@ -47,8 +47,8 @@ import torch
 
 from diffusionlab.conditioning.known import Known
 from diffusionlab.errors import DiffusionLabError
+from diffusionlab.parametrization import carries_x0, reorder_carried_x0
 from diffusionlab.progress import progress as progress_display
-from diffusionlab.parametrization import carrying_x0
 from diffusionlab.samplers.ancestral import ancestral_variances, reverse_mean
 from diffusionlab.samplers.catalogue import SamplerSpec, budget_per_step, flag, integer, number, one_of, per_step
 from diffusionlab.samplers.noise import noise_source
@@ -75,8 +75,7 @@ class ConditionalSpec(SamplerSpec):
         g = self.grid(model.process, grid, kind)
         obs = known if isinstance(known, Known) else Known(known, mask, model.process.cov)
         model.process.cov.check(obs.y)
-        with carrying_x0(model):  # a self-conditioned model feeds each evaluation the last x_0 estimate
-            return self.fn(model, obs, g, noise=noise, progress=progress, **opts)
+        return self.fn(model, obs, g, noise=noise, progress=progress, **opts)
 
     __call__ = run
 
@@ -88,8 +87,10 @@ CONDITIONAL_METHODS: dict[str, ConditionalSpec] = {}
 
 
 def register_method(name: str, summary: str, reference: str, **meta):
-    """Decorator registering a conditional method (the metadata of :class:`ConditionalSpec`)."""
+    """Decorator registering a conditional method (the metadata of :class:`ConditionalSpec`); like
+    :func:`~diffusionlab.samplers.catalogue.register_sampler` it returns ``fn`` run as one trajectory."""
     def deco(fn: Callable) -> Callable:
+        fn = carries_x0(fn)
         CONDITIONAL_METHODS[name] = ConditionalSpec(name, fn, summary, reference, **meta)
         return fn
     return deco
@@ -238,6 +239,7 @@ def _walk(model, known: Known, grid, noise, progress: bool, particles: int, weig
                                   torch.arange(p, device=x.device).expand(b, p))
                 flat = (anc + p * torch.arange(b, device=x.device)[:, None]).reshape(-1)
                 mean = mean[flat]
+                reorder_carried_x0(model, flat)  # a self-conditioned particle keeps its own estimate
                 if grad is not None:
                     grad, lt = grad[flat], lt[flat]
                 logw = torch.where(low[:, None], torch.zeros_like(logw), logw)

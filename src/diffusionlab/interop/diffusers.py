@@ -376,6 +376,9 @@ def export_blockers(cfg: dict, model) -> list[str]:
             bad.append(f"process.snr_shift = {pcfg.get('snr_shift')}: DDPMScheduler has no shifted schedule")
     if model.prediction not in PREDICTION_TO_DIFFUSERS:
         bad.append(f"parametrization.prediction {model.prediction!r}")
+    if getattr(model, "self_condition", False):
+        bad.append("parametrization.self_condition: UNet2DModel takes no x_0 estimate beside the sample (the first "
+                   "convolution has twice the sample's channels)")
     if not isinstance(net, UNet):
         return bad
     if getattr(net, "num_classes", None) is not None:

@@ -140,12 +140,18 @@ def build_network(cfg: Mapping, sample_shape: Sequence[int], out_mult: int = 1,
     positive_int("out_mult", out_mult)
     # Only a self-conditioned model passes cond_channels, so a registered network that never heard of it still
     # builds; one that cannot take it is refused by name rather than by a TypeError from deep inside.
-    extra = {}
-    if self_condition:
-        if "cond_channels" not in inspect.signature(entry.factory).parameters:
+    if not self_condition:
+        net = entry.factory(shape, out_mult, **opts)
+    else:
+        params = inspect.signature(entry.factory).parameters.values()
+        if not any(q.name == "cond_channels" or q.kind is q.VAR_KEYWORD for q in params):
             _no_conditioning_input(entry.name, shape[0])
-        extra["cond_channels"] = shape[0]
-    net = entry.factory(shape, out_mult, **extra, **opts)
+        try:
+            net = entry.factory(shape, out_mult, cond_channels=shape[0], **opts)
+        except TypeError as e:  # a **opts factory that hands cond_channels to a class without it
+            if "cond_channels" not in str(e):
+                raise
+            _no_conditioning_input(entry.name, shape[0])
     return net.to(device) if device is not None else net
 
 

@@ -197,6 +197,13 @@ def unet_layout(base_channels: int, mults, num_res_blocks: int, resolutions: lis
     return down, mid, up, ch
 
 
+def input_channels(net) -> str:
+    """The input channels of ``net`` for an error message: ``C``, or ``C + K`` naming the self-conditioning input."""
+    if not net.cond_channels:
+        return str(net.in_channels)
+    return f"{net.in_channels} + {net.cond_channels} (the self-conditioning x_0 estimate)"
+
+
 class UNet(nn.Module):
     """Noise-conditioned U-Net: ``net(x (B, C, H, W), c_noise (B,), labels=None) -> (B, out_mult * C, H, W)``.
 
@@ -311,7 +318,8 @@ class UNet(nn.Module):
         c = self.in_channels + self.cond_channels
         if x.ndim != 4 or x.shape[1] != c or tuple(x.shape[2:]) != self.image_hw:
             raise DiffusionLabError(
-                f"UNet expects images of shape (B, {c}, {self.image_hw[0]}, {self.image_hw[1]}), got {tuple(x.shape)}"
+                f"UNet expects images of shape (B, {input_channels(self)}, {self.image_hw[0]}, {self.image_hw[1]}), got "
+                f"{tuple(x.shape)}"
             )
         emb = F.silu(conditional_embedding(self.time(check_c_noise(c_noise, x)), self.label, labels, x, "UNet"))
         h = self.inp(x)

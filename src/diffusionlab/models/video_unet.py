@@ -55,6 +55,7 @@ from diffusionlab.models.unet import (
     check_unet_options,
     conv3x3,
     group_norm,
+    input_channels,
     unet_layout,
 )
 
@@ -291,7 +292,8 @@ class VideoUNet(nn.Module):
         c = self.in_channels + self.cond_channels
         if x.ndim != 5 or x.shape[1] != c or tuple(x.shape[3:]) != self.image_hw:
             raise DiffusionLabError(
-                f"VideoUNet expects videos of shape (B, {c}, F, {self.image_hw[0]}, {self.image_hw[1]}), got "
+                f"VideoUNet expects videos of shape (B, {input_channels(self)}, F, {self.image_hw[0]}, "
+                f"{self.image_hw[1]}), got "
                 f"{tuple(x.shape)}"
             )
         frames = x.shape[2]

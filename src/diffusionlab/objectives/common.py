@@ -47,11 +47,12 @@ def label_kwargs(labels) -> dict:
     return {} if labels is None else {"labels": labels}
 
 
-def training_output(model, x_t: torch.Tensor, t: torch.Tensor, labels=None) -> torch.Tensor:
+def training_output(model, x_t: torch.Tensor, t: torch.Tensor, labels=None, self_cond_rows=None) -> torch.Tensor:
     """The raw output ``model(x_t, t)`` as it is trained: labels passed on, and a self-conditioned model
-    (``parametrization.self_condition``) fed its own no-grad ``x_0`` estimate on the first half of the batch
+    (``parametrization.self_condition``) fed its own no-grad ``x_0`` estimate on ``self_cond_rows`` (a ``(B,)``
+    mask, the trainer's slice of the global batch's; default the first half of this batch)
     (:meth:`~diffusionlab.parametrization.DiffusionModel.self_condition_estimate`; Chen et al. 2022, Fig. 3)."""
     kw = label_kwargs(labels)
     estimate = getattr(model, "self_condition_estimate", None)
-    cond = None if estimate is None else estimate(x_t, t, **kw)
+    cond = None if estimate is None else estimate(x_t, t, rows=self_cond_rows, **kw)
     return model(x_t, t, **kw) if cond is None else model(x_t, t, x0_cond=cond, **kw)

@@ -111,11 +111,11 @@ class EDMLoss:
         return edm_weight(sig, self._sigma_data(model)) * c2
 
     def __call__(self, model, x0: torch.Tensor, generator: torch.Generator | None = None, t=None,
-                 noise: torch.Tensor | None = None, labels=None) -> torch.Tensor:
+                 noise: torch.Tensor | None = None, labels=None, self_cond_rows=None) -> torch.Tensor:
         if t is None:
             t = self.sample_t(x0.shape[0], generator, x0.device)
         tb, eps, x_t, s, sigma = noisy_inputs(self.process, x0, generator, t, noise)
-        out, _ = model.split(training_output(model, x_t, tb, labels))  # labels: class-conditional nets
+        out, _ = model.split(training_output(model, x_t, tb, labels, self_cond_rows))  # labels: class-conditional
         diff = model.target(x0, eps, tb) - out
         return self.weight(model, s, sigma) * self.process.cov.mahalanobis(diff) / per_sample_dim(x0)
 

@@ -97,9 +97,10 @@ class SimpleLoss:
             self._elbo_w[key] = elbo_weights(self.process, param).to(t.device)
         return self._elbo_w[key][t].to(s.dtype)
 
-    def __call__(self, model, x0: torch.Tensor, generator=None, t=None, noise=None, labels=None) -> torch.Tensor:
+    def __call__(self, model, x0: torch.Tensor, generator=None, t=None, noise=None, labels=None,
+                 self_cond_rows=None) -> torch.Tensor:
         t, eps, x_t, s, sigma = noisy_inputs(self.process, x0, generator, t, noise, self.t_min)
-        out, _ = model.split(training_output(model, x_t, t, labels))
+        out, _ = model.split(training_output(model, x_t, t, labels, self_cond_rows))
         diff = model.target(x0, eps, t) - out
         if self.weighting == "mse":
             return _IDENTITY.mahalanobis(diff) / per_sample_dim(x0)

@@ -24,8 +24,8 @@ import torch
 
 from diffusionlab.checks import brief
 from diffusionlab.errors import DiffusionLabError
+from diffusionlab.parametrization import carries_x0
 from diffusionlab.processes.grid import GRID_KINDS, TimeGrid, as_grid
-from diffusionlab.parametrization import carrying_x0
 
 #: what a sampler may require of a process, and how to say it
 REQUIREMENTS = {
@@ -194,10 +194,9 @@ class SamplerSpec:
         opts = self.validate(options)
         self.check_process(model.process)
         g = self.grid(model.process, grid, kind)
-        with carrying_x0(model):  # a self-conditioned model feeds each evaluation the last x_0 estimate
-            if self.takes_noise:
-                return self.fn(model, x, g, noise=noise, progress=progress, **opts)
-            return self.fn(model, x, g, progress=progress, **opts)
+        if self.takes_noise:
+            return self.fn(model, x, g, noise=noise, progress=progress, **opts)
+        return self.fn(model, x, g, progress=progress, **opts)
 
     __call__ = run
 
@@ -219,9 +218,12 @@ def canonical(name) -> str:
 
 
 def register_sampler(name: str, summary: str, reference: str, **meta):
-    """Decorator registering ``fn`` under ``name`` with the metadata of :class:`SamplerSpec`; returns ``fn``."""
+    """Decorator registering ``fn`` under ``name`` with the metadata of :class:`SamplerSpec`; returns ``fn`` run as
+    one trajectory of a self-conditioned model (:func:`~diffusionlab.parametrization.carries_x0`), which the
+    catalogue holds too."""
     def deco(fn: Callable) -> Callable:
         key = canonical(name)
+        fn = carries_x0(fn)
         SAMPLERS[key] = SamplerSpec(key, fn, summary, reference, **meta)
         return fn
     return deco

@@ -34,6 +34,7 @@ import torch
 
 from diffusionlab.errors import DiffusionLabError
 from diffusionlab.noise.conditional import ConditionalNoise
+from diffusionlab.parametrization import carries_x0
 from diffusionlab.processes.grid import as_grid
 from diffusionlab.progress import progress as progress_display
 from diffusionlab.samplers.ancestral import ddim_prediction, ddim_update
@@ -56,6 +57,7 @@ def frame_covariance(model, window: int) -> torch.Tensor:
     return cov.matrix(window)
 
 
+@carries_x0  # one window is one trajectory of a self-conditioned model: its estimate starts afresh
 def conditional_window(model, known_x0: torch.Tensor, known_noise: torch.Tensor, window: int, grid=None,
                        eta: float = 0.0, joint: bool = True, resample: int = 1, clip_x0: bool = False,
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -203,6 +203,13 @@ class DistillRound:
     seconds: float = 0.0
 
 
+def _refuse_self_conditioning(**models) -> None:
+    for who, m in models.items():
+        if getattr(m, "self_condition", False):
+            raise DiffusionLabError(f"progressive distillation does not train self-conditioned models (the {who} has "
+                                    "parametrization.self_condition on): its solves and its loss feed no x_0 estimate")
+
+
 def distill_model(teacher, student, data: torch.Tensor, start: TimeGrid, rounds: int, iterations: int = 500,
                   batch_size: int = 128, lr: float = 5e-4, warmup: int = 50, ema_decay: float = 0.995,
                   grad_clip: float = 1.0, seed: int = 0, teacher_solver: str = "ddim", teacher_substeps: int = 2,
@@ -217,6 +224,7 @@ def distill_model(teacher, student, data: torch.Tensor, start: TimeGrid, rounds:
     """
     from diffusionlab.training.trainer import EMA, make_optimizer
 
+    _refuse_self_conditioning(teacher=teacher, student=student)
     grids = nested_grids(start, rounds)
     if teacher_solver not in TEACHER_SOLVERS:
         raise DiffusionLabError(f"unknown teacher solver {teacher_solver!r}; allowed: {', '.join(TEACHER_SOLVERS)}")
@@ -308,6 +316,7 @@ def distill_run(teacher_run, out_dir, steps: int = 4, start_steps: int | None = 
     if threads:
         torch.set_num_threads(int(threads))
     cfg, ds, teacher = load_run(teacher_run, device=device)
+    _refuse_self_conditioning(teacher=teacher)  # before anything is written
     teacher.eval()
     for q in teacher.parameters():
         q.requires_grad_(False)

@@ -30,6 +30,7 @@ import torch
 
 from diffusionlab.data.order import epoch_of
 from diffusionlab.errors import DiffusionLabError
+from diffusionlab.parametrization import self_condition_rows
 from diffusionlab.threads import set_threads
 from diffusionlab.training.build import build_model, build_process
 from diffusionlab.io import atomic_path, atomic_write_bytes, clean_stale_temporaries, os_error, save_safetensors_atomic
@@ -161,10 +162,16 @@ class _LossModule(torch.nn.Module):
         self.model = model
         self.objective = objective
 
-    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels=None) -> torch.Tensor:
-        if labels is None:
-            return self.objective(self.model, x0, t=t, noise=noise)
-        return self.objective(self.model, x0, t=t, noise=noise, labels=labels)  # class-conditional (training/labels.py)
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, labels=None,
+                self_cond_rows=None) -> torch.Tensor:
+        kw = {} if labels is None else {"labels": labels}  # class-conditional (training/labels.py)
+        if self_cond_rows is not None:  # a self-conditioned model: the rows fed its estimate (parametrization.py)
+            kw["self_cond_rows"] = self_cond_rows
+        return self.objective(self.model, x0, t=t, noise=noise, **kw)
+
+
+def _rows_kw(rows, sl: slice) -> dict:
+    return {} if rows is None else {"self_cond_rows": rows[sl]}
 
 
 def draw_inputs(objective, process, x0: torch.Tensor, generator: torch.Generator):
@@ -235,7 +242,7 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
     (``file:noise_covariance.safetensors`` in ``out``). Under ``torchrun`` the process group is joined only after
     everything is validated (:meth:`~diffusionlab.training.distributed.Distributed.start`)."""
     from diffusionlab.noise.fit import fit_noise, is_fitted_spec
-    from diffusionlab.objectives import make_objective
+    from diffusionlab.objectives import OBJECTIVES, make_objective
     from diffusionlab.training.distributed import Distributed
     from diffusionlab.training.init import init_model
     from diffusionlab.training.sampling import check_sample_section
@@ -268,8 +275,9 @@ def build_parts(cfg: dict, out: Path | None = None, dist=None, log=print) -> Tra
     init = init_model(model, cfg, ds.sample_shape, log)  # train.init_from: inflate / load a run's weights
     objective = make_objective(dict(cfg["objective"]), process)
     if model.self_condition and not getattr(objective, "self_conditioning", False):
-        raise DiffusionLabError(f"parametrization.self_condition trains with objective simple or edm (they feed the "
-                                f"model its x_0 estimate); objective {cfg['objective']['name']!r} does not")
+        able = [n for n in OBJECTIVES.names() if getattr(OBJECTIVES.get(n).factory, "self_conditioning", False)]
+        raise DiffusionLabError(f"parametrization.self_condition trains with objective {' or '.join(able)} (they "
+                                f"feed the model its x_0 estimate); objective {cfg['objective']['name']!r} does not")
     labels = training_labels(ds, model, tcfg, device, streaming=batches.streaming)  # training/labels.py
     _check_model_takes(model, objective, ds, first, device, None if labels is None else labels[: first.shape[0]])
     memory_format = _memory_format(tcfg, ds)
@@ -341,11 +349,13 @@ def train_step(p: TrainParts, step: int, x0: torch.Tensor | None = None) -> torc
     labels = batch_labels(p.labels, p.batches, step, tcfg["p_uncond"], p.model.num_classes, p.generators["noise"],
                           tcfg["batch_size"], p.mine)
     extra = () if labels is None else (labels,)
+    # a self-conditioned model: the rows fed its own estimate, chosen for the global batch like t and the noise
+    rows = self_condition_rows(tcfg["batch_size"], x0.device)[p.mine] if p.model.self_condition else None
     p.opt.zero_grad(set_to_none=True)
     k = p.accumulate
     if k == 1:
         with p.autocast:
-            loss = p.step_module(x0, t, noise, *extra).float().mean()
+            loss = p.step_module(x0, t, noise, *extra, **_rows_kw(rows, slice(None))).float().mean()
         _backward(p, loss)
         loss = loss.detach()
     else:
@@ -355,7 +365,8 @@ def train_step(p: TrainParts, step: int, x0: torch.Tensor | None = None) -> torc
             sync = j == k - 1 or not hasattr(p.step_module, "no_sync")  # DDP all-reduces once, after the last
             with contextlib.nullcontext() if sync else p.step_module.no_sync():
                 with p.autocast:
-                    part = p.step_module(x0[sl], t[sl], noise[sl], *(e[sl] for e in extra)).float().mean()
+                    part = p.step_module(x0[sl], t[sl], noise[sl], *(e[sl] for e in extra),
+                                         **_rows_kw(rows, sl)).float().mean()
                 _backward(p, part / k)
             total = total + part.detach()
         loss = total / k

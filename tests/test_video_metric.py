@@ -273,6 +273,29 @@ def test_evaluate_prints_the_video_metric_for_a_tiny_video_run(tmp_path, capsys)
     assert out["calibrated"] is False  # 4 frames
 
 
+def test_evaluate_samples_a_class_conditional_run_with_its_classes_and_guidance(tmp_path, capsys):
+    """The sample section's classes (or --class / --guidance) reach evaluate's sampling; a doubled guidance batch
+    is one network call per step."""
+    run = tmp_path / "run"
+    sets = ["data.num=8", "data.frames=4", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
+            "train.log_every=1", "train.device=cpu", "model.base_channels=8", "model.channel_mults=[1, 2]",
+            "model.temporal_attn_resolutions=[8]", "sample.steps=3", "model.num_classes=10", "train.p_uncond=0.1",
+            "sample.classes=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"]
+    argv = ["train", "video", "--out", str(run), "--quiet"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--num", "4", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["classes"] == list(range(10)) and out["guidance"] == 1.0 and out["network_calls"] == 3
+    assert main(["evaluate", "--run", str(run), "--num", "4", "--quiet", "--class", "3", "--guidance", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["classes"] == [3] and out["guidance"] == 2.0 and out["network_calls"] == 3  # 3 doubled calls
+    assert main(["evaluate", "--run", str(run), "--metric", "elbo", "--class", "3"]) == 2
+    assert "--class applies to --metric digits" in capsys.readouterr().err
+
+
 def test_video_branch_refuses_two_digit_runs():
     from diffusionlab.commands import _video_speed
 

@@ -446,10 +446,13 @@ def _add_extend_args(p) -> None:
 
 def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str | None = None,
                  steps: int | None = None, device: str = "auto", progress: bool = False, grid: str | None = None,
-                 overrides: list[str] | None = None, loaded=None, extend=None) -> dict:
+                 overrides: list[str] | None = None, loaded=None, extend=None, classes=None) -> dict:
     """Sample ``num`` items from a run and score them: digits runs with the digits metric (default 1000 samples),
     moving_digits runs with the video metric (default :data:`VIDEO_NUM` videos); ``loaded``: an already loaded
-    ``(cfg, ds, model)`` (e.g. a diffusers model), ``run`` then only names it."""
+    ``(cfg, ds, model)`` (e.g. a diffusers model), ``run`` then only names it. A class-conditional run is sampled
+    with the classes and guidance of its ``sample:`` section, or of ``classes`` (an object with the ``--class``,
+    ``--guidance``, ``--guidance-interval`` attributes; :func:`~diffusionlab.conditioning.cli.resolve_classes`)."""
+    from diffusionlab.conditioning.cli import resolve_classes
     from diffusionlab.metrics import evaluate_digits
     from diffusionlab.training.sampling import generate, load_run, sample_section
 
@@ -462,10 +465,17 @@ def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str |
                                 f"was trained on {ds.name!r}")
     if num is None:
         num = 1000 if speed is None else VIDEO_NUM
+    cond = resolve_classes(classes, cfg["sample"])
     scfg = sample_section(cfg, sampler, steps, grid, overrides, run_dir=run)
-    t0 = time.time()
-    if extend is not None and _longer(extend, ds):  # video branch: longer videos (samplers/extend.py)
+    longer = extend is not None and _longer(extend, ds)
+    if cond and longer:
+        raise DiffusionLabError("--frames (longer videos) samples without class labels; drop --class/--guidance "
+                                "(or the run's sample.classes) to score longer videos")
+    t0, info = time.time(), {}
+    if longer:  # video branch: longer videos (samplers/extend.py)
         x = _extend(extend, model, ds, scfg, num)
+    elif cond:  # class labels and guidance (conditioning/generate.py)
+        x, info = _generate_classes(model, ds, scfg, cond, num, seed, progress)
     else:
         x = generate(model, scfg, num=num, seed=seed, device=next(model.parameters()).device, shape=ds.sample_shape,
                      progress=progress)
@@ -481,7 +491,20 @@ def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str |
         metrics = evaluate_videos(ds.to_display(x), speed=speed, device=next(model.parameters()).device)
     metrics.update({"sampler": scfg["sampler"], **_nfe_line(model, scfg, num), "sampling_seconds": round(seconds, 2),
                     "seed": seed})
+    metrics.update({k: info[k] for k in ("classes", "guidance", "guidance_interval", "network_calls") if k in info})
     return metrics, ds.to_display(x)
+
+
+def _generate_classes(model, ds, scfg: dict, cond: dict, num: int, seed: int, progress: bool):
+    """``(samples, info)`` of a class-conditional run with ``cond``'s classes and guidance and the section's sampler."""
+    from diffusionlab.conditioning.generate import generate_conditional
+    from diffusionlab.samplers import get_sampler
+    from diffusionlab.training.sampling import sampler_options, section_grid
+
+    return generate_conditional(model, ds.sample_shape, num, seed, next(model.parameters()).device,
+                                sampler=get_sampler(scfg["sampler"]), sampler_options=sampler_options(scfg),
+                                grid=section_grid(scfg, model.process), classes=cond.get("classes"),
+                                guidance=cond.get("guidance"), interval=cond.get("interval"), progress=progress)
 
 
 def cmd_evaluate(args) -> int:
@@ -506,6 +529,12 @@ def cmd_evaluate(args) -> int:
                                      ("--batch-size", args.batch_size, None), ("--variance", args.variance, None)):
             if value != default:
                 raise DiffusionLabError(f"{flag} applies to --metric nll or elbo, not to --metric {args.metric}")
+    if args.metric != "digits":
+        for flag, value in (("--class", args.classes), ("--guidance", args.guidance),
+                            ("--guidance-interval", args.guidance_interval)):
+            if value is not None:
+                raise DiffusionLabError(f"{flag} applies to --metric digits (class-conditional sampling), not to "
+                                        f"--metric {args.metric}")
     if args.frames is not None and args.metric != "digits":
         raise DiffusionLabError(f"--frames applies to the video metric (--metric digits on a video run), not to "
                                 f"--metric {args.metric}")
@@ -515,7 +544,7 @@ def cmd_evaluate(args) -> int:
         metrics, _ = evaluate_run(_source_name(args), num=args.num, seed=args.seed, sampler=args.sampler,
                                   steps=args.steps, device=args.device, progress=not args.quiet, grid=args.grid,
                                   overrides=args.set, loaded=loaded,
-                                  extend=args if args.frames is not None else None)
+                                  extend=args if args.frames is not None else None, classes=args)
     elif args.metric == "fid":
         from diffusionlab.interop.inception import load_inception
         from diffusionlab.training.build import resolve_device
@@ -708,6 +737,9 @@ def register(sub) -> None:
     add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_extend_args(p)
+    from diffusionlab.conditioning.cli import add_class_arguments
+
+    add_class_arguments(p)  # digits: a class-conditional run's classes and guidance (default: its sample section's)
     p.set_defaults(func=cmd_evaluate)
 
     from diffusionlab.interop.diffusers import register as register_export

@@ -24,17 +24,22 @@ from diffusionlab.errors import DiffusionLabError
 CONDITIONING_KEYS = ("classes", "guidance", "guidance_interval", "known", "mask", "method")
 
 
-def add_arguments(p, oracle: bool = False) -> None:
-    """The conditioning flags (module docstring); ``oracle``: the ``.npy`` forms of ``oracle sample``."""
-    from diffusionlab.conditioning.methods import method_names
-
-    names = ", ".join(method_names())
+def add_class_arguments(p) -> None:
+    """``--class``, ``--guidance``, ``--guidance-interval`` (``sample`` and ``evaluate``)."""
     p.add_argument("--class", dest="classes", default=None, metavar="K[,K2,...]",
                    help="class label(s) of a class-conditional model, spread over the samples in blocks")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance weight (1: conditional model, 0: unconditional; default 1)")
     p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="guide only where the noise level sigma/s lies in (LO, HI] (Kynkaanniemi et al. 2024)")
+
+
+def add_arguments(p, oracle: bool = False) -> None:
+    """The conditioning flags (module docstring); ``oracle``: the ``.npy`` forms of ``oracle sample``."""
+    from diffusionlab.conditioning.methods import method_names
+
+    names = ", ".join(method_names())
+    add_class_arguments(p)
     suffix = ".npy, (N, D) or (N, F, d)" if oracle else ".npz key x (display space) or .npy"
     p.add_argument("--known", default=None, metavar="KNOWN", help=f"known values, one row per sample ({suffix})")
     p.add_argument("--mask", default=None, metavar="MASK",
@@ -91,6 +96,22 @@ def resolve(args, section: dict | None = None) -> dict:
     return out
 
 
+def resolve_classes(args, section: dict | None = None) -> dict:
+    """The class conditioning of ``evaluate`` (:func:`add_class_arguments`' flags over the ``sample:`` section's
+    ``classes``, ``guidance``, ``guidance_interval``); a section with known values is refused (evaluate scores
+    unconditional or class-conditional samples)."""
+    from types import SimpleNamespace
+
+    flags = SimpleNamespace(classes=getattr(args, "classes", None), guidance=getattr(args, "guidance", None),
+                            guidance_interval=getattr(args, "guidance_interval", None), known=None, mask=None,
+                            method=None)
+    out = resolve(flags, section)
+    if out.get("known") is not None:
+        raise DiffusionLabError("evaluate scores samples drawn without known values; this run's sample section has "
+                                "known/mask (remove them, or score the filled samples yourself)")
+    return out
+
+
 def check_section(section: dict) -> None:
     """Validate the conditioning keys of a ``sample:`` section (at config time; the files are read when sampling)."""
     from types import SimpleNamespace
@@ -113,4 +134,5 @@ def set_options(items, example: str = "a method option, e.g. particles=32") -> d
     return out
 
 
-__all__ = ["CONDITIONING_KEYS", "add_arguments", "resolve", "check_section", "set_options"]
+__all__ = ["CONDITIONING_KEYS", "add_arguments", "add_class_arguments", "resolve", "resolve_classes", "check_section",
+           "set_options"]

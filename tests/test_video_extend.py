@@ -181,6 +181,35 @@ def test_sample_and_evaluate_longer_videos(video_run, tmp_path, capsys):
                  "--quiet"]) == 2
 
 
+def test_longer_videos_of_a_class_conditional_run_keep_their_class(tmp_path, capsys):
+    """A run whose sample section names classes (the video recipe's) makes longer videos with every window
+    conditioned on its video's class: the guided network is called on the doubled batch in every window."""
+    from diffusionlab.cli import main
+    from diffusionlab.training.config import resolve
+    from diffusionlab.training.sampling import extend_with_section, load_run
+    from diffusionlab.training.trainer import train
+
+    run = tmp_path / "run"
+    cfg = resolve({"data": {"name": "moving_digits", "num": 6, "frames": 4, "size": 8},
+                   "process": {"name": "vp", "T": 50},
+                   "model": {"name": "video_unet", "base_channels": 8, "channel_mults": [1, 2], "num_classes": 10},
+                   "train": {"steps": 2, "batch_size": 2, "warmup": 1, "device": "cpu", "p_uncond": 0.1},
+                   "sample": {"sampler": "ddim", "steps": 3, "classes": [1, 7], "guidance": 2.0}})
+    train(cfg, run, progress=False, log=lambda m: None)
+    out = tmp_path / "long.npz"
+    assert main(["sample", "--run", str(run), "--frames", "6", "--overlap", "2", "--num", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert np.load(out)["x"].shape == (2, 1, 6, 8, 8) and line["classes"] == [1, 7] and line["guidance"] == 2.0
+    _, _, model = load_run(run, device="cpu")
+    seen = []
+    model.net.register_forward_hook(lambda mod, args, res: seen.append(args[2].tolist()))
+    x = extend_with_section(model, cfg["sample"], 3, 6, (1, 4, 8, 8), overlap=2, classes=[1, 7], guidance=2.0,
+                            chunk=2)
+    assert x.shape == (3, 1, 6, 8, 8) and len(seen) == 2 * 3 * 2  # 2 chunks x 3 steps x 2 windows
+    assert seen[0] == [1, 1, 10, 10] and seen[-1] == [7, 10]  # conditional rows, then "no label" (index 10)
+
+
 def test_extend_options_follow_the_sampler_and_refuse_other_steps():
     """The window updates take the sampler's own resolved options: DDIM's defaults where the section is silent
     (eta 0, no clipping), ddpm only with the posterior variance (DDIM at eta = 1); ddpm's default beta variance is

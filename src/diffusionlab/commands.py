@@ -360,19 +360,20 @@ def cmd_sample(args) -> int:
     if cond.get("known") is not None:  # the method's own steps, grid and options
         return _sample_conditional(args, cfg, ds, model, None, cond, out)
     scfg = sample_section(cfg, args.sampler, args.steps, args.grid, args.set, args.eta, run_dir=args.run)
-    if cond:
+    longer = _longer(args, ds)  # video branch: more frames than trained on (samplers/extend.py)
+    if cond and not longer:
         return _sample_conditional(args, cfg, ds, model, scfg, cond, out)
     # --
     num = 64 if args.num is None else args.num
-    longer = _longer(args, ds)  # video branch: more frames than trained on (samplers/extend.py)
     shape = (ds.sample_shape[0], args.frames, *ds.sample_shape[2:]) if longer else ds.sample_shape
     _check_output_size(out, num, shape, ds.kind)
     t0 = time.time()
     cost = _nfe_line(model, scfg, num)
     if longer:
-        x = _extend(args, model, ds, scfg, num)
+        x = _extend(args, model, ds, scfg, num, cond)  # with the classes and guidance of cond, if any
         _write_samples(ds.to_display(x), ds.kind, out)
         cost = _extend_cost(args, ds, cost)
+        cost.update({k: v for k, v in (("classes", cond.get("classes")), ("guidance", cond.get("guidance"))) if v is not None})
     else:
         chunks = generate_chunks(model, scfg, num=num, seed=args.seed, device=next(model.parameters()).device,
                                  shape=ds.sample_shape, progress=not args.quiet)
@@ -414,14 +415,16 @@ def _longer(args, ds) -> bool:
     return frames > trained
 
 
-def _extend(args, model, ds, scfg, num):
+def _extend(args, model, ds, scfg, num, cond=None):
     """Sliding windows of the trained length, each conditioned on the frames already made, with joint noising
-    (:func:`diffusionlab.training.sampling.extend_with_section`)."""
+    (:func:`diffusionlab.training.sampling.extend_with_section`); ``cond``: class labels and guidance."""
     from diffusionlab.training.sampling import extend_with_section
 
+    cond = cond or {}
     return extend_with_section(model, scfg, num, args.frames, ds.sample_shape, overlap=args.overlap,
                                joint=not args.independent_noise, resample=args.resample, seed=args.seed,
-                               progress=not args.quiet)
+                               progress=not args.quiet, classes=cond.get("classes"), guidance=cond.get("guidance"),
+                               interval=cond.get("interval"))
 
 
 def _extend_cost(args, ds, cost: dict) -> dict:
@@ -468,12 +471,10 @@ def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str |
     cond = resolve_classes(classes, cfg["sample"])
     scfg = sample_section(cfg, sampler, steps, grid, overrides, run_dir=run)
     longer = extend is not None and _longer(extend, ds)
-    if cond and longer:
-        raise DiffusionLabError("--frames (longer videos) samples without class labels; drop --class/--guidance "
-                                "(or the run's sample.classes) to score longer videos")
     t0, info = time.time(), {}
-    if longer:  # video branch: longer videos (samplers/extend.py)
-        x = _extend(extend, model, ds, scfg, num)
+    if longer:  # video branch: longer videos (samplers/extend.py), with the classes of cond if any
+        x = _extend(extend, model, ds, scfg, num, cond)
+        info = {k: v for k, v in (("classes", cond.get("classes")), ("guidance", cond.get("guidance"))) if v is not None}
     elif cond:  # class labels and guidance (conditioning/generate.py)
         x, info = _generate_classes(model, ds, scfg, cond, num, seed, progress)
     else:

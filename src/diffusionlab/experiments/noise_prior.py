@@ -119,10 +119,16 @@ def noise_spec(prior: str, alpha: float) -> str:
 
 
 def _base(name: str, o: dict) -> dict:
-    """A packaged config (``video`` or ``video_frames``) with the preset's and the user's overrides applied."""
+    """A packaged config (``video`` or ``video_frames``) with the preset's and the user's overrides applied, and
+    without the recipe's class conditioning: the arms are unconditional models (as the experiment was designed and
+    run), so the noise prior is the one thing that differs and every arm is sampled alike."""
     from diffusionlab.training.config import apply_overrides, load_yaml, packaged_config
 
     user = load_yaml(packaged_config(name))
+    user.get("model", {}).pop("num_classes", None)
+    user.get("train", {}).pop("p_uncond", None)
+    for key in ("classes", "guidance", "guidance_interval"):
+        user.get("sample", {}).pop(key, None)
     user = apply_overrides(user, [f"data.num={o['num_train']}", *o["overrides"], *o["set"]])
     user.setdefault("train", {}).update(threads=o["threads"], device=o["device"])
     return user

@@ -228,14 +228,28 @@ def extend_options(scfg: dict) -> tuple[float, bool]:
 
 def extend_with_section(model, scfg: dict, num: int, frames: int, shape, overlap: int | None = None,
                         joint: bool = True, resample: int = 1, seed: int = 0, device=None,
-                        progress: bool = False) -> torch.Tensor:
+                        progress: bool = False, classes=None, guidance=None, interval=None,
+                        chunk: int = 64) -> torch.Tensor:
     """:func:`~diffusionlab.samplers.extend.extend_videos` with the grid (:func:`section_grid`), ``eta`` and
-    ``clip_x0`` (:func:`extend_options`) of a ``sample:`` section, one generator seeded by ``seed``."""
+    ``clip_x0`` (:func:`extend_options`) of a ``sample:`` section, one generator seeded by ``seed``; ``classes``
+    (spread over the videos in blocks), ``guidance`` and ``interval`` condition every window of a class-conditional
+    model on its video's class (:func:`~diffusionlab.conditioning.guidance.condition_on_class`)."""
     from diffusionlab.samplers.extend import extend_videos
 
     eta, clip = extend_options(scfg)
     grid = section_grid(scfg, model.process)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(int(seed))
-    return extend_videos(model, num, frames, int(shape[1]), overlap, grid, eta, joint, resample, clip, gen,
-                         shape=tuple(shape), device=dev, progress=progress)
+    if classes is None:
+        return extend_videos(model, num, frames, int(shape[1]), overlap, grid, eta, joint, resample, clip, gen,
+                             shape=tuple(shape), device=dev, progress=progress, chunk=chunk)
+    from diffusionlab.conditioning.generate import labels_for
+    from diffusionlab.conditioning.guidance import condition_on_class
+
+    labels, out = labels_for(classes, num, model.num_classes), []
+    for a in range(0, num, chunk):  # one wrapper per chunk of videos, the one generator throughout
+        n = min(chunk, num - a)
+        m = condition_on_class(model, labels[a:a + n], guidance, interval)
+        out.append(extend_videos(m, n, frames, int(shape[1]), overlap, grid, eta, joint, resample, clip, gen,
+                                 shape=tuple(shape), device=dev, progress=progress, chunk=n))
+    return torch.cat(out)

@@ -254,16 +254,21 @@ def test_bad_options_are_clear_errors():
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------------------
-def test_evaluate_prints_the_video_metric_for_a_tiny_video_run(tmp_path, capsys):
-    run = tmp_path / "run"
+def _tiny_video_run(run, capsys, *extra: str):
+    """The packaged video recipe (class-conditional) shrunk to 2 steps on 8 short videos, trained into ``run``."""
     sets = ["data.num=8", "data.frames=4", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
             "train.log_every=1", "train.device=cpu", "model.base_channels=8", "model.channel_mults=[1, 2]",
-            "model.temporal_attn_resolutions=[8]", "sample.steps=3"]
+            "model.temporal_attn_resolutions=[8]", "sample.steps=3", *extra]
     argv = ["train", "video", "--out", str(run), "--quiet"]
     for s in sets:
         argv += ["--set", s]
     assert main(argv) == 0
     capsys.readouterr()
+
+
+def test_evaluate_prints_the_video_metric_for_a_tiny_video_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    _tiny_video_run(run, capsys)
     assert main(["evaluate", "--run", str(run), "--num", "4", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     for k in ("fvd", "frame_fd", "digit_all_same", "digit_agreement", "background_mean", "speed", "straightness",
@@ -277,14 +282,7 @@ def test_evaluate_samples_a_class_conditional_run_with_its_classes_and_guidance(
     """The sample section's classes (or --class / --guidance) reach evaluate's sampling; a doubled guidance batch
     is one network call per step."""
     run = tmp_path / "run"
-    sets = ["data.num=8", "data.frames=4", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=2",
-            "train.log_every=1", "train.device=cpu", "model.base_channels=8", "model.channel_mults=[1, 2]",
-            "model.temporal_attn_resolutions=[8]", "sample.steps=3", "sample.guidance=1"]  # the recipe's classes
-    argv = ["train", "video", "--out", str(run), "--quiet"]
-    for s in sets:
-        argv += ["--set", s]
-    assert main(argv) == 0
-    capsys.readouterr()
+    _tiny_video_run(run, capsys, "sample.guidance=1")  # the recipe's classes, no guidance
     assert main(["evaluate", "--run", str(run), "--num", "4", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["classes"] == list(range(10)) and out["guidance"] == 1.0 and out["network_calls"] == 3

@@ -251,6 +251,8 @@ def test_resampling_reorders_the_estimate_with_the_particles():
         assert torch.equal(model._carry[0], torch.cat([q.x0[:4][idx], q.x0[4:][idx]]))
         resize_carried_x0(model, 4)
         assert torch.equal(model._carry[0], q.x0[:4][idx])
+        with pytest.raises(DiffusionLabError, match="neither its doubled nor its halved"):
+            resize_carried_x0(model, 3)
 
 
 def test_smc_runs_a_self_conditioned_model_with_the_estimate_fed():
@@ -263,6 +265,33 @@ def test_smc_runs_a_self_conditioned_model_with_the_estimate_fed():
                                 twist=0.0)
     assert out.shape == (2, 1, 4) and torch.isfinite(out).all()
     assert all(s.abs().sum() > 0 for s in net.seen[1:])  # every evaluation after the first is fed an estimate
+
+
+def test_smc_resampling_feeds_each_particle_its_ancestor_estimate(monkeypatch):
+    """With the ancestors fixed (each row's particles reversed) every evaluation after a resampling step is fed
+    the previous estimates reordered by the ancestors, not in the old order."""
+    import diffusionlab.conditioning.methods as methods
+    from diffusionlab.conditioning import get_method
+
+    b, p = 2, 4
+    monkeypatch.setattr(methods, "_systematic", lambda logw, gen: torch.arange(p - 1, -1, -1).expand(b, p))
+    flat = (torch.arange(p - 1, -1, -1)[None] + p * torch.arange(b)[:, None]).reshape(-1)
+    class Mixing(Recording):  # the known part's prediction depends on the unknown part: unequal weights
+        def forward(self, x, c_noise):
+            return super().forward(x, c_noise) + 0.3 * x[:, :self.c].mean(-1, keepdim=True)
+
+    net = Mixing(1)
+    model = DiffusionModel(net, make_process("vp", T=20), prediction="v", self_condition=True)
+    seen_x0 = _recording_x0(model)
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(1, 1, 4)
+    get_method("smc").run(model, torch.zeros(b, 1, 4), mask, 6, noise=torch.Generator().manual_seed(9),
+                          particles=p, ess=1.0, twist=0.0)
+    reordered = 0
+    for k in range(1, len(net.seen)):
+        prev, fed = seen_x0[k - 1], net.seen[k]
+        assert torch.equal(fed, prev) or torch.equal(fed, prev[flat]), k  # not resampled, or resampled
+        reordered += torch.equal(fed, prev[flat]) and not torch.equal(fed, prev)
+    assert reordered > 0
 
 
 def test_each_window_of_a_long_video_is_one_trajectory():

@@ -373,7 +373,7 @@ def cmd_sample(args) -> int:
         x = _extend(args, model, ds, scfg, num, cond)  # with the classes and guidance of cond, if any
         _write_samples(ds.to_display(x), ds.kind, out)
         cost = _extend_cost(args, ds, cost)
-        cost.update({k: v for k, v in (("classes", cond.get("classes")), ("guidance", cond.get("guidance"))) if v is not None})
+        cost.update(_class_info(cond))
     else:
         chunks = generate_chunks(model, scfg, num=num, seed=args.seed, device=next(model.parameters()).device,
                                  shape=ds.sample_shape, progress=not args.quiet)
@@ -413,6 +413,11 @@ def _longer(args, ds) -> bool:
     if frames < trained:
         raise DiffusionLabError(f"--frames must be at least the {trained} frames the run was trained on, got {frames}")
     return frames > trained
+
+
+def _class_info(cond: dict) -> dict:
+    """The classes and guidance of a conditioning (what the JSON line reports), the ones set."""
+    return {k: cond[k] for k in ("classes", "guidance") if cond.get(k) is not None}
 
 
 def _extend(args, model, ds, scfg, num, cond=None):
@@ -474,7 +479,7 @@ def evaluate_run(run: str, num: int | None = None, seed: int = 0, sampler: str |
     t0, info = time.time(), {}
     if longer:  # video branch: longer videos (samplers/extend.py), with the classes of cond if any
         x = _extend(extend, model, ds, scfg, num, cond)
-        info = {k: v for k, v in (("classes", cond.get("classes")), ("guidance", cond.get("guidance"))) if v is not None}
+        info = _class_info(cond)
     elif cond:  # class labels and guidance (conditioning/generate.py)
         x, info = _generate_classes(model, ds, scfg, cond, num, seed, progress)
     else:

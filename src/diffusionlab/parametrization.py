@@ -615,7 +615,8 @@ def _carried(model) -> list | None:
 def resize_carried_x0(model, rows: int) -> None:
     """Before an evaluation on ``rows`` rows by a wrapper that doubles its batch (classifier-free guidance, the
     conditional then the unconditional half) or stops doubling it: the carried estimate of ``B`` rows is repeated
-    for ``2B``, that of ``2B`` rows cut to its first (conditional) ``B``. Nothing outside a trajectory."""
+    for ``2B``, that of ``2B`` rows cut to its first (conditional) ``B``; any other change of size is refused (it
+    would silently feed zeros). Nothing outside a trajectory."""
     carry = _carried(model)
     if carry is None or carry[0].shape[0] == rows:
         return
@@ -624,6 +625,9 @@ def resize_carried_x0(model, rows: int) -> None:
         carry[0] = torch.cat([carry[0], carry[0]])
     elif 2 * rows == n:
         carry[0] = carry[0][:rows]
+    else:
+        raise DiffusionLabError(f"a self-conditioned trajectory carries an estimate of {n} rows; an evaluation on "
+                                f"{rows} rows is neither its doubled nor its halved batch")
 
 
 def reorder_carried_x0(model, index: torch.Tensor) -> None:

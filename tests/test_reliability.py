@@ -34,6 +34,8 @@ from diffusionlab.training import checkpoint as ck
 from diffusionlab.training.config import load_config, resolve
 from diffusionlab.training.trainer import train
 
+from ports import free_port
+
 TINY = {
     "data": {"name": "ring", "num": 256},
     "process": {"name": "vp", "T": 50},
@@ -996,7 +998,7 @@ def test_an_image_folder_with_a_named_pipe_does_not_hang(tmp_path):
 def test_torchrun_user_error_is_printed_once_by_rank_0(tmp_path):
     cfg = _cfg_file(tmp_path, train={"batch_size": 15})
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29600 + os.getpid() % 1000), "-m", "diffusionlab", "train", str(cfg), "--out",
+                          str(free_port()), "-m", "diffusionlab", "train", str(cfg), "--out",
                           str(tmp_path / "run"), "--quiet"], env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     ours = [line for line in res.stderr.splitlines() if line.startswith("diffusionlab: error:")]

@@ -17,6 +17,8 @@ from diffusionlab.errors import DiffusionLabError
 from diffusionlab.training.config import resolve
 from diffusionlab.training.trainer import train
 
+from ports import free_port
+
 TINY = {
     "data": {"name": "ring", "num": 2000},
     "process": {"name": "vp", "T": 100},
@@ -168,7 +170,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, *base, "--out", str(one)], env=env, check=True, capture_output=True, timeout=600)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29500 + os.getpid() % 1000), *base, "--out", str(two)],
+                          str(free_port()), *base, "--out", str(two)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     a, b = _losses(one), _losses(two)
@@ -184,7 +186,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     # (accumulation reorders the gradient sum once more, by as little)
     three = tmp_path / "three"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29500 + (os.getpid() + 1) % 1000), *base, "--set", "data.stream=true", "--set",
+                          str(free_port()), *base, "--set", "data.stream=true", "--set",
                           "data.workers=1", "--set", "train.accumulate=2", "--out", str(three)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -27,9 +27,11 @@ CONDITIONING_KEYS = ("classes", "guidance", "guidance_interval", "known", "mask"
 def add_class_arguments(p) -> None:
     """``--class``, ``--guidance``, ``--guidance-interval`` (``sample`` and ``evaluate``)."""
     p.add_argument("--class", dest="classes", default=None, metavar="K[,K2,...]",
-                   help="class label(s) of a class-conditional model, spread over the samples in blocks")
+                   help="class label(s) of a class-conditional model, spread over the samples in blocks (default: the "
+                        "run's sample.classes)")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
-                   help="classifier-free guidance weight (1: conditional model, 0: unconditional; default 1)")
+                   help="classifier-free guidance weight (1: conditional model, 0: unconditional; default: the run's "
+                        "sample.guidance, else 1)")
     p.add_argument("--guidance-interval", default=None, metavar="LO,HI",
                    help="guide only where the noise level sigma/s lies in (LO, HI] (Kynkaanniemi et al. 2024)")
 

@@ -21,9 +21,14 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _signals():
     """Every test leaves SIGINT and SIGTERM as it found them (handlers and the blocked set), so that no test's
-    handling leaks into the next one or into the processes it starts."""
+    handling leaks into the next one or into the processes it starts. Tests run in the main thread, the only one
+    where Python sets signal handlers: a runner that moves them elsewhere (pytest-xdist before 3.6 with execnet 2.1)
+    fails here with that reason, not by a signal test killing its worker."""
     import signal
+    import threading
 
+    if threading.current_thread() is not threading.main_thread():
+        pytest.fail("tests must run in the main thread (signal handlers); with pytest -n, install pytest-xdist >= 3.6")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     yield

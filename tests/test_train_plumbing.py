@@ -176,6 +176,23 @@ def test_a_list_schedule_interpolates_its_knots_by_their_shapes():
     assert lr_at(11, warm) == lr_at(11, cfg) and lr_at(1, warm) == pytest.approx(lr_at(1, cfg) * 2 / 4)
 
 
+def test_a_named_schedule_over_a_horizon_is_the_same_schedule_whatever_train_steps_says():
+    from diffusionlab.training.schedule import over_horizon
+
+    for name in ("cosine", "linear"):
+        for warm in (0, 7):
+            cfg = resolve(TINY, [f"train.warmup={warm}", "train.steps=50", f"train.lr_schedule={name}"])["train"]
+            pinned = dict(cfg, lr_schedule=over_horizon(cfg, 50), steps=10)  # a segment's train.steps
+            for step in range(60):  # lr (1 - f) as lr - lr f: a few ulps of lr apart at most
+                assert abs(lr_at(step, pinned) - lr_at(step, cfg)) <= 4 * unit_roundoff(torch.float64) * cfg["lr"], \
+                    (name, warm, step)
+            assert lr_at(10, dict(cfg, steps=10)) == 0.0 < lr_at(10, pinned)  # what the segment alone would do
+    const = resolve(TINY, ["train.lr_schedule=constant"])["train"]
+    assert over_horizon(const, 50) == "constant"
+    with pytest.raises(DiffusionLabError, match="exceed train.warmup"):
+        over_horizon(resolve(TINY, ["train.warmup=10", "train.lr_schedule=cosine"])["train"], 10)
+
+
 def test_named_schedules_after_the_warm_up():
     cfg = resolve(TINY, ["train.warmup=10", "train.steps=110", "train.lr_schedule=linear"])["train"]
     assert lr_at(4, cfg) == pytest.approx(5e-4) and lr_at(10, cfg) == pytest.approx(1e-3)

@@ -51,6 +51,35 @@ def test_train_until_converged_stops_keeps_the_best_and_resumes(tmp_path):
     assert x.shape == (4, 2) and torch.isfinite(x).all()
 
 
+def test_segments_follow_one_lr_schedule_and_equal_one_uninterrupted_run(tmp_path):
+    """A cosine schedule decays over max_steps, not over each segment: three segments of 2 steps give the weights
+    of one 6-step run (the trainer resumes exactly; the two schedules' learning rates agree to a few ulps)."""
+    from diffusionlab.io import load_weights
+    from diffusionlab.training.config import resolve
+    from diffusionlab.training.trainer import train
+
+    user = _toy(tmp_path)
+    user["train"].update(lr_schedule="cosine", warmup=2)
+    scores = iter([10.0, 9.0, 8.0])
+    rec = train_until_converged(user, tmp_path / "seg", lambda run: {"fvd": next(scores)}, eval_every=2,
+                                max_steps=6, min_steps=6, log=lambda m: None)
+    assert rec["steps"] == 6
+    one = resolve({**user, "train": {**user["train"], "steps": 6}})
+    train(one, tmp_path / "one", progress=False, log=lambda m: None)
+    a, b = load_weights(tmp_path / "seg" / "model.safetensors"), load_weights(tmp_path / "one" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    # the same run with the segment's own cosine (the old behaviour) ends elsewhere: the comparison can fail
+    bad = resolve({**user, "train": {**user["train"], "steps": 2}})
+    train(bad, tmp_path / "bad", progress=False, log=lambda m: None)
+    for s in (4, 6):
+        train(dict(bad, train={**bad["train"], "steps": s}), tmp_path / "bad", resume=True, progress=False,
+              log=lambda m: None)
+    c = load_weights(tmp_path / "bad" / "model.safetensors")
+    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4
+
+
 def test_frames_as_videos():
     x = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(6, 1, 2, 2)
     v = frames_as_videos(x, 3)
@@ -89,6 +118,11 @@ def test_plan_and_every_arm_config_validates(tmp_path):
         assert cfg["objective"]["weighting"] == ("mse" if arm["loss"] == "mse" else "simple")
     q = _options(["--quick"])
     assert q["preset"] == "quick" and not q["sweep"]
+    f = _options(["--preset", "cpu-finetune"])  # the one-sitting preset: the fine-tuned main grid, equal compute
+    arms = npx.plan(f)
+    assert {a["setting"] for a in arms} == {"finetune"} and len(arms) == 4 * 3 and f["min_steps"] == f["max_steps"]
+    assert _options(["--preset", "cpu-finetune", "--settings", "scratch,finetune"])["settings"] == ["scratch",
+                                                                                                      "finetune"]
     with pytest.raises(DiffusionLabError, match="unknown noise prior"):
         _options(["--priors", "iid,pink"])
 

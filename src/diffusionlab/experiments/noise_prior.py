@@ -57,16 +57,23 @@ TEST_SEED = 10_000  #: moving_digits seed of the real held-out videos
 
 PRESETS = {
     # 2 CPU cores, one thread per run (docs/video.md has the measured cost)
-    "cpu": {"num_train": 2000, "max_steps": 4000, "eval_every": 500, "min_steps": 1000, "patience": 3,
-            "min_delta": 0.05, "pretrain_max_steps": 4000, "eval_num": 64, "final_num": 128, "sample_steps": 50,
-            "seeds": [0, 1, 2], "sweep_seeds": [0, 1, 2], "alphas": [0.5, 2.0], "sweep": True, "overrides": []},
+    "cpu": {"settings": list(SETTINGS), "num_train": 2000, "max_steps": 4000, "eval_every": 500, "min_steps": 1000,
+            "patience": 3, "min_delta": 0.05, "pretrain_max_steps": 4000, "eval_num": 64, "final_num": 128,
+            "sample_steps": 50, "seeds": [0, 1, 2], "sweep_seeds": [0, 1, 2], "alphas": [0.5, 2.0], "sweep": True,
+            "overrides": []},
+    # what fits one sitting on 2 CPU cores (about 1.5 h with --jobs 2): the setting of Ge et al.'s claim only,
+    # fine-tuned from a 2000-step image model, 4 priors x 3 seeds at equal compute (1500 steps each), no sweep
+    "cpu-finetune": {"settings": ["finetune"], "num_train": 2000, "max_steps": 1500, "eval_every": 500,
+                     "min_steps": 1500, "patience": 3, "min_delta": 0.05, "pretrain_max_steps": 2000,
+                     "eval_num": 64, "final_num": 128, "sample_steps": 50, "seeds": [0, 1, 2], "sweep_seeds": [],
+                     "alphas": [], "sweep": False, "overrides": []},
     # the whole pipeline in under 30 minutes: one seed, short runs, no sweep (not converged)
-    "quick": {"num_train": 1000, "max_steps": 400, "eval_every": 200, "min_steps": 400, "patience": 2,
-              "min_delta": 0.05, "pretrain_max_steps": 400, "eval_num": 32, "final_num": 32, "sample_steps": 20,
-              "seeds": [0], "sweep_seeds": [], "alphas": [], "sweep": False, "overrides": []},
+    "quick": {"settings": list(SETTINGS), "num_train": 1000, "max_steps": 400, "eval_every": 200, "min_steps": 400,
+              "patience": 2, "min_delta": 0.05, "pretrain_max_steps": 400, "eval_num": 32, "final_num": 32,
+              "sample_steps": 20, "seeds": [0], "sweep_seeds": [], "alphas": [], "sweep": False, "overrides": []},
     # one GPU: the Moving MNIST shape (64 x 64, 16 frames) on the built-in moving digits, a wider network with
     # temporal attention at 16 and 8 px (docs/video.md)
-    "gpu": {"num_train": 20000, "max_steps": 40000, "eval_every": 2000, "min_steps": 10000, "patience": 3,
+    "gpu": {"settings": list(SETTINGS), "num_train": 20000, "max_steps": 40000, "eval_every": 2000, "min_steps": 10000, "patience": 3,
             "min_delta": 0.03, "pretrain_max_steps": 40000, "eval_num": 256, "final_num": 1000,
             "sample_steps": 100, "seeds": [0, 1, 2], "sweep_seeds": [0, 1, 2], "alphas": [0.5, 2.0], "sweep": True,
             "overrides": ["data.frames=16", "data.size=64", "data.speed=4.0", "model.base_channels=64",
@@ -200,7 +207,9 @@ def pretrain(o: dict, out: Path, log=print) -> dict:
     from diffusionlab.experiments.video_runs import train_until_converged
 
     run = out / "pretrain"
-    rec = train_until_converged(image_config(o), run, _image_evaluator(o), o["eval_every"], o["pretrain_max_steps"],
+    cfg = image_config(o)
+    cfg["train"]["threads"] = int(o["threads"]) * int(o["jobs"])  # nothing else runs while it trains
+    rec = train_until_converged(cfg, run, _image_evaluator(o), o["eval_every"], o["pretrain_max_steps"],
                                 o["min_steps"], o["patience"], o["min_delta"], key="frame_fd", log=log)
     if not (run / "best_run").is_dir():  # the run fine-tuning starts from: the best EMA weights
         best = run / "best_run.tmp"
@@ -402,7 +411,7 @@ def options(args) -> dict:
     if args.no_sweep:
         o["sweep"] = False
     o["priors"] = _names(args.priors, PRIORS, "noise prior")
-    o["settings"] = _names(args.settings, SETTINGS, "setting")
+    o["settings"] = _names(args.settings or ",".join(o["settings"]), SETTINGS, "setting")
     o.update(threads=args.threads, device=args.device, device_eval=args.device if args.device != "auto" else "auto",
              jobs=args.jobs, freeze_spatial=args.freeze_spatial, set=list(args.set or []))
     if not o["seeds"]:
@@ -515,14 +524,15 @@ def run_experiment(o: dict, out: Path, docs: Path | None = None, log=print, esti
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu (2 CPU cores: 45 arms, at most about 10 h with --jobs 2, less as arms converge), quick "
-                        "(under 30 minutes, one seed, not converged), gpu")
+                   help="cpu (2 CPU cores: 45 arms, at most about 10 h with --jobs 2, less as arms converge), "
+                        "cpu-finetune (the fine-tuned setting's 12 arms at 1500 steps each: about 1.5 h with --jobs "
+                        "2), quick (under 30 minutes, one seed, not converged), gpu")
     p.add_argument("--quick", dest="preset", action="store_const", const="quick", help="the same as --preset quick")
     p.add_argument("--out", default="runs/noise_prior", help="where runs and results go (reused if present)")
     p.add_argument("--write-docs", default=None, metavar="DIR",
                    help="also copy the table and figures into DIR (e.g. docs/video); never done by default")
     p.add_argument("--priors", default=",".join(PRIORS), help=f"comma-separated subset of {', '.join(PRIORS)}")
-    p.add_argument("--settings", default=",".join(SETTINGS), help="scratch, finetune or both")
+    p.add_argument("--settings", default=None, help="scratch, finetune or both (preset: both; cpu-finetune: finetune)")
     p.add_argument("--seeds", default=None, help="training seeds of the main grid (preset: 0,1,2)")
     p.add_argument("--sweep-seeds", default=None, help="seeds of the alpha / loss sweep (preset: 0,1,2)")
     p.add_argument("--alphas", default=None, help="the sweep's alphas for mixed and progressive (preset: 0.5,2)")

@@ -84,11 +84,12 @@ def converged(curve: list[dict], key: str, patience: int, min_delta: float) -> b
 def train_until_converged(user_cfg: dict, run_dir: str | Path, evaluate, eval_every: int, max_steps: int,
                           min_steps: int = 0, patience: int = 3, min_delta: float = 0.05, key: str = "fvd",
                           log=print) -> dict:
-    """Train the run ``user_cfg`` (a config, its ``train.steps`` ignored) in segments of ``eval_every`` steps up to
-    ``max_steps``, calling ``evaluate(run_dir) -> {figure: value}`` on the EMA weights after each, until ``key``
+    """Train the run ``user_cfg`` (a config, its ``train.steps`` ignored; a named ``lr_schedule`` decays over
+    ``max_steps``, not over each segment) in segments of ``eval_every`` steps up to ``max_steps``, calling ``evaluate(run_dir) -> {figure: value}`` on the EMA weights after each, until ``key``
     (lower is better) has not improved by ``min_delta`` (relative) for ``patience`` evaluations and at least
     ``min_steps`` were trained (module docstring). Returns the record saved as ``curve.json``."""
     from diffusionlab.training.config import resolve
+    from diffusionlab.training.schedule import over_horizon
     from diffusionlab.training.trainer import train
 
     for name, v, lo in (("eval_every", eval_every, 1), ("max_steps", max_steps, 1), ("patience", patience, 1)):
@@ -109,6 +110,7 @@ def train_until_converged(user_cfg: dict, run_dir: str | Path, evaluate, eval_ev
         user.setdefault("train", {})["steps"] = step
         user["train"]["checkpoint_every"] = eval_every
         cfg = resolve(user)
+        cfg["train"]["lr_schedule"] = over_horizon(cfg["train"], max_steps)  # one decay over max_steps
         w0, c0 = time.time(), time.process_time()
         train(cfg, run, resume=True, progress=False, log=lambda m: None)
         record["train_wall_s"] += time.time() - w0

@@ -74,6 +74,22 @@ def knots_lr(step: int, knots: list) -> float:
     return float(knots[-1][1])
 
 
+def over_horizon(cfg: dict, horizon: int) -> str | list:
+    """The ``train:`` section ``cfg``'s named schedule as knots that decay over ``horizon`` steps whatever
+    ``train.steps`` says, so a run trained in segments (``train.steps`` raised each time, as
+    :func:`diffusionlab.experiments.video_runs.train_until_converged` does) follows one schedule instead of decaying
+    to 0 at the end of every segment. ``lr_at`` gives the same values as the named schedule with ``steps =
+    horizon`` (the warm-up still multiplies the knots); ``constant`` and lists of knots come back as they are."""
+    schedule = cfg.get("lr_schedule", "constant")
+    if not isinstance(schedule, str) or schedule == "constant":
+        return schedule
+    lr, warm = float(cfg["lr"]), int(cfg["warmup"])
+    if horizon <= warm:
+        raise DiffusionLabError(f"the horizon of the lr_schedule ({horizon} steps) must exceed train.warmup ({warm})")
+    head = [[0, lr, "constant"]] if warm else []
+    return head + [[warm, lr, schedule if schedule == "cosine" else "linear"], [horizon, 0.0]]
+
+
 def lr_at(step: int, cfg: dict) -> float:
     """The learning rate of optimizer step ``step`` (0-based) under the ``train:`` section ``cfg``."""
     base, warm, total = cfg["lr"], cfg["warmup"], cfg["steps"]

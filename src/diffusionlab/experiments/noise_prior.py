@@ -61,8 +61,9 @@ PRESETS = {
             "patience": 3, "min_delta": 0.05, "pretrain_max_steps": 4000, "eval_num": 64, "final_num": 128,
             "sample_steps": 50, "seeds": [0, 1, 2], "sweep_seeds": [0, 1, 2], "alphas": [0.5, 2.0], "sweep": True,
             "overrides": []},
-    # what fits one sitting on 2 CPU cores (about 1.5 h with --jobs 2): the setting of Ge et al.'s claim only,
-    # fine-tuned from a 2000-step image model, 4 priors x 3 seeds at equal compute (1500 steps each), no sweep
+    # what fits one sitting on 2 CPU cores (1 h 35 min with --jobs 2 on 2 AMD EPYC cores, docs/video.md): the
+    # setting of Ge et al.'s claim only, fine-tuned from a 2000-step image model, 4 priors x 3 seeds at equal
+    # compute (1500 steps each), no sweep
     "cpu-finetune": {"settings": ["finetune"], "num_train": 2000, "max_steps": 1500, "eval_every": 500,
                      "min_steps": 1500, "patience": 3, "min_delta": 0.05, "pretrain_max_steps": 2000,
                      "eval_num": 64, "final_num": 128, "sample_steps": 50, "seeds": [0, 1, 2], "sweep_seeds": [],
@@ -73,9 +74,10 @@ PRESETS = {
               "sample_steps": 20, "seeds": [0], "sweep_seeds": [], "alphas": [], "sweep": False, "overrides": []},
     # one GPU: the Moving MNIST shape (64 x 64, 16 frames) on the built-in moving digits, a wider network with
     # temporal attention at 16 and 8 px (docs/video.md)
-    "gpu": {"settings": list(SETTINGS), "num_train": 20000, "max_steps": 40000, "eval_every": 2000, "min_steps": 10000, "patience": 3,
-            "min_delta": 0.03, "pretrain_max_steps": 40000, "eval_num": 256, "final_num": 1000,
-            "sample_steps": 100, "seeds": [0, 1, 2], "sweep_seeds": [0, 1, 2], "alphas": [0.5, 2.0], "sweep": True,
+    "gpu": {"settings": list(SETTINGS), "num_train": 20000, "max_steps": 40000, "eval_every": 2000,
+            "min_steps": 10000, "patience": 3, "min_delta": 0.03, "pretrain_max_steps": 40000, "eval_num": 256,
+            "final_num": 1000, "sample_steps": 100, "seeds": [0, 1, 2], "sweep_seeds": [0, 1, 2], "alphas": [0.5, 2.0],
+            "sweep": True,
             "overrides": ["data.frames=16", "data.size=64", "data.speed=4.0", "model.base_channels=64",
                           "model.channel_mults=[1,2,2,4]", "model.temporal_attn_resolutions=[16,8]",
                           "model.attn_resolutions=[8]", "train.batch_size=32", "train.lr=0.0002",
@@ -411,7 +413,7 @@ def options(args) -> dict:
     if args.no_sweep:
         o["sweep"] = False
     o["priors"] = _names(args.priors, PRIORS, "noise prior")
-    o["settings"] = _names(args.settings or ",".join(o["settings"]), SETTINGS, "setting")
+    o["settings"] = _names(",".join(o["settings"]) if args.settings is None else args.settings, SETTINGS, "setting")
     o.update(threads=args.threads, device=args.device, device_eval=args.device if args.device != "auto" else "auto",
              jobs=args.jobs, freeze_spatial=args.freeze_spatial, set=list(args.set or []))
     if not o["seeds"]:
@@ -525,8 +527,8 @@ def run_experiment(o: dict, out: Path, docs: Path | None = None, log=print, esti
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="cpu (2 CPU cores: 45 arms, at most about 10 h with --jobs 2, less as arms converge), "
-                        "cpu-finetune (the fine-tuned setting's 12 arms at 1500 steps each: about 1.5 h with --jobs "
-                        "2), quick (under 30 minutes, one seed, not converged), gpu")
+                        "cpu-finetune (the fine-tuned setting's 12 arms at 1500 steps each: 1 h 35 min with --jobs "
+                        "2 on 2 AMD cores), quick (under 30 minutes, one seed, not converged), gpu")
     p.add_argument("--quick", dest="preset", action="store_const", const="quick", help="the same as --preset quick")
     p.add_argument("--out", default="runs/noise_prior", help="where runs and results go (reused if present)")
     p.add_argument("--write-docs", default=None, metavar="DIR",

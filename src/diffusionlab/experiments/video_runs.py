@@ -85,9 +85,11 @@ def train_until_converged(user_cfg: dict, run_dir: str | Path, evaluate, eval_ev
                           min_steps: int = 0, patience: int = 3, min_delta: float = 0.05, key: str = "fvd",
                           log=print) -> dict:
     """Train the run ``user_cfg`` (a config, its ``train.steps`` ignored; a named ``lr_schedule`` decays over
-    ``max_steps``, not over each segment) in segments of ``eval_every`` steps up to ``max_steps``, calling ``evaluate(run_dir) -> {figure: value}`` on the EMA weights after each, until ``key``
-    (lower is better) has not improved by ``min_delta`` (relative) for ``patience`` evaluations and at least
-    ``min_steps`` were trained (module docstring). Returns the record saved as ``curve.json``."""
+    ``max_steps``, not over each segment: :func:`~diffusionlab.training.schedule.over_horizon`) in segments of
+    ``eval_every`` steps up to ``max_steps``, calling ``evaluate(run_dir) -> {figure: value}`` on the EMA weights
+    after each, until ``key`` (lower is better) has not improved by ``min_delta`` (relative) for ``patience``
+    evaluations and at least ``min_steps`` were trained (module docstring). Returns the record saved as
+    ``curve.json``."""
     from diffusionlab.training.config import resolve
     from diffusionlab.training.schedule import over_horizon
     from diffusionlab.training.trainer import train

@@ -87,7 +87,7 @@ def over_horizon(cfg: dict, horizon: int) -> str | list:
     if horizon <= warm:
         raise DiffusionLabError(f"the horizon of the lr_schedule ({horizon} steps) must exceed train.warmup ({warm})")
     head = [[0, lr, "constant"]] if warm else []
-    return head + [[warm, lr, schedule if schedule == "cosine" else "linear"], [horizon, 0.0]]
+    return head + [[warm, lr, schedule], [horizon, 0.0]]  # the named decays are the knot shapes of the same name
 
 
 def lr_at(step: int, cfg: dict) -> float:

@@ -35,6 +35,15 @@ def _cfg(tmp: Path, **sections) -> str:
     return str(p)
 
 
+def _quick_results(tmp: Path) -> str:
+    """The shipped results.json of the noise-prior experiment's --quick run, copied under ``tmp``."""
+    import shutil
+
+    dst = tmp / "quick_results.json"
+    shutil.copyfile(Path(__file__).parents[1] / "docs" / "video" / "noise_prior_quick" / "results.json", dst)
+    return str(dst)
+
+
 def _run(tmp: Path) -> str:
     """A finished tiny run (shared by the sample/evaluate cases)."""
     run = tmp / "run"
@@ -319,6 +328,9 @@ HOSTILE = [
     ("overflowing noise prior", "`process.noise: mixed:1e200` (frames)",
      lambda t: ["train", _cfg(t, data={"name": "moving_digits", "num": 8, "frames": 4, "size": 8}, model=None),
                 "--out", str(t / "o"), "--set", "process.noise=mixed:1e200"], "noise-prior alpha must be at most"),
+    ("experiment sittings that differ", "`experiment noise-prior --preset cpu-finetune --reuse` of the `--quick` "
+     "run's results.json", lambda t: ["experiment", "noise-prior", "--preset", "cpu-finetune", "--reuse",
+                                      _quick_results(t), "--out", str(t / "o")], "were trained or scored otherwise"),
     ("vanishing Toeplitz noise", "`process.noise: toeplitz:1e-300`",
      lambda t: ["train", _cfg(t), "--out", str(t / "o"), "--set", "process.noise=toeplitz:1e-300"],
      "diagonal a = 1e-300 must lie in"),

@@ -164,3 +164,49 @@ def test_cli_help_names_the_options(capsys):
     text = capsys.readouterr().out
     for flag in ("--quick", "--out", "--write-docs", "--jobs", "--settings", "--preset"):
         assert flag in text
+
+
+def test_sittings_join_with_reuse_and_only_the_rest_trains(tmp_path, monkeypatch):
+    """One sitting trains the scratch arms, a second the fine-tuned ones reusing the first's; the joined table is
+    the first's numbers for its arms (nothing retrained); other options, or two sittings disagreeing on an arm,
+    are refused before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--quick", "--priors", "iid,mixed", "--seeds", "0", *TINY]
+    a = npx.run_experiment(_options([*base, "--settings", "scratch"]), tmp_path / "a", None, log=lambda m: None,
+                           estimate=False)
+    assert a["pretrain"] is None and set(a["table"]) == {"scratch/iid", "scratch/mixed"}
+    msgs = []
+    both = _options([*base, "--settings", "scratch,finetune", "--reuse", str(tmp_path / "a" / "results.json")])
+    b = npx.run_experiment(both, tmp_path / "b", None, log=msgs.append, estimate=False)
+    assert any("2 of its 2 finished arms" in m for m in msgs)
+    assert set(b["table"]) == {"scratch/iid", "scratch/mixed", "finetune/iid", "finetune/mixed"}
+    for key in ("scratch/iid", "scratch/mixed"):  # reused, not retrained: the very same records
+        assert npx._same(b["table"][key], a["table"][key])
+        assert not (tmp_path / "b" / "runs" / key / "seed0" / "curve.json").exists()
+    assert (tmp_path / "b" / "runs" / "finetune" / "mixed" / "seed0" / "curve.json").is_file()
+    assert b["pretrain"]["train_cpu_s"] > 0 and [s["used"] for s in b["reused"]] == [2]
+    # both sittings again: the same arm in both agrees, nothing is trained, the image model's record is b's
+    again = _options([*base, "--settings", "scratch,finetune", "--reuse", str(tmp_path / "a" / "results.json"),
+                      "--reuse", str(tmp_path / "b" / "results.json")])
+    c = npx.run_experiment(again, tmp_path / "c", None, log=lambda m: None, estimate=False)
+    assert npx._same(c["table"], b["table"]) and npx._same(c["pretrain"], b["pretrain"])
+    assert not (tmp_path / "c" / "pretrain").exists()
+    # refused, nothing written: other scoring options; an arm that differs between sittings
+    with pytest.raises(DiffusionLabError, match=r"eval_num: 3 there, 4 here"):
+        npx.run_experiment(_options([*base, "--eval-num", "4", "--reuse", str(tmp_path / "b" / "results.json")]),
+                           tmp_path / "d", None, log=lambda m: None, estimate=False)
+    payload = json.loads((tmp_path / "a" / "results.json").read_text())
+    payload["finals"][0]["ancestral"]["fvd"] += 1.0
+    (tmp_path / "e.json").write_text(json.dumps(payload))
+    with pytest.raises(DiffusionLabError, match="differs between"):
+        npx.run_experiment(_options([*base, "--reuse", str(tmp_path / "e.json"), "--reuse",
+                                     str(tmp_path / "b" / "results.json")]),
+                           tmp_path / "d", None, log=lambda m: None, estimate=False)
+    (tmp_path / "f.json").write_text("{}")
+    with pytest.raises(DiffusionLabError, match="not a noise-prior results.json"):
+        _ = npx.run_experiment(_options([*base, "--reuse", str(tmp_path / "f.json")]), tmp_path / "d", None,
+                               log=lambda m: None, estimate=False)
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(DiffusionLabError, match="exclude each other"):
+        _options([*base, "--sweep", "--no-sweep"])
+    assert len(npx.plan(_options(["--preset", "cpu-finetune", "--sweep"]))) == 12 + 21

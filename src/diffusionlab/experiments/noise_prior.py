@@ -5,9 +5,10 @@ Two settings (Ge et al. 2023, "Preserve your own correlation", claim the benefit
 - ``scratch`` -- the video model (``configs/video.yaml``: the factorized space-time U-Net) trained from random
   weights;
 - ``finetune`` -- an image model of the same spatial layers trained on single frames of the same videos
-  (:func:`image_config`, as ``configs/video_frames.yaml``: ``moving_digit_frames``), inflated into the video model (every image weight
-  loaded, temporal layers at the identity; :mod:`diffusionlab.training.init`) and fine-tuned on the videos. The
-  image model is trained once (seed 0; its cost is reported apart) and every fine-tuned arm starts from it.
+  (:func:`image_config`, as ``configs/video_frames.yaml``: ``moving_digit_frames``), inflated into the video
+  model (every image weight loaded, temporal layers at the identity; :mod:`diffusionlab.training.init`) and
+  fine-tuned on the videos. The image model is trained once (seed 0; its cost is reported apart) and every
+  fine-tuned arm starts from it.
 
 times four frame covariances ``C`` of the forward noise (:mod:`diffusionlab.noise`):
 
@@ -30,7 +31,10 @@ with deterministic DDIM (``eta = 0``; only the start ``N(0, C)`` is random), nex
 Results: ``results.json``, ``results.md`` (mean and standard error over seeds; differences to ``iid`` paired by
 seed), ``curves.png`` and sample GIFs under ``--out``; ``--write-docs DIR`` also copies the figures and the
 table there (never by default). The expected time is printed before anything is trained; finished arms are
-reused, so an interrupted experiment continues where it stopped.
+reused, so an interrupted experiment continues where it stopped, and ``--reuse RESULTS_JSON`` takes the finished
+arms of an earlier sitting (another ``--out``, another day), checked to have been trained and scored with the same
+options, so an experiment longer than one sitting runs in parts and its table joins them
+(:func:`reuse_results`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from pathlib import Path
 import torch
 
 from diffusionlab.errors import DiffusionLabError
+from diffusionlab.io import atomic_write_bytes
 
 PRIORS = ("iid", "mixed", "progressive", "fitted")
 SETTINGS = ("scratch", "finetune")
@@ -63,15 +68,17 @@ PRESETS = {
             "overrides": []},
     # what fits one sitting on 2 CPU cores (1 h 35 min with --jobs 2 on 2 AMD EPYC cores, docs/video.md): the
     # setting of Ge et al.'s claim only, fine-tuned from a 2000-step image model, 4 priors x 3 seeds at equal
-    # compute (1500 steps each), no sweep
+    # compute (1500 steps each); the sweep off (--sweep adds it: 21 arms more), --settings scratch the other half
+    # of the main grid in another sitting, joined with --reuse
     "cpu-finetune": {"settings": ["finetune"], "num_train": 2000, "max_steps": 1500, "eval_every": 500,
                      "min_steps": 1500, "patience": 3, "min_delta": 0.05, "pretrain_max_steps": 2000,
-                     "eval_num": 64, "final_num": 128, "sample_steps": 50, "seeds": [0, 1, 2], "sweep_seeds": [],
-                     "alphas": [], "sweep": False, "overrides": []},
-    # the whole pipeline in under 30 minutes: one seed, short runs, no sweep (not converged)
+                     "eval_num": 64, "final_num": 128, "sample_steps": 50, "seeds": [0, 1, 2],
+                     "sweep_seeds": [0, 1, 2], "alphas": [0.5, 2.0], "sweep": False, "overrides": []},
+    # the whole pipeline in under 30 minutes: one seed, short runs, the sweep off (not converged)
     "quick": {"settings": list(SETTINGS), "num_train": 1000, "max_steps": 400, "eval_every": 200, "min_steps": 400,
               "patience": 2, "min_delta": 0.05, "pretrain_max_steps": 400, "eval_num": 32, "final_num": 32,
-              "sample_steps": 20, "seeds": [0], "sweep_seeds": [], "alphas": [], "sweep": False, "overrides": []},
+              "sample_steps": 20, "seeds": [0], "sweep_seeds": [0], "alphas": [0.5, 2.0], "sweep": False,
+              "overrides": []},
     # one GPU: the Moving MNIST shape (64 x 64, 16 frames) on the built-in moving digits, a wider network with
     # temporal attention at 16 and 8 px (docs/video.md)
     "gpu": {"settings": list(SETTINGS), "num_train": 20000, "max_steps": 40000, "eval_every": 2000,
@@ -228,7 +235,7 @@ def run_arm(arm: dict, o: dict, out: Path, log=print) -> dict:
     from diffusionlab.experiments.video_runs import sample_run, score, train_until_converged, values
 
     torch.set_num_threads(max(1, int(o["threads"]) or 1))
-    run = out / "runs" / arm["setting"] / arm["name"] / f"seed{arm['seed']}"
+    run = arm_dir(out, arm)
     final_path = run / "final.json"
     if final_path.is_file():
         return json.loads(final_path.read_text())
@@ -247,15 +254,71 @@ def run_arm(arm: dict, o: dict, out: Path, log=print) -> dict:
 
             save_gif(x[:16], run / "samples.gif", fps=4)
             save_frame_grid(x[:8], run / "samples.png")
-    from diffusionlab.io import atomic_write_bytes
-
     atomic_write_bytes(final_path, json.dumps(final, indent=2).encode())
     return final
+
+
+def arm_dir(out: Path, arm: dict) -> Path:
+    return out / "runs" / arm["setting"] / arm["name"] / f"seed{arm['seed']}"
 
 
 def _worker(args):
     arm, o, out = args
     return run_arm(arm, o, Path(out), log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+# ---- finished arms of earlier sittings ------------------------------------------------------------------------------
+#: the options that decide how an arm is trained and scored; arms of two sittings are one experiment only if
+#: these agree (the others -- settings, priors, seeds, sweep, jobs, threads, device -- choose which arms run where)
+ARM_OPTIONS = ("num_train", "max_steps", "eval_every", "min_steps", "patience", "min_delta", "eval_num", "final_num",
+               "sample_steps", "overrides", "set", "freeze_spatial")
+
+
+def reuse_results(paths: list[Path], o: dict, arms: list[dict], log=print) -> dict:
+    """The finished arms of earlier sittings (their ``results.json``) that this sitting's plan ``arms`` holds, so
+    that it trains only the rest and its table covers all of them. Refused when an earlier sitting trained or
+    scored its arms otherwise (:data:`ARM_OPTIONS`, and the image model's budget where it fine-tuned) or two
+    sittings disagree on the same arm. Returns ``{"finals": {arm key: final record}, "pretrain": the image model's
+    cost record or None, "sittings": [{source, arms, used, total_wall_s}]}``; nothing is written."""
+    planned = {arm_key(a) for a in arms}
+    finals, source, pretrain_rec, sittings = {}, {}, None, []
+    for path in paths:
+        try:
+            payload = json.loads(Path(path).read_text())
+            earlier, records = payload["options"], payload["finals"]
+            keys = [arm_key(f["arm"]) for f in records]
+        except OSError as e:
+            raise DiffusionLabError(f"--reuse {path}: cannot read it ({e.strerror})") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise DiffusionLabError(f"--reuse {path}: not a noise-prior results.json ({type(e).__name__}: {e})") \
+                from None
+        check = ARM_OPTIONS + (("pretrain_max_steps",) if any(k[0] == "finetune" for k in keys) else ())
+        bad = [f"{k}: {earlier.get(k)!r} there, {o.get(k)!r} here" for k in check if earlier.get(k) != o.get(k)]
+        if bad:
+            raise DiffusionLabError(f"--reuse {path}: its arms were trained or scored otherwise ({'; '.join(bad)}); "
+                                    f"pass the options it ran with (--preset {earlier.get('preset')} and its "
+                                    "overrides)")
+        for key, f in zip(keys, records):
+            if key in finals and not _same(finals[key], f):
+                raise DiffusionLabError(f"--reuse: arm {key[0]}/{key[1]} seed {key[2]} differs between "
+                                        f"{source[key]} and {path}")
+            if key in planned:
+                finals[key], source[key] = f, path
+        pretrain_rec = pretrain_rec or payload.get("pretrain")
+        used = sum(k in planned for k in keys)
+        sittings.append({"source": str(path), "arms": len(records), "used": used,
+                         "total_wall_s": payload.get("total_wall_s")})
+        log(f"noise-prior: --reuse {path}: {used} of its {len(records)} finished arms are in this plan")
+    return {"finals": finals, "pretrain": pretrain_rec, "sittings": sittings}
+
+
+def arm_key(arm: dict) -> tuple:
+    return arm["setting"], arm["name"], arm["seed"]
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Two records alike as JSON (so that a NaN equals a NaN)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 # ---- aggregation ---------------------------------------------------------------------------------------------------
@@ -410,8 +473,13 @@ def options(args) -> dict:
             o[key] = [int(s) for s in v.split(",") if s.strip()]
     if args.alphas is not None:
         o["alphas"] = [float(a) for a in args.alphas.split(",") if a.strip()]
-    if args.no_sweep:
-        o["sweep"] = False
+    if args.sweep and args.no_sweep:
+        raise DiffusionLabError("--sweep and --no-sweep exclude each other")
+    if args.sweep or args.no_sweep:
+        o["sweep"] = bool(args.sweep)
+    if o["sweep"] and not o["sweep_seeds"]:
+        raise DiffusionLabError("the sweep needs at least one seed (--sweep-seeds)")
+    o["reuse"] = [str(r) for r in (args.reuse or [])]
     o["priors"] = _names(args.priors, PRIORS, "noise prior")
     o["settings"] = _names(",".join(o["settings"]) if args.settings is None else args.settings, SETTINGS, "setting")
     o.update(threads=args.threads, device=args.device, device_eval=args.device if args.device != "auto" else "auto",
@@ -450,7 +518,8 @@ def measure_step(o: dict, steps: int = 3) -> float:
 
 
 def expected_seconds(o: dict, arms: list[dict], step_s: float) -> dict:
-    """An upper bound of the wall time (every arm trained to ``max_steps``), from the measured step time: a
+    """An upper bound of the wall time of training ``arms`` (each to ``max_steps``; the image model if one is
+    fine-tuned), from the measured step time: a
     sampling step of a video costs about a third of a training step per video; ``jobs`` runs in parallel."""
     from diffusionlab.training.config import resolve
 
@@ -461,7 +530,7 @@ def expected_seconds(o: dict, arms: list[dict], step_s: float) -> dict:
     arm_s = [o["max_steps"] * step_s + evals(o["max_steps"]) * o["eval_num"] * sample_s
              + 2 * o["final_num"] * sample_s for _ in arms]
     pre = 0.0
-    if "finetune" in o["settings"]:
+    if any(a["setting"] == "finetune" for a in arms):
         pre = o["pretrain_max_steps"] * step_s + evals(o["pretrain_max_steps"]) * o["eval_num"] * sample_s
     total = pre + sum(arm_s) / o["jobs"]
     return {"step_s": step_s, "pretrain_s": pre, "arm_s": max(arm_s) if arm_s else 0.0, "total_s": total}
@@ -475,16 +544,32 @@ def _hm(seconds: float) -> str:
 def run_experiment(o: dict, out: Path, docs: Path | None = None, log=print, estimate: bool = True) -> dict:
     """Run (or continue) the experiment into ``out``; copy the figures and the table into ``docs`` only if given."""
     t_start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
     arms = plan(o)
+    reused = reuse_results(o["reuse"], o, arms, log)  # checked before anything is written
+    for key, f in reused["finals"].items():
+        here = arm_dir(out, f["arm"]) / "final.json"
+        if here.is_file() and not _same(json.loads(here.read_text()), f):
+            raise DiffusionLabError(f"--reuse: arm {key[0]}/{key[1]} seed {key[2]} differs from the one in {here}")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in reused["finals"].values():  # an earlier sitting's finished arm
+        here = arm_dir(out, f["arm"]) / "final.json"
+        if not here.is_file():
+            here.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(here, json.dumps(f, indent=2).encode())
+    todo = [a for a in arms if not (arm_dir(out, a) / "final.json").is_file()]
     if estimate:
-        est = expected_seconds(o, arms, measure_step(o))
-        log(f"noise-prior: {len(arms)} arms ({', '.join(o['settings'])} x {', '.join(o['priors'])} x seeds "
-            f"{o['seeds']}{' + sweep' if o['sweep'] else ''}), at most {o['max_steps']} steps each, {o['jobs']} in "
-            f"parallel; a training step takes {est['step_s']:.2f} s here, so expect at most {_hm(est['total_s'])} "
-            f"(every arm to max_steps; converged arms stop earlier; pretraining at most {_hm(est['pretrain_s'])}) "
-            f"-> {out}")
-    pre_rec = pretrain(o, out, log) if "finetune" in o["settings"] else None
+        est = expected_seconds(o, todo, measure_step(o))
+        log(f"noise-prior: {len(arms)} arms, {len(todo)} to train ({', '.join(o['settings'])} x "
+            f"{', '.join(o['priors'])} x seeds {o['seeds']}{' + sweep' if o['sweep'] else ''}), at most "
+            f"{o['max_steps']} steps each, {o['jobs']} in parallel; a training step takes {est['step_s']:.2f} s "
+            f"here, so expect at most {_hm(est['total_s'])} (every arm to max_steps; converged arms stop earlier; "
+            f"pretraining at most {_hm(est['pretrain_s'])}) -> {out}")
+    pre_rec = None
+    if any(a["setting"] == "finetune" for a in todo):
+        pre_rec = pretrain(o, out, log)
+    elif any(a["setting"] == "finetune" for a in arms):  # every fine-tuned arm is done: the image model's record
+        pre_rec = (json.loads((out / "pretrain" / "curve.json").read_text())
+                   if (out / "pretrain" / "curve.json").is_file() else reused["pretrain"])
     if o["jobs"] > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -501,7 +586,11 @@ def run_experiment(o: dict, out: Path, docs: Path | None = None, log=print, esti
     for f in finals:  # seed-0 samples of the main grid
         a = f["arm"]
         if a["seed"] == o["seeds"][0] and a["alpha"] == 1.0 and a["loss"] == "mahalanobis":
-            src = out / "runs" / a["setting"] / a["name"] / f"seed{a['seed']}"
+            src = arm_dir(out, a)
+            if not (src / "samples.gif").is_file():
+                log(f"noise-prior: {a['setting']}/{a['name']} seed {a['seed']} was trained in an earlier sitting; "
+                    "its samples are in that sitting's --out")
+                continue
             for ext in ("gif", "png"):
                 dst = out / f"samples_{a['setting']}_{a['name']}.{ext}"
                 shutil.copyfile(src / f"samples.{ext}", dst)
@@ -513,7 +602,7 @@ def run_experiment(o: dict, out: Path, docs: Path | None = None, log=print, esti
         pre_cost["curve"] = pre_rec["curve"]
     payload = {"options": o, "arms": len(arms), "table": table, "real": real, "pretrain": pre_cost,
                "finals": finals, "total_wall_s": round(time.time() - t_start, 1),
-               "threads": o["threads"], "jobs": o["jobs"]}
+               "threads": o["threads"], "jobs": o["jobs"], "reused": reused["sittings"]}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     (out / "results.md").write_text(md + "\n")
     if docs is not None:
@@ -538,7 +627,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default=None, help="training seeds of the main grid (preset: 0,1,2)")
     p.add_argument("--sweep-seeds", default=None, help="seeds of the alpha / loss sweep (preset: 0,1,2)")
     p.add_argument("--alphas", default=None, help="the sweep's alphas for mixed and progressive (preset: 0.5,2)")
+    p.add_argument("--sweep", action="store_true", help="add the alpha / loss sweep to a preset without one")
     p.add_argument("--no-sweep", action="store_true", help="only the main grid")
+    p.add_argument("--reuse", action="append", default=[], metavar="RESULTS_JSON",
+                   help="take the finished arms of an earlier sitting (its results.json; repeatable) so this one "
+                        "trains only the rest; refused if they were trained or scored with other options")
     p.add_argument("--freeze-spatial", action="store_true", help="fine-tune only the temporal layers")
     for key, typ in (("max_steps", int), ("eval_every", int), ("min_steps", int), ("patience", int),
                      ("pretrain_max_steps", int), ("eval_num", int), ("final_num", int), ("sample_steps", int),

@@ -209,4 +209,8 @@ def test_sittings_join_with_reuse_and_only_the_rest_trains(tmp_path, monkeypatch
     assert not (tmp_path / "d").exists()
     with pytest.raises(DiffusionLabError, match="exclude each other"):
         _options([*base, "--sweep", "--no-sweep"])
+    with pytest.raises(DiffusionLabError, match="--sweep varies the fine-tuned setting"):
+        _options(["--preset", "cpu-finetune", "--sweep", "--settings", "scratch"])
     assert len(npx.plan(_options(["--preset", "cpu-finetune", "--sweep"]))) == 12 + 21
+    part = npx.plan(_options(["--preset", "cpu-finetune", "--sweep", "--priors", "mixed"]))  # a sitting's part
+    assert sorted({a["name"] for a in part}) == ["mixed", "mixed-a0.5", "mixed-a2", "mixed-mse"] and len(part) == 12

@@ -104,19 +104,20 @@ def arm_name(arm: dict) -> str:
 
 
 def plan(o: dict) -> list[dict]:
-    """Every arm of the experiment: the main grid (settings x priors x seeds) and the fine-tuned sweep."""
+    """Every arm of the experiment: the main grid (settings x priors x seeds) and the fine-tuned sweep (alpha for
+    mixed and progressive, the plain MSE for the three correlated priors; those of ``priors`` only)."""
     arms = []
     for setting in o["settings"]:
         for prior in o["priors"]:
             for seed in o["seeds"]:
                 arms.append({"setting": setting, "prior": prior, "alpha": 1.0, "loss": "mahalanobis", "seed": seed})
-    if o["sweep"] and "finetune" in o["settings"]:
-        for prior in ("mixed", "progressive"):
+    if o["sweep"] and "finetune" in o["settings"]:  # of the chosen priors (so a sitting can run a part of it)
+        for prior in [p for p in ("mixed", "progressive") if p in o["priors"]]:
             for alpha in o["alphas"]:
                 for seed in o["sweep_seeds"]:
                     arms.append({"setting": "finetune", "prior": prior, "alpha": alpha, "loss": "mahalanobis",
                                  "seed": seed})
-        for prior in ("mixed", "progressive", "fitted"):
+        for prior in [p for p in ("mixed", "progressive", "fitted") if p in o["priors"]]:
             for seed in o["sweep_seeds"]:
                 arms.append({"setting": "finetune", "prior": prior, "alpha": 1.0, "loss": "mse", "seed": seed})
     for arm in arms:
@@ -304,10 +305,14 @@ def reuse_results(paths: list[Path], o: dict, arms: list[dict], log=print) -> di
                                         f"{source[key]} and {path}")
             if key in planned:
                 finals[key], source[key] = f, path
-        pretrain_rec = pretrain_rec or payload.get("pretrain")
+        pre = payload.get("pretrain")
+        if pre and pretrain_rec and not _same(pre, pretrain_rec):
+            log(f"noise-prior: --reuse {path}: its image model was trained again (not the first sitting's); its "
+                "fine-tuned arms start from that one")
+        pretrain_rec = pretrain_rec or pre
         used = sum(k in planned for k in keys)
         sittings.append({"source": str(path), "arms": len(records), "used": used,
-                         "total_wall_s": payload.get("total_wall_s")})
+                         "total_wall_s": payload.get("total_wall_s"), "pretrain": pre})
         log(f"noise-prior: --reuse {path}: {used} of its {len(records)} finished arms are in this plan")
     return {"finals": finals, "pretrain": pretrain_rec, "sittings": sittings}
 
@@ -482,6 +487,8 @@ def options(args) -> dict:
     o["reuse"] = [str(r) for r in (args.reuse or [])]
     o["priors"] = _names(args.priors, PRIORS, "noise prior")
     o["settings"] = _names(",".join(o["settings"]) if args.settings is None else args.settings, SETTINGS, "setting")
+    if args.sweep and "finetune" not in o["settings"]:
+        raise DiffusionLabError(f"--sweep varies the fine-tuned setting; --settings is {','.join(o['settings'])}")
     o.update(threads=args.threads, device=args.device, device_eval=args.device if args.device != "auto" else "auto",
              jobs=args.jobs, freeze_spatial=args.freeze_spatial, set=list(args.set or []))
     if not o["seeds"]:

@@ -214,3 +214,38 @@ def test_sittings_join_with_reuse_and_only_the_rest_trains(tmp_path, monkeypatch
     assert len(npx.plan(_options(["--preset", "cpu-finetune", "--sweep"]))) == 12 + 21
     part = npx.plan(_options(["--preset", "cpu-finetune", "--sweep", "--priors", "mixed"]))  # a sitting's part
     assert sorted({a["name"] for a in part}) == ["mixed", "mixed-a0.5", "mixed-a2", "mixed-mse"] and len(part) == 12
+
+
+def _final(setting, prior, seed, fvd, ddim, same, alpha=1.0, loss="mahalanobis"):
+    arm = {"setting": setting, "prior": prior, "alpha": alpha, "loss": loss, "seed": seed}
+    arm["name"] = npx.arm_name(arm)
+    anc = {"fvd": fvd, "frame_fd": 1.0, "digit_all_same": same, "digit_agreement": 0.5, "background_mean": 0.0,
+           "speed": 1.0, "straightness": 0.5, "jump_fraction": 0.0}
+    return {"arm": arm, "ancestral": anc, "deterministic": {"fvd": ddim, "digit_all_same": same / 2},
+            "best_step": 10, "train_cpu_s": 1.0, "converged": False,
+            "curve": [{"step": 5, "fvd": 2 * fvd}, {"step": 10, "fvd": fvd}]}
+
+
+def test_the_sweep_is_read_against_its_own_prior_paired_by_seed(tmp_path):
+    """A sweep variant's differences are to the same prior at alpha 1 with the C-aware loss and the same seed
+    (a seed the base lacks is left out), next to its difference to iid; the main variants have no base; the
+    sweep's curves get a panel of their own."""
+    finals = [_final("finetune", "iid", s, 20.0 + s, 30.0, 0.1) for s in (0, 1, 2)]
+    finals += [_final("finetune", "mixed", s, 25.0 + 2 * s, 28.0 - s, 0.2) for s in (0, 1)]
+    finals += [_final("finetune", "mixed", s, 21.0 + s * s, 27.0, 0.3, loss="mse") for s in (0, 1, 2)]
+    finals += [_final("finetune", "mixed", 0, 24.0, 26.0, 0.2, alpha=2.0)]
+    table = npx.aggregate(finals)
+    assert table["finetune/mixed"]["base"] is None and "vs_base" not in table["finetune/mixed"]
+    mse = table["finetune/mixed-mse"]
+    assert mse["base"] == "mixed" and mse["seeds"] == [0, 1, 2]
+    d = mse["vs_base"]["fvd"]  # seeds 0, 1 only: (21 - 25, 22 - 27)
+    assert d["values"] == [-4.0, -5.0] and d["mean"] == -4.5 and d["se"] == pytest.approx(0.5)
+    assert mse["vs_base"]["fvd (DDIM eta 0)"]["values"] == [-1.0, 0.0]
+    assert mse["vs_base"]["same digit all frames"]["values"] == pytest.approx([0.1, 0.1])
+    assert mse["dfvd_ancestral"]["values"] == [1.0, 1.0, 3.0]  # to iid, all three seeds
+    a2 = table["finetune/mixed-a2"]["vs_base"]["fvd"]
+    assert a2["values"] == [-1.0] and a2["se"] != a2["se"]  # one seed: no standard error
+    md = npx.markdown_table(table, {"num": 4})
+    assert "| finetune | mixed-mse | mixed | 3 | -4.5 ± 0.5 | -0.5 ± 0.5 | 0.100 ± 0.000 | 0.000 ± 0.000 |" in md
+    assert "| finetune | mixed-a2 | mixed | 1 | -1.0 | -2.0 |" in md
+    assert npx.plot_curves(finals, None, tmp_path / "c.png").stat().st_size > 0

@@ -29,7 +29,7 @@ buys. The best EMA weights of each arm are then scored on more samples with ance
 noise ``L z`` with the arm's ``C``) and, as a control that tells correlated sampler noise from better content,
 with deterministic DDIM (``eta = 0``; only the start ``N(0, C)`` is random), next to real held-out videos.
 Results: ``results.json``, ``results.md`` (mean and standard error over seeds; differences to ``iid`` paired by
-seed), ``curves.png`` and sample GIFs under ``--out``; ``--write-docs DIR`` also copies the figures and the
+seed, and a sweep variant's to its own prior at alpha 1 with the C-aware loss), ``curves.png`` and sample GIFs under ``--out``; ``--write-docs DIR`` also copies the figures and the
 table there (never by default). The expected time is printed before anything is trained; finished arms are
 reused, so an interrupted experiment continues where it stopped, and ``--reuse RESULTS_JSON`` takes the finished
 arms of an earlier sitting (another ``--out``, another day), checked to have been trained and scored with the same
@@ -355,27 +355,42 @@ COLUMNS = [  # (header, getter on a final record)
 ]
 
 
+#: the columns a sweep variant is compared on with its own prior at alpha 1 and the C-aware loss (paired by seed)
+SWEEP_DELTAS = ("fvd", "fvd (DDIM eta 0)", "same digit all frames", "frames agreeing")
+
+
+def _paired(rows: list[dict], ref: dict, setting: str, name: str, get) -> dict:
+    """The differences ``get(row) - get(arm name of the same setting and seed)`` (paired; seeds without that arm
+    left out), their mean and standard error."""
+    diffs = [get(r) - get(ref[(setting, name, r["arm"]["seed"])]) for r in rows
+             if (setting, name, r["arm"]["seed"]) in ref]
+    m, se = mean_se(diffs)
+    return {"mean": m, "se": se, "values": diffs}
+
+
 def aggregate(finals: list[dict]) -> dict:
     """Per (setting, variant): each column's per-seed values, mean and standard error, and the difference of the
-    FVDs to ``iid`` of the same setting and seed (paired)."""
+    FVDs to ``iid`` of the same setting and seed (paired); a sweep variant (another alpha, the plain MSE) also
+    its differences (:data:`SWEEP_DELTAS`) to the same prior at alpha 1 with the C-aware loss, ``base``."""
     groups: dict = {}
     for f in finals:
         groups.setdefault((f["arm"]["setting"], f["arm"]["name"]), []).append(f)
-    iid = {(f["arm"]["setting"], f["arm"]["seed"]): f for f in finals if f["arm"]["name"] == "iid"}
+    ref = {(f["arm"]["setting"], f["arm"]["name"], f["arm"]["seed"]): f for f in finals}
+    column = dict(COLUMNS)
     table = {}
     for (setting, name), rows in groups.items():
         rows = sorted(rows, key=lambda r: r["arm"]["seed"])
-        entry = {"setting": setting, "variant": name, "seeds": [r["arm"]["seed"] for r in rows],
-                 "converged": sum(bool(r["converged"]) for r in rows)}
+        base = rows[0]["arm"]["prior"]
+        entry = {"setting": setting, "variant": name, "base": base if base != name else None,
+                 "seeds": [r["arm"]["seed"] for r in rows], "converged": sum(bool(r["converged"]) for r in rows)}
         for header, get in COLUMNS:
             vals = [get(r) for r in rows]
             m, se = mean_se(vals)
             entry[header] = {"mean": m, "se": se, "values": vals}
-        for kind in ("ancestral", "deterministic"):
-            diffs = [r[kind]["fvd"] - iid[(setting, r["arm"]["seed"])][kind]["fvd"] for r in rows
-                     if (setting, r["arm"]["seed"]) in iid]
-            m, se = mean_se(diffs)
-            entry[f"dfvd_{kind}"] = {"mean": m, "se": se, "values": diffs}
+        for kind, header in (("ancestral", "fvd"), ("deterministic", "fvd (DDIM eta 0)")):
+            entry[f"dfvd_{kind}"] = _paired(rows, ref, setting, "iid", column[header])
+        if entry["base"] is not None:
+            entry["vs_base"] = {h: _paired(rows, ref, setting, base, column[h]) for h in SWEEP_DELTAS}
         table[f"{setting}/{name}"] = entry
     return table
 
@@ -404,6 +419,14 @@ def markdown_table(table: dict, real: dict) -> str:
              num("digit_all_same"), "--", num("digit_agreement"), num("background_mean"), num("speed"),
              num("straightness"), num("jump_fraction"), "--", "--", "--", "--"]
     lines.append("| " + " | ".join(cells) + " |")
+    sweep = [e for e in table.values() if e.get("base")]
+    if sweep:  # the sweep read against its own prior at alpha 1 with the C-aware loss, paired by seed
+        head = ["setting", "variant", "against", "n"] + [f"Δ {h}" for h in SWEEP_DELTAS]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for e in sweep:
+            cells = [e["setting"], e["variant"], e["base"], str(len(e["seeds"]))]
+            cells += [_cell(e["vs_base"][h], digits.get(h, 3)) for h in SWEEP_DELTAS]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -420,15 +443,21 @@ def real_reference(o: dict) -> dict:
 
 # ---- figures -------------------------------------------------------------------------------------------------------
 def plot_curves(finals: list[dict], pretrain_rec: dict | None, path: Path) -> Path:
-    """FVD (ancestral, ``eval_num`` samples) against training steps for every arm of the main grid: one panel per
-    setting, then both settings against all training steps, the image model's included."""
+    """FVD (ancestral, ``eval_num`` samples) against training steps for every arm: one panel per setting of the
+    main grid, one of the sweep (where it ran: colour the prior, line the variant, its alpha-1 C-aware arms
+    solid), then both settings against all training steps, the image model's included."""
     from diffusionlab.plotting import _agg
 
     plt = _agg()
-    main = [f for f in finals if f["arm"]["alpha"] == 1.0 and f["arm"]["loss"] == "mahalanobis"]
+    is_main = [f["arm"]["alpha"] == 1.0 and f["arm"]["loss"] == "mahalanobis" for f in finals]
+    main = [f for f, m in zip(finals, is_main) if m]
+    sweep = [f for f, m in zip(finals, is_main) if not m]
     settings = sorted({f["arm"]["setting"] for f in main}, key=SETTINGS.index)
-    fig, axes = plt.subplots(1, len(settings) + 1, figsize=(4.6 * (len(settings) + 1), 3.6), dpi=110, squeeze=False)
+    panels = len(settings) + bool(sweep) + 1
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.6), dpi=110, squeeze=False)
     axes = axes[0]
+    if sweep:
+        _plot_sweep(axes[len(settings)], sweep, main)
     pre_steps = pretrain_rec["best_step"] if pretrain_rec else 0
     for j, setting in enumerate(settings):
         for i, prior in enumerate(PRIORS):
@@ -459,6 +488,26 @@ def plot_curves(finals: list[dict], pretrain_rec: dict | None, path: Path) -> Pa
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _plot_sweep(ax, sweep: list[dict], main: list[dict]) -> None:
+    """The sweep's curves: colour the prior, line style the variant, the same prior at alpha 1 (C-aware) solid."""
+    priors = sorted({f["arm"]["prior"] for f in sweep}, key=PRIORS.index)
+    variants = sorted({f["arm"]["name"].removeprefix(f["arm"]["prior"]) for f in sweep})
+    styles = dict(zip(variants, ["--", ":", "-.", (0, (5, 1, 1, 1))] * len(variants)))
+    seen = set()
+    for f in [m for m in main if m["arm"]["setting"] == "finetune" and m["arm"]["prior"] in priors] + sweep:
+        a = f["arm"]
+        variant = a["name"].removeprefix(a["prior"])
+        label = None if a["name"] in seen else a["name"]
+        seen.add(a["name"])
+        ax.plot([p["step"] for p in f["curve"]], [p["fvd"] for p in f["curve"]], color=f"C{PRIORS.index(a['prior'])}",
+                ls=styles.get(variant, "-"), marker="o", ms=2.5, lw=1, alpha=0.8, label=label)
+    ax.set_title("finetune sweep: FVD vs fine-tuning steps")
+    ax.set_xlabel("training steps")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 # ---- driver --------------------------------------------------------------------------------------------------------

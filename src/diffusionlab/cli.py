@@ -8,6 +8,7 @@ Every subcommand is a function ``cmd_NAME(args) -> int`` registered in :func:`bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from diffusionlab import __version__
@@ -104,10 +105,45 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _exit_at_start_up(signum, frame):
+    """SIGINT / SIGTERM before the command runs: nothing is written yet, so say so in one line and leave at once.
+    Never raises: a ``KeyboardInterrupt`` raised into Python code that ``import torch`` runs from C++ (pybind11)
+    cannot be caught and aborts the process (``terminate called after ... error_already_set``)."""
+    import os
+    import signal
+
+    os.write(2, f"diffusionlab: {'interrupted' if signum == signal.SIGINT else 'terminated (SIGTERM)'}\n".encode())
+    os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def _start_up():
+    """While the parser is built (the catalogues import torch): Ctrl-C and SIGTERM end the process at once
+    (:func:`_exit_at_start_up`), where they would have raised; an ignored signal stays ignored. In the main
+    thread only; the handlers before are restored after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in saved.items():
+        if handler not in (signal.SIG_IGN, None):
+            signal.signal(sig, _exit_at_start_up)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
 def _main(argv):
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        with _start_up():
+            parser = build_parser()
+            args = parser.parse_args(argv)
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 0 if not argv else 2

@@ -29,12 +29,12 @@ buys. The best EMA weights of each arm are then scored on more samples with ance
 noise ``L z`` with the arm's ``C``) and, as a control that tells correlated sampler noise from better content,
 with deterministic DDIM (``eta = 0``; only the start ``N(0, C)`` is random), next to real held-out videos.
 Results: ``results.json``, ``results.md`` (mean and standard error over seeds; differences to ``iid`` paired by
-seed, and a sweep variant's to its own prior at alpha 1 with the C-aware loss), ``curves.png`` and sample GIFs under ``--out``; ``--write-docs DIR`` also copies the figures and the
-table there (never by default). The expected time is printed before anything is trained; finished arms are
-reused, so an interrupted experiment continues where it stopped, and ``--reuse RESULTS_JSON`` takes the finished
-arms of an earlier sitting (another ``--out``, another day), checked to have been trained and scored with the same
-options, so an experiment longer than one sitting runs in parts and its table joins them
-(:func:`reuse_results`).
+seed, and a sweep variant's to its own prior at alpha 1 with the C-aware loss), ``curves.png`` and sample GIFs
+under ``--out``; ``--write-docs DIR`` also copies the figures and the table there (never by default). The
+expected time is printed before anything is trained; finished arms are reused, so an interrupted experiment
+continues where it stopped, and ``--reuse RESULTS_JSON`` takes the finished arms of an earlier sitting (another
+``--out``, another day), checked to have been trained and scored with the same options, so an experiment longer
+than one sitting runs in parts and its table joins them (:func:`reuse_results`).
 """
 
 from __future__ import annotations
@@ -101,6 +101,11 @@ def arm_name(arm: dict) -> str:
     if arm["loss"] != "mahalanobis":
         v += f"-{arm['loss']}"
     return v
+
+
+def is_main_arm(arm: dict) -> bool:
+    """Whether ``arm`` is of the main grid (alpha 1, the C-aware loss), not a sweep variant."""
+    return arm["alpha"] == 1.0 and arm["loss"] == "mahalanobis"
 
 
 def plan(o: dict) -> list[dict]:
@@ -380,8 +385,8 @@ def aggregate(finals: list[dict]) -> dict:
     table = {}
     for (setting, name), rows in groups.items():
         rows = sorted(rows, key=lambda r: r["arm"]["seed"])
-        base = rows[0]["arm"]["prior"]
-        entry = {"setting": setting, "variant": name, "base": base if base != name else None,
+        base = None if is_main_arm(rows[0]["arm"]) else rows[0]["arm"]["prior"]
+        entry = {"setting": setting, "variant": name, "base": base,
                  "seeds": [r["arm"]["seed"] for r in rows], "converged": sum(bool(r["converged"]) for r in rows)}
         for header, get in COLUMNS:
             vals = [get(r) for r in rows]
@@ -449,7 +454,7 @@ def plot_curves(finals: list[dict], pretrain_rec: dict | None, path: Path) -> Pa
     from diffusionlab.plotting import _agg
 
     plt = _agg()
-    is_main = [f["arm"]["alpha"] == 1.0 and f["arm"]["loss"] == "mahalanobis" for f in finals]
+    is_main = [is_main_arm(f["arm"]) for f in finals]
     main = [f for f, m in zip(finals, is_main) if m]
     sweep = [f for f, m in zip(finals, is_main) if not m]
     settings = sorted({f["arm"]["setting"] for f in main}, key=SETTINGS.index)
@@ -493,10 +498,11 @@ def plot_curves(finals: list[dict], pretrain_rec: dict | None, path: Path) -> Pa
 def _plot_sweep(ax, sweep: list[dict], main: list[dict]) -> None:
     """The sweep's curves: colour the prior, line style the variant, the same prior at alpha 1 (C-aware) solid."""
     priors = sorted({f["arm"]["prior"] for f in sweep}, key=PRIORS.index)
+    settings = {f["arm"]["setting"] for f in sweep}
     variants = sorted({f["arm"]["name"].removeprefix(f["arm"]["prior"]) for f in sweep})
     styles = dict(zip(variants, ["--", ":", "-.", (0, (5, 1, 1, 1))] * len(variants)))
     seen = set()
-    for f in [m for m in main if m["arm"]["setting"] == "finetune" and m["arm"]["prior"] in priors] + sweep:
+    for f in [m for m in main if m["arm"]["setting"] in settings and m["arm"]["prior"] in priors] + sweep:
         a = f["arm"]
         variant = a["name"].removeprefix(a["prior"])
         label = None if a["name"] in seen else a["name"]
@@ -641,7 +647,7 @@ def run_experiment(o: dict, out: Path, docs: Path | None = None, log=print, esti
     figs = [curves]
     for f in finals:  # seed-0 samples of the main grid
         a = f["arm"]
-        if a["seed"] == o["seeds"][0] and a["alpha"] == 1.0 and a["loss"] == "mahalanobis":
+        if a["seed"] == o["seeds"][0] and is_main_arm(a):
             src = arm_dir(out, a)
             if not (src / "samples.gif").is_file():
                 log(f"noise-prior: {a['setting']}/{a['name']} seed {a['seed']} was trained in an earlier sitting; "
